@@ -1,0 +1,38 @@
+# Two entry points do all the set-up on a fresh machine:
+#   make reproduce   -- create .venv if missing, install, run the notebook series (profile default)
+#   make test        -- the same set-up, then pytest (unit tests + nbval over the notebooks, smoke profile)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PROFILE ?= default
+STAMP := $(VENV)/.installed
+
+.PHONY: install reproduce test lab bench clean clean-cache
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -c constraints.txt -e .
+	$(PY) -c "import torch, torchvision, torchvision.ops, faiss; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+reproduce: install
+	$(PY) -m backfill_utils.run --profile $(PROFILE)
+
+test: install
+	BACKFILL_PROFILE=smoke $(PY) -m pytest
+
+lab: install
+	$(VENV)/bin/jupyter lab notebooks
+
+bench: install
+	$(PY) -m backfill_utils.bench
+
+# Removes executed notebooks only; never the cache of trained models or results/.
+clean:
+	rm -rf results/executed
+
+# Expensive: deletes every trained model and cached embedding.
+clean-cache:
+	rm -rf .cache

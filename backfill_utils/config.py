@@ -1,0 +1,110 @@
+"""Paths, parameter profiles and configuration hashing.
+
+Every path is resolved from the location of this package, never from the
+working directory, so notebooks, tests and the batch runner agree on where the
+cache and the results live wherever they are started from.
+
+Profiles live in ``params/<name>.yaml``:
+
+* ``smoke``   -- tiny sizes for CI and nbval (the whole series in minutes);
+* ``default`` -- the embedded offline run on the synthetic dataset (CPU);
+* ``paper``   -- the paper's datasets and budgets, for a GPU machine.
+
+The profile is chosen by an explicit argument, else by the environment variable
+``BACKFILL_PROFILE`` (nbval cannot inject papermill parameters), else
+``default``.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PARAMS_DIR = REPO_ROOT / "params"
+RESULTS_DIR = REPO_ROOT / "results"
+NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+
+PROFILE_ENV = "BACKFILL_PROFILE"
+CACHE_ENV = "BACKFILL_CACHE"
+DATA_ENV = "BACKFILL_DATA_ROOT"
+
+
+def cache_dir() -> Path:
+    """Root of the artifact cache (``$BACKFILL_CACHE`` or ``<repo>/.cache``)."""
+    return Path(os.environ.get(CACHE_ENV, REPO_ROOT / ".cache")).expanduser().resolve()
+
+
+def data_root(explicit: str | os.PathLike | None = None) -> Path:
+    """Where datasets live: the argument, ``$BACKFILL_DATA_ROOT`` or ``<repo>/data``."""
+    if explicit is not None:
+        return Path(explicit).expanduser().resolve()
+    return Path(os.environ.get(DATA_ENV, REPO_ROOT / "data")).expanduser().resolve()
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in PARAMS_DIR.glob("*.yaml"))
+
+
+def profile_name(name: str | None = None) -> str:
+    """The profile to use: ``name`` if given, else ``$BACKFILL_PROFILE``, else ``default``."""
+    return name or os.environ.get(PROFILE_ENV) or "default"
+
+
+def deep_update(base: dict, updates: Mapping) -> dict:
+    """Recursively merge ``updates`` into a copy of ``base``.
+
+    A key of ``updates`` that ``base`` does not have is an error: a typo in an
+    override must not be silently ignored.
+
+    >>> deep_update({"a": 1, "b": {"c": 2}}, {"b": {"c": 3}})
+    {'a': 1, 'b': {'c': 3}}
+    """
+    out = copy.deepcopy(base)
+    for key, value in updates.items():
+        if key not in out:
+            raise KeyError(
+                f"unknown configuration key {key!r}; known keys: {sorted(out)}"
+            )
+        if isinstance(out[key], dict) and isinstance(value, Mapping):
+            out[key] = deep_update(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_profile(name: str | None = None, **overrides: Any) -> dict:
+    """Load ``params/<name>.yaml`` and apply ``overrides`` (``None`` values are ignored).
+
+    Overrides use the profile's top-level keys, e.g. ``load_profile("default",
+    dataset="cifar100", data_root="/data")``; nested keys take a dict.
+    """
+    name = profile_name(name)
+    path = PARAMS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"unknown profile {name!r}: {path} does not exist; "
+            f"available profiles: {', '.join(available_profiles())}"
+        )
+    with open(path) as fh:
+        cfg = yaml.safe_load(fh)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"profile file {path} must contain a mapping, got {type(cfg).__name__}")
+    cfg["profile"] = name
+    cfg = deep_update(cfg, {k: v for k, v in overrides.items() if v is not None})
+    return cfg
+
+
+def config_hash(obj: Any, length: int = 16) -> str:
+    """A stable hash of a JSON-able object (key order does not matter).
+
+    >>> config_hash({"a": 1, "b": 2}) == config_hash({"b": 2, "a": 1})
+    True
+    """
+    text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:length]

@@ -1,0 +1,311 @@
+"""Training loops for the backbones: old, new and BCT models.
+
+A *training spec* is a JSON-able dict that fixes everything a trained model
+depends on (dataset, classes, architecture, recipe, seed, and for BCT the old
+model's spec). Its hash names the checkpoint folder in the artifact cache, so a
+changed parameter never serves a stale model.
+
+Recipe: cross-entropy with label smoothing, SGD with momentum and a cosine
+schedule (per iteration), seeded; mixed precision when CUDA is present.
+Checkpoints are written atomically after every epoch, and an interrupted run
+resumes from the last one and reaches the same weights as an uninterrupted run
+(on CPU: data order and augmentation are re-seeded from (seed, epoch)).
+
+Multi-GPU / multi-node: launch ``python -m backfill_utils.train`` under
+``torchrun``; the loop uses DistributedDataParallel (NCCL on CUDA, gloo on CPU)
+and a DistributedSampler; rank 0 writes the checkpoints. The global batch size
+is split across processes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from . import config as C
+from . import data as D
+from .models import EmbeddingNet, build_model
+
+ROLES = ("old", "new", "bct")
+SETTINGS = ("extended", "heterogeneous", "open")
+
+
+# --------------------------------------------------------------------------- specs
+def _dataset_part(cfg: dict) -> dict:
+    return {"name": cfg["dataset"], "options": dict(cfg.get("dataset_options") or {})}
+
+
+def setting_classes(cfg: dict, setting: str) -> dict:
+    """Class lists (old, new, test) of a setting, from ``data.class_splits``."""
+    if setting not in SETTINGS:
+        raise ValueError(f"unknown setting {setting!r}; choose one of {SETTINGS}")
+    info = D.dataset_info(cfg["dataset"], root=cfg.get("data_root"), **(cfg.get("dataset_options") or {}))
+    split_setting = "open" if setting == "open" else "extended"
+    return D.class_splits(
+        info["num_classes"], setting=split_setting,
+        old_fraction=cfg["old_fraction"], open_fraction=cfg["open_fraction"],
+    )
+
+
+def model_spec(cfg: dict, setting: str, role: str) -> dict:
+    """The training spec of model ``role`` ("old", "new", "bct") in ``setting``."""
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; choose one of {ROLES}")
+    classes = setting_classes(cfg, setting)
+    arch_key = "new_backbone" if (setting == "heterogeneous" and role != "old") else "backbone"
+    old_setting = "open" if setting == "open" else "extended"
+    spec = {
+        "dataset": _dataset_part(cfg),
+        "num_classes": len(classes["old_classes"] if role == "old" else classes["new_classes"]),
+        "model": dict(cfg[arch_key], embedding_dim=cfg["embedding_dim"]),
+        "recipe": dict(cfg["train"]),
+        "seed": int(cfg["seed"]) + {"old": 0, "new": 1, "bct": 2}[role],
+        "bct": None,
+    }
+    if role == "old":
+        # the old model does not depend on the new backbone: heterogeneous shares extended's
+        spec["setting"] = old_setting
+    else:
+        spec["setting"] = setting
+    if role == "bct":
+        spec["bct"] = {"old": model_spec(cfg, old_setting, "old"), "weight": float(cfg["bct_weight"])}
+    return spec
+
+
+def model_dir(spec: dict) -> Path:
+    return C.cache_dir() / "models" / C.config_hash(spec)
+
+
+# --------------------------------------------------------------------------- I/O
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(text: str, path: Path) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def is_trained(spec: dict) -> bool:
+    return (model_dir(spec) / "model.pt").is_file()
+
+
+def load_model(spec: dict, device: str | torch.device = "cpu") -> EmbeddingNet:
+    """Load a finished model from the cache (error if it was never trained)."""
+    folder = model_dir(spec)
+    if not (folder / "model.pt").is_file():
+        raise FileNotFoundError(
+            f"no trained model for this spec in {folder}; train it first with "
+            "backfill_utils.train.train(spec) (or get_model)"
+        )
+    meta = json.loads((folder / "model.json").read_text())
+    model = build_model(meta["config"])
+    model.load_state_dict(torch.load(folder / "model.pt", map_location=device, weights_only=True))
+    return model.to(device).eval()
+
+
+def load_history(spec: dict) -> pd.DataFrame:
+    return pd.read_csv(model_dir(spec) / "history.csv")
+
+
+# --------------------------------------------------------------------------- distributed
+def _dist_setup(device):
+    """Initialise torch.distributed when launched by torchrun; returns (rank, world, ddp)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, False
+    if not dist.is_initialized():
+        backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+    return dist.get_rank(), dist.get_world_size(), True
+
+
+def _default_device() -> torch.device:
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- training
+def build_train_dataset(spec: dict, data_root=None):
+    ds = spec["dataset"]
+    info = D.dataset_info(ds["name"], root=data_root, **ds["options"])
+    full = D.get_dataset(
+        ds["name"], "train", root=data_root,
+        transform=D.train_transform(ds["name"], info["image_size"]), **ds["options"],
+    )
+    return D.subset_by_classes(full, list(range(spec["num_classes"])))
+
+
+def train(
+    spec: dict,
+    *,
+    data_root=None,
+    device=None,
+    progress: bool = True,
+    callback: Callable[[int, dict], None] | None = None,
+) -> EmbeddingNet:
+    """Train (or resume, or load) the model of ``spec``; returns it in eval mode.
+
+    ``callback(epoch, row)`` is called after each epoch's checkpoint is written
+    (used by the tests to simulate an interruption).
+    """
+    folder = model_dir(spec)
+    device = torch.device(device) if device is not None else _default_device()
+    if (folder / "model.pt").is_file():
+        return load_model(spec, device)
+    rank, world, ddp = _dist_setup(device)
+    recipe = spec["recipe"]
+    seed = int(spec["seed"])
+    torch.manual_seed(seed)
+    model = EmbeddingNet(num_classes=spec["num_classes"], **spec["model"]).to(device)
+    old_classifier = None
+    if spec.get("bct"):
+        from .losses import bct_influence_loss
+
+        old = train(spec["bct"]["old"], data_root=data_root, device=device, progress=progress)
+        old_classifier = old.classifier.eval()
+        for p in old_classifier.parameters():
+            p.requires_grad_(False)
+        n_old_classes = spec["bct"]["old"]["num_classes"]
+
+    dataset = build_train_dataset(spec, data_root)
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    per_proc_batch = max(1, recipe["batch_size"] // world)
+    loader = DataLoader(
+        dataset, batch_size=per_proc_batch, sampler=sampler, drop_last=True,
+        num_workers=recipe.get("num_workers", 0), pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+    steps = len(loader) * recipe["epochs"]
+    if len(loader) == 0:
+        raise ValueError(
+            f"training set has {len(dataset)} samples, fewer than one batch of {per_proc_batch}; "
+            "lower train.batch_size or use more data"
+        )
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=recipe["lr"], momentum=recipe["momentum"],
+        weight_decay=recipe["weight_decay"], nesterov=True,
+    )
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    use_amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    history: list[dict] = []
+    start_epoch = 0
+    ckpt_path = folder / "checkpoint.pt"
+    if ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch = int(state["epoch"]) + 1
+        history = json.loads(state["history"])
+    net = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(
+        range(start_epoch, recipe["epochs"]), desc=f"train {spec['setting']}/{spec['num_classes']}cls",
+        disable=not progress or rank != 0, initial=start_epoch, total=recipe["epochs"],
+    )
+    for epoch in bar:
+        net.train()
+        sampler.set_epoch(epoch)
+        torch.manual_seed(seed * 100_003 + epoch * 1_009 + rank)  # augmentation stream
+        t0 = time.perf_counter()
+        tot_loss = tot_correct = tot_n = 0.0
+        for x, y in loader:
+            x = x.to(device, non_blocking=True)
+            y = torch.as_tensor(y).to(device, non_blocking=True)
+            with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
+                z, logits = net(x)
+                loss = F.cross_entropy(logits, y, label_smoothing=recipe["label_smoothing"])
+                if old_classifier is not None:
+                    loss = loss + spec["bct"]["weight"] * bct_influence_loss(
+                        z.float(), y, old_classifier, n_old_classes
+                    )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            tot_loss += loss.item() * len(y)
+            tot_correct += (logits.argmax(1) == y).sum().item()
+            tot_n += len(y)
+        if ddp:
+            t = torch.tensor([tot_loss, tot_correct, tot_n], dtype=torch.float64, device=device)
+            dist.all_reduce(t)
+            tot_loss, tot_correct, tot_n = t.tolist()
+        row = {
+            "epoch": epoch + 1, "loss": tot_loss / tot_n, "train_acc": 100.0 * tot_correct / tot_n,
+            "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0,
+        }
+        history.append(row)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['train_acc']:.1f}")
+        if rank == 0:
+            _atomic_torch_save({
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "epoch": epoch, "history": json.dumps(history),
+            }, ckpt_path)
+        if ddp:
+            dist.barrier()
+        if callback is not None:
+            callback(epoch, row)
+    if rank == 0:
+        _atomic_write_text(pd.DataFrame(history).to_csv(index=False), folder / "history.csv")
+        _atomic_write_text(json.dumps({"config": model.config, "spec": spec}, indent=1), folder / "model.json")
+        _atomic_torch_save(model.state_dict(), folder / "model.pt")
+        ckpt_path.unlink(missing_ok=True)
+    if ddp:
+        dist.barrier()
+    return model.eval()
+
+
+def get_model(cfg: dict, setting: str, role: str, *, device=None, progress=True) -> EmbeddingNet:
+    """Train or load the model ``role`` of ``setting`` for profile ``cfg``."""
+    return train(model_spec(cfg, setting, role), data_root=cfg.get("data_root"),
+                 device=device, progress=progress)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Train one backbone of a profile (torchrun-compatible for DDP)."
+    )
+    parser.add_argument("--profile", default=None, help="params/<profile>.yaml (default: $BACKFILL_PROFILE or default)")
+    parser.add_argument("--setting", default="extended", choices=SETTINGS)
+    parser.add_argument("--role", default="new", choices=ROLES)
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--spec", default=None, help="a JSON file with a full training spec (overrides profile/setting/role)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.spec:
+        spec = json.loads(Path(args.spec).read_text())
+    else:
+        cfg = C.load_profile(args.profile, data_root=args.data_root)
+        spec = model_spec(cfg, args.setting, args.role)
+    train(spec, data_root=args.data_root, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(model_dir(spec))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
