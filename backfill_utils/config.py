@@ -33,6 +33,16 @@ NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 PROFILE_ENV = "BACKFILL_PROFILE"
 CACHE_ENV = "BACKFILL_CACHE"
 DATA_ENV = "BACKFILL_DATA_ROOT"
+RESULTS_ENV = "BACKFILL_RESULTS"
+
+
+def results_dir(profile: str | None = None) -> Path:
+    """Where rendered results go: ``results/`` for the default profile (committed),
+    ``results/<profile>/`` for any other (not committed), or ``$BACKFILL_RESULTS``."""
+    if os.environ.get(RESULTS_ENV):
+        return Path(os.environ[RESULTS_ENV]).expanduser().resolve()
+    name = profile_name(profile)
+    return RESULTS_DIR if name == "default" else RESULTS_DIR / name
 
 
 def cache_dir() -> Path:
@@ -56,23 +66,26 @@ def profile_name(name: str | None = None) -> str:
     return name or os.environ.get(PROFILE_ENV) or "default"
 
 
-def deep_update(base: dict, updates: Mapping) -> dict:
+OPEN_KEYS = ("dataset_options",)  # free-form: each dataset has its own options
+
+
+def deep_update(base: dict, updates: Mapping, *, strict: bool = True) -> dict:
     """Recursively merge ``updates`` into a copy of ``base``.
 
-    A key of ``updates`` that ``base`` does not have is an error: a typo in an
-    override must not be silently ignored.
+    A key of ``updates`` that ``base`` does not have is an error (a typo in an
+    override must not be silently ignored), except below ``OPEN_KEYS``.
 
     >>> deep_update({"a": 1, "b": {"c": 2}}, {"b": {"c": 3}})
     {'a': 1, 'b': {'c': 3}}
     """
     out = copy.deepcopy(base)
     for key, value in updates.items():
-        if key not in out:
+        if strict and key not in out:
             raise KeyError(
                 f"unknown configuration key {key!r}; known keys: {sorted(out)}"
             )
-        if isinstance(out[key], dict) and isinstance(value, Mapping):
-            out[key] = deep_update(out[key], value)
+        if isinstance(out.get(key), dict) and isinstance(value, Mapping):
+            out[key] = deep_update(out[key], value, strict=strict and key not in OPEN_KEYS)
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -96,8 +109,21 @@ def load_profile(name: str | None = None, **overrides: Any) -> dict:
     if not isinstance(cfg, dict):
         raise ValueError(f"profile file {path} must contain a mapping, got {type(cfg).__name__}")
     cfg["profile"] = name
+    file_dataset = cfg.get("dataset")
     cfg = deep_update(cfg, {k: v for k, v in overrides.items() if v is not None})
+    cfg["run_name"] = name if cfg.get("dataset") == file_dataset else f"{name}_{cfg['dataset']}"
     return cfg
+
+
+def output_dir(cfg: dict) -> Path:
+    """Where a run's figures, tables and curves go: ``results/`` for the default
+    profile on its own dataset (the committed results), ``results/<run_name>/``
+    otherwise (e.g. ``results/smoke/``, ``results/default_cifar100/``), or
+    ``$BACKFILL_RESULTS``."""
+    if os.environ.get(RESULTS_ENV):
+        return Path(os.environ[RESULTS_ENV]).expanduser().resolve()
+    name = cfg.get("run_name", cfg.get("profile", "default"))
+    return RESULTS_DIR if name == "default" else RESULTS_DIR / name
 
 
 def config_hash(obj: Any, length: int = 16) -> str:

@@ -70,7 +70,8 @@ def _split_dataset(cfg: dict, split: str, classes, augment: bool):
     name = cfg["dataset"]
     opts = cfg.get("dataset_options") or {}
     info = D.dataset_info(name, root=cfg.get("data_root"), **opts)
-    tf = (D.train_transform if augment else D.test_transform)(name, info["image_size"])
+    tf = (D.train_transform if augment else D.test_transform)(
+        name, info["image_size"], mean=info["mean"], std=info["std"])
     full = D.get_dataset(name, split, root=cfg.get("data_root"), transform=tf, **opts)
     return D.subset_by_classes(full, classes)
 

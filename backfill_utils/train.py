@@ -148,7 +148,8 @@ def build_train_dataset(spec: dict, data_root=None):
     info = D.dataset_info(ds["name"], root=data_root, **ds["options"])
     full = D.get_dataset(
         ds["name"], "train", root=data_root,
-        transform=D.train_transform(ds["name"], info["image_size"]), **ds["options"],
+        transform=D.train_transform(ds["name"], info["image_size"], mean=info["mean"], std=info["std"]),
+        **ds["options"],
     )
     return D.subset_by_classes(full, list(range(spec["num_classes"])))
 
