@@ -20,8 +20,11 @@ install: $(STAMP)
 reproduce: install
 	$(PY) -m backfill_utils.run --profile $(PROFILE)
 
+# nbval runs every notebook of the series (smoke profile, selected through the environment
+# because nbval cannot inject papermill parameters); --nbval-lax: notebooks are stored
+# without outputs, so what is checked is that every cell runs and every assertion holds.
 test: install
-	BACKFILL_PROFILE=smoke $(PY) -m pytest
+	BACKFILL_PROFILE=smoke $(PY) -m pytest tests notebooks --nbval-lax --nbval-sanitize-with notebooks/nbval_sanitize.cfg
 
 lab: install
 	$(VENV)/bin/jupyter lab notebooks

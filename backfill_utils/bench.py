@@ -170,6 +170,7 @@ def _write_json(obj: dict, path: Path) -> None:
         with os.fdopen(fd, "w") as fh:
             json.dump(obj, fh, indent=2)
             fh.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a result file is for readers
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -953,7 +953,8 @@ def get_dataset(name: str, split: str = "train", *, root: str | os.PathLike | No
 
     Names (see :func:`available_datasets`):
 
-    * ``synthetic`` -- :func:`make_synthetic` (``options`` go to it); no files.
+    * ``synthetic`` -- :func:`make_synthetic` (``options`` go to it); no files, so
+      ``root`` and ``download`` are ignored.
     * ``cifar100`` and the other torchvision sets in :data:`TORCHVISION_DATASETS`
       (cifar10, mnist, fashionmnist, kmnist, usps, svhn, stl10, food101, flowers102,
       dtd, fgvc_aircraft, oxford_pets, stanford_cars, gtsrb, country211, imagenette);
@@ -971,9 +972,7 @@ def get_dataset(name: str, split: str = "train", *, root: str | os.PathLike | No
     """
     key = _check_name(name)
     split = _canonical_split(split)
-    if key == "synthetic":
-        if root is not None:
-            raise DatasetError("synthetic: the dataset is generated in memory; do not pass root")
+    if key == "synthetic":  # generated in memory: root and download are ignored
         images, targets = make_synthetic(split, **_synthetic_split_options(split, options))
         return SyntheticDataset(images, targets, transform)
     if key in TORCHVISION_DATASETS:

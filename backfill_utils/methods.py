@@ -24,8 +24,10 @@ RM                        rank merge of old/old and new/new (2 query passes)
 RM+psi                    merge of {psi(phi_new), phi_old} and {phi_new, phi_new}
 RM+psi+CMCL               the same with psi trained by joint CMCL + L_rev
 Ours                      + learnable new embedding rho (psi, rho joint)
-CMCL-single / -separate   psi trained with the single-system / separate variant
-CMCL w/o L_rev            joint CMCL with lambda_rev = 0
+CMCL-single               psi trained with the backward system's loss only (L_A)
+CMCL-separate             psi and rho, each system's loss with its own negatives only
+                          (the joint variant of the same pair is Ours)
+CMCL w/o L_rev            joint CMCL (psi only) with lambda_rev = 0
 ========================  ==================================================
 """
 from __future__ import annotations
@@ -41,8 +43,12 @@ from . import train as T
 
 MAIN_METHODS = ["old", "new", "offline", "naive", "BCT", "FCT", "FastFill",
                 "RM", "RM+psi", "RM+psi+CMCL", "Ours"]
-VARIANT_METHODS = ["CMCL-single", "CMCL-separate", "RM+psi+CMCL", "CMCL w/o L_rev"]
-ALL_METHODS = MAIN_METHODS + [m for m in VARIANT_METHODS if m not in MAIN_METHODS]
+# single / separate / joint CMCL. With a frozen new model (no rho) the separate variant
+# gives psi exactly the gradient of the single one (L_B has no parameter), so the
+# separate and joint variants are compared with rho trained, i.e. joint = Ours.
+VARIANT_METHODS = ["CMCL-single", "CMCL-separate", "Ours"]
+ABLATION_METHODS = ["RM", "RM+psi", "RM+psi+CMCL", "CMCL w/o L_rev", "Ours"]
+ALL_METHODS = list(dict.fromkeys(MAIN_METHODS + VARIANT_METHODS + ABLATION_METHODS))
 
 # compatibility module recipes: method name -> keyword arguments of compat.train_reverse
 REVERSE_RECIPES = {
@@ -50,7 +56,7 @@ REVERSE_RECIPES = {
     "RM+psi+CMCL": dict(use_cmcl=True, variant="joint"),
     "Ours": dict(use_cmcl=True, variant="joint", learn_new=True),
     "CMCL-single": dict(use_cmcl=True, variant="single"),
-    "CMCL-separate": dict(use_cmcl=True, variant="separate"),
+    "CMCL-separate": dict(use_cmcl=True, variant="separate", learn_new=True),
     "CMCL w/o L_rev": dict(use_cmcl=True, variant="joint", lambda_rev=0.0),
 }
 QUERY_PASSES = {"RM": 2}
@@ -263,7 +269,8 @@ def claims(curves: pd.DataFrame, summary: pd.DataFrame, *, tol_step: float = 0.5
            tol_final: float = 0.5) -> pd.DataFrame:
     """The phenomena the paper shows (issue 4, point 4), checked on one setting.
 
-    Returns one row per claim with the numbers it compares and whether it holds.
+    Returns one row per claim with the numbers it compares and whether it holds;
+    rows with ``checked=False`` are reported for context, not required.
     """
     s = summary.set_index("method")
     rm = curves[curves["method"] == "RM"].sort_values("ratio")
@@ -288,7 +295,473 @@ def claims(curves: pd.DataFrame, summary: pd.DataFrame, *, tol_step: float = 0.5
     rows.append(("Ours final mAP >= new/new - %.1f" % tol_final, s.loc["Ours", "final_map"],
                  new["final_map"] - tol_final, bool(s.loc["Ours", "final_map"] >= new["final_map"] - tol_final)))
     if "CMCL-separate" in s.index:
-        rows.append(("joint CMCL flips less than separate (total negative flips)",
-                     s.loc["RM+psi+CMCL", "negative_flips_total"], s.loc["CMCL-separate", "negative_flips_total"],
-                     bool(s.loc["RM+psi+CMCL", "negative_flips_total"] < s.loc["CMCL-separate", "negative_flips_total"])))
-    return pd.DataFrame(rows, columns=["claim", "value", "reference", "holds"])
+        # negative flips against old/old (queries right under old/old, wrong now),
+        # averaged over the ratios r > 0; the per-step total is reported beside it
+        vs_old = lambda m: float(curves[(curves["method"] == m) & (curves["ratio"] > 0)]["negative_flips_vs_old"].mean())  # noqa: E731
+        rows.append(("joint CMCL (Ours) flips less than separate: mean negative flips vs old/old",
+                     vs_old("Ours"), vs_old("CMCL-separate"), bool(vs_old("Ours") < vs_old("CMCL-separate"))))
+        rows.append(("(reported) joint vs separate: total of per-step negative flips",
+                     s.loc["Ours", "negative_flips_total"], s.loc["CMCL-separate", "negative_flips_total"],
+                     bool(s.loc["Ours", "negative_flips_total"] < s.loc["CMCL-separate", "negative_flips_total"])))
+    out = pd.DataFrame(rows, columns=["claim", "value", "reference", "holds"])
+    out.insert(1, "checked", ~out["claim"].str.startswith("(reported)"))
+    return out
+
+
+# ---- retrieval for illustrations
+# Figures and tables of the render notebooks: the ranked lists behind a curve
+# point (exactly the engine's ranking), positive/negative pair distances of the
+# two systems of a merge, the query-side cost of every method, and small tables.
+import dataclasses as _dc  # noqa: E402
+import time as _time  # noqa: E402
+
+import torch as _torch  # noqa: E402
+
+from . import data as _D  # noqa: E402
+from . import models as _M  # noqa: E402
+
+
+def backfilled_mask(system: B.BackfillSystem, ratio: float, *, seed: int = 0) -> np.ndarray:
+    """(N,) bool: which gallery items hold ``gallery_new`` at ``ratio``.
+
+    The first ``backfill.backfilled_count(ratio, N)`` items of ``system.order``
+    (else ``backfill.random_order(N, seed)``, as :func:`backfill.backfill_curve`).
+    """
+    n = system.n_gallery
+    order = system.order if system.order is not None else B.random_order(n, seed)
+    mask = np.zeros(n, dtype=bool)
+    mask[order[:B.backfilled_count(ratio, n)]] = True
+    return mask
+
+
+def retrieve_topk(system: B.BackfillSystem, ratio: float, k: int, *, queries=None,
+                  exclude_self: bool = False, part: str = "merged", seed: int = 0,
+                  chunk_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` gallery items of ``queries`` at backfill ratio ``ratio``: ``(D, I)``.
+
+    ``part="merged"`` (default) ranks the *mixed distance row* of the engine
+    (:mod:`backfill_utils.backfill`): ``d(query_old, gallery_old_j)`` for items
+    not yet backfilled and ``d(query_new, gallery_new_j)`` for backfilled ones
+    (:func:`backfilled_mask`), squared Euclidean distances from
+    :func:`metrics.pairwise_distances`, each side in its own precision and
+    widened to a common dtype as the engine does; ties are broken by gallery
+    index. So ``I[:, 0]`` is the top-1 result whose correctness
+    :func:`backfill.backfill_curve` counts. ``part="old"`` / ``"new"``: the
+    two searches before the merge (old query vs the not-yet-backfilled items;
+    new query vs the backfilled items), Fig. 1's first two rows.
+
+    ``queries``: query indices (default all). ``exclude_self``: query ``i`` is
+    gallery item ``i`` and is left out. Returns ``D`` (squared distances,
+    float64) and ``I`` (gallery indices, int64), each ``(len(queries), k)``;
+    where fewer than ``k`` items are eligible, ``D = inf`` and ``I = -1``.
+    """
+    if part not in ("merged", "old", "new"):
+        raise ValueError(f"part must be 'merged', 'old' or 'new', got {part!r}")
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if exclude_self and system.n_queries != system.n_gallery:
+        raise ValueError(f"exclude_self=True needs query i to be gallery item i, but system "
+                         f"{system.name!r} has {system.n_queries} queries and {system.n_gallery} items")
+    q = np.arange(system.n_queries) if queries is None else np.asarray(queries, dtype=np.int64).reshape(-1)
+    if len(q) and (q.min() < 0 or q.max() >= system.n_queries):
+        raise ValueError(f"queries must be indices in 0..{system.n_queries - 1}, got {q.tolist()[:10]}")
+    is_new = _torch.from_numpy(backfilled_mask(system, ratio, seed=seed))
+    dtype = _torch.promote_types(_torch.promote_types(system.query_old.dtype, system.gallery_old.dtype),
+                                 _torch.promote_types(system.query_new.dtype, system.gallery_new.dtype))
+    D = np.full((len(q), k), np.inf)
+    I = np.full((len(q), k), -1, dtype=np.int64)
+    inf = _torch.tensor(float("inf"), dtype=dtype)
+    for s in range(0, len(q), chunk_size):
+        qi = _torch.from_numpy(q[s:s + chunk_size])
+        if part == "merged":
+            d_old = MT.pairwise_distances(system.query_old[qi], system.gallery_old).to(dtype)
+            d_new = MT.pairwise_distances(system.query_new[qi], system.gallery_new).to(dtype)
+            row = _torch.where(is_new.unsqueeze(0), d_new, d_old)
+        elif part == "old":
+            row = MT.pairwise_distances(system.query_old[qi], system.gallery_old).to(dtype)
+            row = row.masked_fill(is_new.unsqueeze(0), inf)
+        else:
+            row = MT.pairwise_distances(system.query_new[qi], system.gallery_new).to(dtype)
+            row = row.masked_fill(~is_new.unsqueeze(0), inf)
+        eligible = _torch.ones_like(row, dtype=_torch.bool)
+        if part == "old":
+            eligible &= ~is_new.unsqueeze(0)
+        elif part == "new":
+            eligible &= is_new.unsqueeze(0)
+        if exclude_self:
+            eligible[_torch.arange(len(qi)), qi] = False
+            row[_torch.arange(len(qi)), qi] = inf
+        # a stable sort: equal distances keep ascending gallery index
+        idx = _torch.sort(row, dim=1, stable=True).indices[:, :k]
+        ok = eligible.gather(1, idx)
+        dd = row.gather(1, idx).double()
+        kk = idx.shape[1]
+        D[s:s + len(qi), :kk] = _torch.where(ok, dd, float("inf")).numpy()
+        I[s:s + len(qi), :kk] = _torch.where(ok, idx, -1).numpy()
+    return D, I
+
+
+def retrieve_topk_over_ratios(system: B.BackfillSystem, ratios, k: int, *, queries=None,
+                              exclude_self: bool = False, seed: int = 0) -> dict[str, np.ndarray]:
+    """:func:`retrieve_topk` at every ratio: ``distances``, ``indices`` and
+    ``from_new`` (the result item holds its new embedding), each (R, Q, k)."""
+    ratios = B.check_ratios(ratios)
+    out = {"distances": [], "indices": [], "from_new": []}
+    for r in ratios:
+        D, I = retrieve_topk(system, r, k, queries=queries, exclude_self=exclude_self, seed=seed)
+        out["distances"].append(D)
+        out["indices"].append(I)
+        out["from_new"].append(backfilled_mask(system, r, seed=seed)[np.clip(I, 0, None)] & (I >= 0))
+    return {key: np.stack(v) for key, v in out.items()}
+
+
+def changing_queries(system: B.BackfillSystem, labels, n: int = 3, k: int = 5, *,
+                     exclude_self: bool = True, seed: int = 0) -> np.ndarray:
+    """``n`` queries whose top-``k`` lists change the most for the better from ratio 0
+    to ratio 1 (gain in correct results, then more correct at 1; ties by index)."""
+    labels = np.asarray(labels)
+    res = retrieve_topk_over_ratios(system, [0.0, 1.0], k, exclude_self=exclude_self, seed=seed)
+    correct = (labels[res["indices"]] == labels[None, :, None]) & (res["indices"] >= 0)
+    c0, c1 = correct[0].sum(1), correct[1].sum(1)
+    key = np.lexsort((np.arange(len(c0)), -c1, -(c1 - c0)))
+    return key[:n].astype(np.int64)
+
+
+def mixed_source_query(system: B.BackfillSystem, labels, ratio: float = 0.5, k: int = 5, *,
+                       exclude_self: bool = True, seed: int = 0) -> int:
+    """A query for Fig. 1: its merged top-``k`` at ``ratio`` holds items of both parts,
+    as balanced as possible, with as many correct results as possible (ties by index)."""
+    labels = np.asarray(labels)
+    _, I = retrieve_topk(system, ratio, k, exclude_self=exclude_self, seed=seed)
+    new = backfilled_mask(system, ratio, seed=seed)[np.clip(I, 0, None)]
+    n_new = new.sum(1)
+    balance = np.minimum(n_new, k - n_new)
+    correct = (labels[I] == labels[:, None]).sum(1)
+    key = np.lexsort((np.arange(len(I)), -correct, -balance))
+    return int(key[0])
+
+
+def gallery_images(cfg: dict, setting: str, indices=None, *, size: int | None = None) -> np.ndarray:
+    """Raw test images of ``setting`` (uint8 ``(n, H, W, 3)``) in the order of the
+    cached test embeddings (``setting_embeddings(...)['new_test']``); resized to
+    ``size`` x ``size`` if given or if their sizes differ."""
+    from PIL import Image
+
+    ds = E._split_dataset(cfg, "test", T.setting_classes(cfg, setting)["test_classes"], augment=False)
+    idx = np.arange(len(ds)) if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
+    imgs = [ds.raw_image(int(i)) for i in idx]
+    if not imgs:
+        raise ValueError("no indices given")
+    target = (size, size) if size is not None else imgs[0].shape[:2]
+    out = np.empty((len(imgs), target[0], target[1], 3), dtype=np.uint8)
+    for j, img in enumerate(imgs):
+        if img.shape[:2] != tuple(target):
+            img = np.asarray(Image.fromarray(img).resize((target[1], target[0]), Image.BILINEAR))
+        out[j] = img
+    return out
+
+
+def pair_distances(query, gallery, query_labels, gallery_labels=None, *, exclude_self: bool = True,
+                   max_pairs: int | None = 200_000, seed: int = 0) -> pd.DataFrame:
+    """Euclidean distances of positive and negative (query, gallery) pairs of one system.
+
+    ``query`` (Q, d) and ``gallery`` (N, d) are the two sides of a retrieval
+    system (e.g. ``psi(phi_new)`` and ``phi_old`` of the test split); a pair is
+    positive if the labels agree. With ``exclude_self`` (query ``i`` is gallery
+    item ``i``) the pairs ``(i, i)`` are left out, as in the evaluation. Every
+    positive pair is used if there are at most ``max_pairs`` of them, else a
+    seeded uniform sample of ``max_pairs``; negatives are a seeded uniform
+    sample (with replacement) of as many pairs as positives are returned
+    (``max_pairs`` if there are no positives). ``max_pairs=None``: no cap.
+    Distances are ``||q - g||`` (the square root of the engine's squared
+    distance; the same ranking). Returns columns ``pair`` ("positive" /
+    "negative"), ``query``, ``gallery``, ``distance``.
+    """
+    q = MT.as_embedding_tensor(query, "query").double()
+    g = MT.as_embedding_tensor(gallery, "gallery").double()
+    ql = MT.as_label_array(query_labels, "query_labels")
+    gl = ql if gallery_labels is None else MT.as_label_array(gallery_labels, "gallery_labels")
+    if len(ql) != len(q) or len(gl) != len(g):
+        raise ValueError(f"labels ({len(ql)}, {len(gl)}) must match the rows of query ({len(q)}) and gallery ({len(g)})")
+    if q.shape[1] != g.shape[1]:
+        raise ValueError(f"query has dimension {q.shape[1]} but gallery has {g.shape[1]}; one system shares one space")
+    if exclude_self and len(q) != len(g):
+        raise ValueError("exclude_self=True needs query i to be gallery item i (as many queries as gallery items)")
+    rng = np.random.default_rng(seed)
+    qc, gc = MT.encode_labels(ql, gl)
+    # all positive pairs, grouped by class
+    by_class = {c: np.flatnonzero(gc == c) for c in np.unique(gc)}
+    pi, pj = [], []
+    for i, c in enumerate(qc):
+        js = by_class.get(c, np.empty(0, np.int64))
+        if exclude_self:
+            js = js[js != i]
+        pi.append(np.full(len(js), i, dtype=np.int64))
+        pj.append(js)
+    pi = np.concatenate(pi) if pi else np.empty(0, np.int64)
+    pj = np.concatenate(pj) if pj else np.empty(0, np.int64)
+    if max_pairs is not None and len(pi) > max_pairs:
+        keep = np.sort(rng.choice(len(pi), size=int(max_pairs), replace=False))
+        pi, pj = pi[keep], pj[keep]
+    n_neg = len(pi) if len(pi) else int(max_pairs or len(q) * len(g))
+    ni, nj = np.empty(0, np.int64), np.empty(0, np.int64)
+    if (qc[:, None] != gc[None, :]).any():
+        while len(ni) < n_neg:
+            a = rng.integers(len(q), size=2 * n_neg)
+            b = rng.integers(len(g), size=2 * n_neg)
+            ok = qc[a] != gc[b]
+            ni, nj = np.concatenate([ni, a[ok]]), np.concatenate([nj, b[ok]])
+        ni, nj = ni[:n_neg], nj[:n_neg]
+
+    def dist(i, j):
+        if len(i) == 0:
+            return np.empty(0)
+        return (q[_torch.from_numpy(i)] - g[_torch.from_numpy(j)]).norm(dim=1).numpy()
+
+    return pd.DataFrame({
+        "pair": np.array(["positive"] * len(pi) + ["negative"] * len(ni), dtype=object),
+        "query": np.concatenate([pi, ni]), "gallery": np.concatenate([pj, nj]),
+        "distance": np.concatenate([dist(pi, pj), dist(ni, nj)]),
+    })
+
+
+def system_pair_distances(systems: dict, labels, *, max_pairs: int | None = 200_000,
+                          seed: int = 0) -> pd.DataFrame:
+    """:func:`pair_distances` of both retrieval systems of each merge system.
+
+    ``systems``: ``{method: BackfillSystem}`` whose queries are its gallery
+    (leave-one-out). For each, the *backward* system ``{query_old, gallery_old}``
+    (e.g. ``{phi_rev, phi_old}``) and the *new* system ``{query_new,
+    gallery_new}`` (``{phi_new, phi_new}``, or ``{rho_new, rho_new}`` for
+    Ours). Returns columns ``method, system, pair, query, gallery, distance``.
+    """
+    parts = []
+    for m, s in systems.items():
+        for name, qe, ge in (("backward", s.query_old, s.gallery_old), ("new", s.query_new, s.gallery_new)):
+            df = pair_distances(qe, ge, labels, exclude_self=True, max_pairs=max_pairs, seed=seed)
+            parts.append(df.assign(method=m, system=name))
+    out = pd.concat(parts, ignore_index=True)
+    return out[["method", "system", "pair", "query", "gallery", "distance"]]
+
+
+def calibration_summary(pairs: pd.DataFrame) -> pd.DataFrame:
+    """Per method: how well one distance threshold separates positives from negatives
+    *across both systems* (what a merge by distance needs).
+
+    Columns: per system the median positive and negative distance, and
+    ``pooled_auc``: the probability that a positive pair (of either system) is
+    closer than a negative pair (of either system), ties counting 1/2, i.e. the
+    ROC AUC of ``-distance`` over the pooled pairs; ``cross_auc``: the same
+    probability for positives of one system against negatives of the *other*,
+    averaged over the two directions (the paper's calibration across systems).
+    """
+    from sklearn.metrics import roc_auc_score
+
+    def auc(pos, neg):
+        y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+        return float(roc_auc_score(y, -np.r_[pos, neg]))
+
+    rows = []
+    for m, df in pairs.groupby("method", sort=False):
+        get = lambda s, p: df.loc[(df.system == s) & (df.pair == p), "distance"].to_numpy()  # noqa: E731
+        row = {"method": m}
+        for s in ("backward", "new"):
+            row[f"{s}_pos_median"] = float(np.median(get(s, "positive")))
+            row[f"{s}_neg_median"] = float(np.median(get(s, "negative")))
+            row[f"{s}_auc"] = auc(get(s, "positive"), get(s, "negative"))
+        row["cross_auc"] = 0.5 * (auc(get("backward", "positive"), get("new", "negative"))
+                                  + auc(get("new", "positive"), get("backward", "negative")))
+        row["pooled_auc"] = auc(df.loc[df.pair == "positive", "distance"].to_numpy(),
+                                df.loc[df.pair == "negative", "distance"].to_numpy())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# query side of each method: (backbone role, compatibility modules applied to its output)
+QUERY_SIDE = {
+    "old": [("old", [])], "new": [("new", [])], "offline": [("old", [])],
+    "naive": [("new", [])], "BCT": [("bct", [])], "FCT": [("new", [])], "FastFill": [("new", [])],
+    "RM": [("old", []), ("new", [])],
+    "RM+psi": [("new", ["psi"])], "RM+psi+CMCL": [("new", ["psi"])], "Ours": [("new", ["psi", "rho"])],
+    "CMCL-single": [("new", ["psi"])], "CMCL-separate": [("new", ["psi"])],
+    "CMCL w/o L_rev": [("new", ["psi"])],
+}
+
+
+@_torch.no_grad()
+def time_query_forward(passes, images, *, repeats: int = 5, warmup: int = 1) -> float:
+    """Seconds per query of a query-side forward, the median over ``repeats``.
+
+    ``passes``: a list of ``(backbone, modules)``; each backbone embeds the
+    batch ``images`` (``backbone.embed`` if it has one, else ``backbone(x)``)
+    and each module is applied to that embedding. The time of one repeat is
+    divided by the batch size. Wall-clock time on this machine: it depends on
+    the hardware, the threads and the load, so compare methods only within one
+    run.
+    """
+    if len(images) == 0:
+        raise ValueError("images is an empty batch")
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    nets = [b for b, _ in passes] + [m for _, ms in passes for m in ms]
+    modes = [n.training for n in nets]
+    for n_ in nets:
+        n_.eval()
+
+    def run():
+        for backbone, modules in passes:
+            z = backbone.embed(images) if hasattr(backbone, "embed") else backbone(images)
+            for m in modules:
+                m(z)
+
+    try:
+        for _ in range(warmup):
+            run()
+        times = []
+        for _ in range(repeats):
+            t0 = _time.perf_counter()
+            run()
+            times.append(_time.perf_counter() - t0)
+    finally:
+        for n_, mode in zip(nets, modes):
+            n_.train(mode)
+    return float(np.median(times)) / len(images)
+
+
+def query_cost(cfg: dict, setting: str, methods=None, *, batch_size: int = 64, repeats: int = 5,
+               warmup: int = 1) -> pd.DataFrame:
+    """The cost columns of Table 2, per method: forward passes per query, extra
+    parameters of the query-side modules, and measured time per query.
+
+    Backbones are the cached trained models (``train.load_model``); psi/rho are
+    freshly built modules of the trained architecture (the time does not depend
+    on the weights; ``extra_params`` counts psi + rho, or FCT's h / FastFill's
+    model, which run on the gallery side and cost no query time). Timed on a
+    batch of ``batch_size`` test images with :func:`time_query_forward`, on CPU.
+    Columns: ``method, query_passes, query_side, extra_params, ms_per_query``.
+    """
+    methods = list(methods or ALL_METHODS)
+    unknown = [m for m in methods if m not in QUERY_SIDE]
+    if unknown:
+        raise ValueError(f"no query side known for {unknown}; known: {list(QUERY_SIDE)}")
+    roles = sorted({r for m in methods for r, _ in QUERY_SIDE[m]})
+    nets = {r: T.load_model(T.model_spec(cfg, setting, r)) for r in roles}
+    ds = E._split_dataset(cfg, "test", T.setting_classes(cfg, setting)["test_classes"], augment=False)
+    n = min(int(batch_size), len(ds))
+    images = _torch.stack([ds[i][0] for i in range(n)])
+    d_new = int(nets.get("new", next(iter(nets.values()))).config["embedding_dim"])
+    d_old = int(cfg["embedding_dim"])
+    with _torch.random.fork_rng(devices=[]):
+        _torch.manual_seed(0)
+        compat_modules = {"psi": K.ReverseTransform(d_new, d_old), "rho": K.LearnableEmbedding(d_new)}
+    gallery_side = {"FCT": K.ForwardTransform(d_old, d_new), "FastFill": K.FastFillTransform(d_old, d_new)}
+    rows = []
+    for m in methods:
+        side = QUERY_SIDE[m]
+        passes = [(nets[r], [compat_modules[x] for x in mods]) for r, mods in side]
+        extra = sum(_M.count_parameters(compat_modules[x]) for _, mods in side for x in mods)
+        if m in gallery_side:
+            extra = _M.count_parameters(gallery_side[m])
+        label = " + ".join(f"phi_{r}" + "".join(f" -> {x}" for x in mods) for r, mods in side)
+        rows.append({"method": m, "query_passes": len(side), "query_side": label, "extra_params": int(extra),
+                     "ms_per_query": 1e3 * time_query_forward(passes, images, repeats=repeats, warmup=warmup)})
+    return pd.DataFrame(rows)
+
+
+def order_comparison(cfg: dict, setting: str, methods=("RM", "Ours"), *,
+                     progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Random backfill order vs FastFill's uncertainty order (descending sigma).
+
+    Curves of FCT (random order), FastFill (its own order), FastFill with the
+    random order, and each of ``methods`` under both orders (names ``"<m>"`` and
+    ``"<m> (sigma order)"``). Returns ``(curves, summary)`` like
+    :func:`evaluate_setting` (not cached: the engine is fast at these sizes).
+    """
+    systems, refs = build_systems(cfg, setting, ["FCT", "FastFill", *methods], progress=progress)
+    labels = refs["labels"]
+    sigma_order = systems["FastFill"].order
+    random = B.random_order(len(labels), int(cfg["eval"]["order_seed"]))
+    variants = {"FCT": systems["FCT"], "FastFill": systems["FastFill"],
+                "FastFill (random order)": _dc.replace(systems["FastFill"], name="FastFill (random order)",
+                                                       order=random)}
+    for m in methods:
+        variants[m] = systems[m]
+        variants[f"{m} (sigma order)"] = _dc.replace(systems[m], name=f"{m} (sigma order)", order=sigma_order)
+    old_ref = MT.evaluate_retrieval(refs["old"], labels, refs["old"], labels, exclude_self=True,
+                                    return_per_query=True)
+    new_ref = MT.evaluate_retrieval(refs["new"], labels, refs["new"], labels, exclude_self=True,
+                                    return_per_query=True)
+    r = ratios(cfg)
+    curves, rows = [], []
+    for name, s in variants.items():
+        c = B.backfill_curve(s, labels, labels, ratios=r, exclude_self=True,
+                             reference_correct=old_ref["correct_at_1"])
+        c.insert(0, "method", name)
+        curves.append(c)
+        order = "sigma" if np.array_equal(s.order, sigma_order) else "random"
+        rows.append({"method": name, "order": order, **B.summarize_curve(c, old_ref, new_ref)})
+    return pd.concat(curves, ignore_index=True), pd.DataFrame(rows)
+
+
+TABLE1_METHODS = ["old", "new", "offline", "naive", "BCT", "FCT", "FastFill", "RM", "RM+psi",
+                  "RM+psi+CMCL", "Ours"]
+
+
+def table1(summary: pd.DataFrame, methods=None, *, layout: str = "long") -> pd.DataFrame:
+    """Table 1: per (dataset, setting, method) AUC_mAP, AUC_CMC top-1 (trapezoid and
+    plain mean of the points) and the relative gains in percent.
+
+    ``layout="wide"``: one row per (dataset, method) with the trapezoid AUCs and
+    gains of each setting side by side (columns ``"<setting> AUC_mAP"``, ...).
+    """
+    if layout not in ("long", "wide"):
+        raise ValueError(f"layout must be 'long' or 'wide', got {layout!r}")
+    methods = list(methods or TABLE1_METHODS)
+    if layout == "wide":
+        t = table1(summary, methods)
+        settings = list(dict.fromkeys(t["setting"]))
+        cols = ["AUC_mAP", "AUC_top1", "gain_mAP_%", "gain_top1_%"]
+        wide = t.pivot_table(index=["dataset", "method"], columns="setting", values=cols, sort=False)
+        wide.columns = [f"{s} {c}" for c, s in wide.columns]
+        wide = wide[[f"{s} {c}" for s in settings for c in cols]].reset_index()
+        wide["_o"] = wide["method"].map({m: i for i, m in enumerate(methods)})
+        return wide.sort_values(["dataset", "_o"], kind="stable").drop(columns="_o").reset_index(drop=True)
+    t = summary[summary["method"].isin(methods)].copy()
+    t["_o"] = t["method"].map({m: i for i, m in enumerate(methods)})
+    t["_s"] = t["setting"].map({s: i for i, s in enumerate(dict.fromkeys(summary["setting"]))})
+    t = t.sort_values(["dataset", "_s", "_o"], kind="stable")
+    out = pd.DataFrame({
+        "dataset": t["dataset"], "setting": t["setting"], "method": t["method"],
+        "query_passes": t["query_passes"],
+        "AUC_mAP": t["auc_map"], "AUC_top1": t["auc_top1"],
+        "mean_mAP": t["mean_map"], "mean_top1": t["mean_top1"],
+        "gain_mAP_%": 100.0 * t["rel_gain_map"], "gain_top1_%": 100.0 * t["rel_gain_top1"],
+    })
+    return out.reset_index(drop=True)
+
+
+# which component each ablation row uses (Table 2)
+ABLATION = {
+    "RM": dict(psi=False, CMCL=False, L_rev=False, rho=False),
+    "RM+psi": dict(psi=True, CMCL=False, L_rev=True, rho=False),
+    "RM+psi+CMCL": dict(psi=True, CMCL=True, L_rev=True, rho=False),
+    "CMCL w/o L_rev": dict(psi=True, CMCL=True, L_rev=False, rho=False),
+    "Ours": dict(psi=True, CMCL=True, L_rev=True, rho=True),
+}
+
+
+def table2_ablation(summary: pd.DataFrame, methods=None) -> pd.DataFrame:
+    """Table 2 (ablation): components used ("yes"/"-") and the AUCs, per setting."""
+    methods = list(methods or ABLATION)
+    t = summary[summary["method"].isin(methods)].copy()
+    t["_o"] = t["method"].map({m: i for i, m in enumerate(methods)})
+    t["_s"] = t["setting"].map({s: i for i, s in enumerate(dict.fromkeys(summary["setting"]))})
+    t = t.sort_values(["dataset", "_s", "_o"], kind="stable")
+    rows = []
+    for _, r in t.iterrows():
+        marks = {k: ("yes" if v else "-") for k, v in ABLATION[r["method"]].items()}
+        rows.append({"dataset": r["dataset"], "setting": r["setting"], "method": r["method"], **marks,
+                     "AUC_mAP": r["auc_map"], "AUC_top1": r["auc_top1"],
+                     "gain_mAP_%": 100.0 * r["rel_gain_map"], "flips_total": r["negative_flips_total"]})
+    return pd.DataFrame(rows)

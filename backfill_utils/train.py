@@ -43,7 +43,14 @@ SETTINGS = ("extended", "heterogeneous", "open")
 
 # --------------------------------------------------------------------------- specs
 def _dataset_part(cfg: dict) -> dict:
-    return {"name": cfg["dataset"], "options": dict(cfg.get("dataset_options") or {})}
+    """The dataset's part of a training spec. For ``synthetic`` the generator's
+    defaults are resolved into it, so that changing a default in code changes
+    the cache key (nothing stale is served)."""
+    options = dict(cfg.get("dataset_options") or {})
+    part = {"name": cfg["dataset"], "options": options}
+    if cfg["dataset"] == "synthetic":
+        part["generator"] = {**D.synthetic_defaults(), **options}
+    return part
 
 
 def setting_classes(cfg: dict, setting: str) -> dict:

@@ -1,0 +1,157 @@
+"""Figure functions (they return figures), deterministic figure files, tables, the animation."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.animation import FuncAnimation
+from matplotlib.figure import Figure
+
+from backfill_utils import plots as P
+
+METHODS = ["old", "new", "offline", "RM", "Ours", "CMCL-separate"]
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    import matplotlib.pyplot as plt
+
+    P.style()
+    yield
+    plt.close("all")
+
+
+def fake_results(settings=("extended", "open"), methods=METHODS):
+    r = np.linspace(0, 1, 11)
+    curves, rows = [], []
+    for s in settings:
+        for i, m in enumerate(methods):
+            if m == "old":
+                y = np.full_like(r, 20.0)
+            elif m == "new":
+                y = np.full_like(r, 40.0)
+            elif m == "offline":
+                y = np.where(r >= 1, 40.0, 20.0)
+            else:
+                y = 20.0 + (20.0 + i) * r
+            flips = np.r_[0.0, np.full(10, 0.5 * i)]
+            curves.append(pd.DataFrame({"setting": s, "method": m, "ratio": r, "mAP": y, "top1": y + 5,
+                                        "top5": y + 10, "negative_flips": flips,
+                                        "negative_flips_vs_old": np.cumsum(flips)}))
+            rows.append({"setting": s, "method": m, "auc_map": float(np.trapezoid(y, r)),
+                         "auc_top1": float(np.trapezoid(y + 5, r)), "negative_flips_total": flips.sum()})
+    return pd.concat(curves, ignore_index=True), pd.DataFrame(rows)
+
+
+def legend_texts(ax):
+    leg = ax.get_legend()
+    return [t.get_text() for t in leg.get_texts()] if leg else []
+
+
+def test_curve_grid_rows_panels_and_auc_legend():
+    curves, summary = fake_results()
+    fig = P.curve_grid(curves, summary, ["old", "new", "offline", "RM"], row="setting")
+    assert isinstance(fig, Figure)
+    axes = np.array(fig.axes).reshape(2, 2)
+    for ax in axes.ravel():
+        assert len(ax.get_lines()) == 4
+    texts = legend_texts(axes[0, 1])
+    assert texts[0] == "old: 20.0 / 25.0"  # AUC mAP / AUC top-1 of that row
+    with pytest.raises(KeyError, match="not in the curves table"):
+        P.curve_grid(curves, summary, ["nope"], row="setting")
+
+
+def test_ablation_flips_and_variants_figures():
+    curves, summary = fake_results(settings=("extended",))
+    for fig in (P.ablation_figure(curves, summary, ["RM", "Ours"]),
+                P.flips_figure(curves, summary, ["offline", "RM", "Ours"]),
+                P.curves_and_flips(curves, summary, ["RM", "Ours", "CMCL-separate"])):
+        assert isinstance(fig, Figure) and len(fig.axes) == 3
+        assert all(ax.has_data() for ax in fig.axes)
+        assert any(legend_texts(ax) for ax in fig.axes)
+
+
+def test_method_style_variants():
+    assert P.method_style("Ours")["color"] == P.METHOD_STYLE["Ours"]["color"]
+    v = P.method_style("Ours (sigma order)")
+    assert v["color"] == P.METHOD_STYLE["Ours"]["color"] and v["ls"] == "--"
+    assert P.method_style("unknown") == {}
+
+
+def test_distance_histograms():
+    rng = np.random.default_rng(0)
+    parts = []
+    for m in ("RM+psi", "Ours"):
+        for s in ("backward", "new"):
+            for p, mu in (("positive", 0.6), ("negative", 1.3)):
+                parts.append(pd.DataFrame({"method": m, "system": s, "pair": p,
+                                           "distance": np.clip(rng.normal(mu, 0.2, 100), 0, 2)}))
+    pairs = pd.concat(parts, ignore_index=True)
+    cal = pd.DataFrame({"method": ["RM+psi", "Ours"], "pooled_auc": [0.9, 0.95], "cross_auc": [0.8, 0.9]})
+    fig = P.distance_histograms(pairs, calibration=cal, titles={"Ours": "Ours (after)"})
+    assert len(fig.axes) == 2 and len(fig.axes[0].patches) == 4
+    assert fig.axes[1].get_title().startswith("Ours (after)\npooled AUC 0.950")
+
+
+def test_thumbnails_and_retrieval_figure():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (12, 8, 8, 3), dtype=np.uint8)
+    labels = np.arange(12) % 3
+    f = P.framed(images[0], P.RIGHT, border=2, bar=(0, 0, 0), bar_height=3)
+    assert f.shape == (8 + 4 + 3, 12, 3) and tuple(f[0, 0]) == P.RIGHT and tuple(f[-1, 0]) == (0, 0, 0)
+    strip = P.thumbnail_strip(images[0], images[1:4], [True, False, True], [False, True, False])
+    assert strip.ndim == 3 and strip.dtype == np.uint8
+    assert P.upscale(images, 16).shape == (12, 16, 16, 3)
+    rows = [{"title": "old", "indices": np.array([3, 6, 1]), "distances": np.array([0.1, 0.2, 0.3])},
+            {"title": "merged", "indices": np.array([3, 6, -1]), "distances": np.array([0.1, 0.2, np.inf]),
+             "from_new": np.array([True, False, False])}]
+    fig = P.retrieval_figure(images[0], rows, images, labels, labels[0], title="t")
+    assert isinstance(fig, Figure) and len(fig.axes) == 2 * 4
+    grid = rng.integers(0, 255, (3, 4, 8, 8, 3), dtype=np.uint8)
+    fig = P.sample_images_figure(grid, ["a", "b", "c"])
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["a", "b", "c"]
+
+
+def test_animation_and_gif(tmp_path):
+    from PIL import Image
+
+    curves, _ = fake_results(settings=("extended",))
+    n, k, q = 30, 5, 2
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 255, (n, 8, 8, 3), dtype=np.uint8)
+    labels = np.arange(n) % 4
+    topk = {"indices": rng.integers(0, n, (11, q, k)), "from_new": rng.random((11, q, k)) < 0.5}
+    anim = P.backfill_animation(curves, rng.permutation(n), topk, images, labels, [0, 7], hold=2, dpi=40)
+    assert isinstance(anim, FuncAnimation)
+    path = P.save_animation(anim, tmp_path / "a.gif", fps=4)
+    with Image.open(path) as im:
+        assert im.format == "GIF"
+        durations = []
+        for i in range(im.n_frames):  # Pillow merges the identical held frames into one longer frame
+            im.seek(i)
+            durations.append(im.info["duration"])
+    assert len(durations) == 11 and sum(durations) == 13 * 250
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gif"]
+    with pytest.raises(ValueError, match="one list per ratio"):
+        P.backfill_animation(curves, rng.permutation(n), {"indices": topk["indices"][:5],
+                             "from_new": topk["from_new"][:5]}, images, labels, [0, 7])
+
+
+def test_save_figure_is_deterministic(tmp_path):
+    curves, summary = fake_results()
+    fig = P.curve_grid(curves, summary, ["old", "RM"], row="setting")
+    first = {p.suffix: p.read_bytes() for p in P.save_figure(fig, tmp_path / "a", "fig")}
+    second = {p.suffix: p.read_bytes() for p in P.save_figure(fig, tmp_path / "b", "fig")}
+    assert set(first) == {".png", ".pdf"}
+    assert first == second
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["fig.pdf", "fig.png"]
+
+
+def test_save_table_writes_csv_md_tex(tmp_path):
+    df = pd.DataFrame({"method": ["RM", "Ours_x"], "auc_map": [30.123, 41.5]})
+    paths = P.save_table(df, tmp_path, "t", caption="cap")
+    assert [p.name for p in paths] == ["t.csv", "t.md", "t.tex"]
+    pd.testing.assert_frame_equal(pd.read_csv(paths[0]), df)
+    assert "| RM " in paths[1].read_text() and "30.12" in paths[1].read_text()
+    tex = paths[2].read_text()
+    assert "\\begin{tabular}" in tex and "Ours\\_x" in tex and "cap" in tex

@@ -1,0 +1,168 @@
+"""Retrieval for illustrations (methods.py): top-k lists consistent with the engine,
+pair distances, query timing, tables."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from backfill_utils import backfill as bf
+from backfill_utils import methods as MM
+from backfill_utils import metrics as mt
+
+
+def _setup(kind: str, seed: int = 0, n: int = 60, n_cls: int = 6):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, n_cls, n)
+    if kind == "int":  # small integers: many exact distance ties
+        go = rng.integers(-2, 3, (n, 4)).astype(np.float32)
+        gn = rng.integers(-2, 3, (n, 6)).astype(np.float32)
+        qo = rng.integers(-2, 3, (n, 4)).astype(np.float32)
+    else:
+        go = rng.normal(size=(n, 8)).astype(np.float32)
+        gn = rng.normal(size=(n, 12)).astype(np.float32)
+        qo = rng.normal(size=(n, 8)).astype(np.float32)
+    return labels, qo, go, gn
+
+
+def _brute(system, ratio, k, queries, exclude_self, part, seed=0):
+    n = system.n_gallery
+    order = system.order if system.order is not None else bf.random_order(n, seed)
+    new = set(order[:bf.backfilled_count(ratio, n)].tolist())
+    d_old = mt.pairwise_distances(system.query_old, system.gallery_old).double().numpy()
+    d_new = mt.pairwise_distances(system.query_new, system.gallery_new).double().numpy()
+    D = np.full((len(queries), k), np.inf)
+    I = np.full((len(queries), k), -1)
+    for a, q in enumerate(queries):
+        items = []
+        for j in range(n):
+            if exclude_self and j == q:
+                continue
+            if part == "old" and j in new or part == "new" and j not in new:
+                continue
+            items.append((d_new[q, j] if j in new else d_old[q, j], j))
+        items.sort()
+        for b, (d, j) in enumerate(items[:k]):
+            D[a, b], I[a, b] = d, j
+    return D, I
+
+
+@pytest.mark.parametrize("kind", ["float", "int"])
+@pytest.mark.parametrize("part", ["merged", "old", "new"])
+@pytest.mark.parametrize("exclude_self", [True, False])
+def test_retrieve_topk_matches_brute_force(kind, part, exclude_self):
+    labels, qo, go, gn = _setup(kind)
+    system = bf.BackfillSystem.merge("rm", qo, go, gn, gn, order=bf.random_order(len(labels), 3))
+    queries = np.array([0, 5, 17, 59, 5])
+    for ratio in (0.0, 0.25, 0.5, 0.97, 1.0):
+        D, I = MM.retrieve_topk(system, ratio, 7, queries=queries, exclude_self=exclude_self, part=part,
+                                chunk_size=2)
+        Db, Ib = _brute(system, ratio, 7, queries, exclude_self, part)
+        np.testing.assert_array_equal(I, Ib)
+        # the matrix product's last bits depend on the batch shape (as in the engine's chunks)
+        np.testing.assert_allclose(D, Db, rtol=1e-6, atol=0)
+
+
+def test_retrieve_topk_pads_when_few_items():
+    labels, qo, go, gn = _setup("float", n=10)
+    system = bf.BackfillSystem.merge("rm", qo, go, gn, gn)
+    D, I = MM.retrieve_topk(system, 0.3, 5, part="new", exclude_self=True)
+    assert I.shape == (10, 5)
+    assert ((I >= 0).sum(1) <= 3).all() and (I[:, 3:] == -1).all() and np.isinf(D[:, 3:]).all()
+    with pytest.raises(ValueError, match="part must be"):
+        MM.retrieve_topk(system, 0.3, 5, part="both")
+
+
+@pytest.mark.parametrize("kind", ["float", "int"])
+def test_top1_agrees_with_the_engine(kind):
+    labels, qo, go, gn = _setup(kind, seed=1, n=80)
+    for system in (bf.BackfillSystem.merge("rm", qo, go, gn, gn),
+                   bf.BackfillSystem.mixed("naive", gn[:, :go.shape[1]], go, gn[:, :go.shape[1]],
+                                           order=bf.random_order(80, 7))):
+        ratios = np.linspace(0, 1, 11)
+        curve, pq = bf.backfill_curve(system, labels, labels, ratios=ratios, exclude_self=True,
+                                      return_per_query=True)
+        res = MM.retrieve_topk_over_ratios(system, ratios, 5, exclude_self=True)
+        correct = labels[res["indices"]] == labels[None, :, None]
+        np.testing.assert_array_equal(correct[:, :, 0], pq["correct_at_1"])
+        np.testing.assert_array_equal(correct.any(2), pq["correct_at_5"])
+        # from_new flags the items that hold their new embedding
+        for i, r in enumerate(ratios):
+            mask = MM.backfilled_mask(system, r)
+            assert mask.sum() == bf.backfilled_count(r, 80)
+            np.testing.assert_array_equal(res["from_new"][i], mask[res["indices"][i]])
+
+
+def test_changing_and_mixed_source_queries():
+    labels, qo, go, gn = _setup("float", seed=2)
+    system = bf.BackfillSystem.merge("rm", qo, go, gn, gn)
+    q = MM.changing_queries(system, labels, n=3, k=5)
+    assert q.shape == (3,) and len(set(q.tolist())) == 3
+    i = MM.mixed_source_query(system, labels, ratio=0.5, k=5)
+    _, I = MM.retrieve_topk(system, 0.5, 5, queries=[i], exclude_self=True)
+    src = MM.backfilled_mask(system, 0.5)[I[0]]
+    assert src.any() and (~src).any()
+
+
+def test_pair_distances_counts_and_values():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), [3, 5, 2, 6])
+    q = rng.normal(size=(16, 5))
+    g = rng.normal(size=(16, 5))
+    df = MM.pair_distances(q, g, labels, exclude_self=True, max_pairs=None)
+    n_pos = sum(c * (c - 1) for c in (3, 5, 2, 6))
+    assert (df.pair == "positive").sum() == n_pos == (df.pair == "negative").sum()
+    pos, neg = df[df.pair == "positive"], df[df.pair == "negative"]
+    assert (labels[pos["query"]] == labels[pos["gallery"]]).all() and (pos["query"] != pos["gallery"]).all()
+    assert (labels[neg["query"]] != labels[neg["gallery"]]).all()
+    np.testing.assert_allclose(df["distance"], np.linalg.norm(q[df["query"]] - g[df["gallery"]], axis=1))
+    # squared distances of the engine, square-rooted
+    d = mt.pairwise_distances(q, g).numpy()
+    np.testing.assert_allclose(df["distance"] ** 2, d[df["query"], df["gallery"]], atol=1e-9)
+    capped = MM.pair_distances(q, g, labels, max_pairs=10, seed=1)
+    assert (capped.pair == "positive").sum() == 10 == (capped.pair == "negative").sum()
+    again = MM.pair_distances(q, g, labels, max_pairs=10, seed=1)
+    pd.testing.assert_frame_equal(capped, again)
+
+
+def test_system_pair_distances_and_calibration():
+    labels, qo, go, gn = _setup("float", seed=3)
+    systems = {"RM": bf.BackfillSystem.merge("RM", qo, go, gn, gn),
+               "same": bf.BackfillSystem.merge("same", go, go, go, go)}
+    pairs = MM.system_pair_distances(systems, labels, max_pairs=500)
+    assert set(pairs.method) == {"RM", "same"} and set(pairs.system) == {"backward", "new"}
+    cal = MM.calibration_summary(pairs)
+    assert list(cal.method) == ["RM", "same"]
+    for col in ("backward_auc", "new_auc", "cross_auc", "pooled_auc"):
+        assert cal[col].between(0, 1).all()
+    # identical systems: the pooled AUC equals each system's AUC
+    same = cal.set_index("method").loc["same"]
+    assert same["backward_auc"] == pytest.approx(same["pooled_auc"])
+
+
+def test_time_query_forward_is_positive():
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 6))
+    head = torch.nn.Linear(6, 4)
+    x = torch.randn(8, 3, 2, 2)
+    t = MM.time_query_forward([(net, [head]), (net, [])], x, repeats=3, warmup=1)
+    assert isinstance(t, float) and t > 0
+    assert net.training  # modes restored
+    with pytest.raises(ValueError, match="empty"):
+        MM.time_query_forward([(net, [])], x[:0])
+
+
+def test_tables_from_a_summary():
+    rows = []
+    for s in ("extended", "open"):
+        for i, m in enumerate(MM.ALL_METHODS):
+            rows.append({"dataset": "synthetic", "setting": s, "method": m, "query_passes": 1,
+                         "auc_map": 10.0 + i, "auc_top1": 20.0 + i, "mean_map": 10.0 + i,
+                         "mean_top1": 20.0 + i, "rel_gain_map": 0.1 * i, "rel_gain_top1": 0.2 * i,
+                         "negative_flips_total": float(i)})
+    summary = pd.DataFrame(rows)
+    t1 = MM.table1(summary)
+    assert len(t1) == 2 * len(MM.TABLE1_METHODS) and list(t1.method[:3]) == ["old", "new", "offline"]
+    assert t1["gain_mAP_%"].iloc[1] == pytest.approx(10.0)
+    t2 = MM.table2_ablation(summary)
+    assert list(t2.method[:5]) == list(MM.ABLATION) and set(t2["rho"]) == {"yes", "-"}
