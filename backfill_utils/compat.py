@@ -133,21 +133,38 @@ class _CompatModule(nn.Module):
         return ", ".join(f"{k}={v}" for k, v in self._kwargs.items())
 
 
-class ReverseTransform(_CompatModule):
-    """psi: new embedding (``d_new``) -> old space (``d_old``), unit-length output."""
+class _MLPTransform(_CompatModule):
+    """A 2-layer MLP from one embedding space to another, unit-length output.
 
-    def __init__(self, d_new: int, d_old: int, hidden: int | None = None,
+    Subclasses name the two dimensions (``_dim_names``) as their constructors do,
+    so that ``config`` rebuilds them through :func:`build_module`.
+    """
+
+    _dim_names: tuple[str, str] = ("d_in", "d_out")
+
+    def __init__(self, d_in: int, d_out: int, hidden: int | None = None,
                  normalize_input: bool = True) -> None:
         super().__init__()
-        _check_dims(d_new=d_new, d_old=d_old, hidden=hidden)
-        hidden = int(hidden or 2 * d_new)
-        self._kwargs = dict(d_new=int(d_new), d_old=int(d_old), hidden=hidden,
-                            normalize_input=bool(normalize_input))
-        self.d_in, self.d_out, self.normalize_input = int(d_new), int(d_old), bool(normalize_input)
+        a, b = self._dim_names
+        _check_dims(**{a: d_in, b: d_out, "hidden": hidden})
+        hidden = int(hidden or 2 * d_in)
+        self._kwargs = {a: int(d_in), b: int(d_out), "hidden": hidden,
+                        "normalize_input": bool(normalize_input)}
+        self.d_in, self.d_out, self.normalize_input = int(d_in), int(d_out), bool(normalize_input)
         self.mlp = _mlp(self.d_in, hidden, self.d_out)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.mlp(self._prep(z)), dim=1)
+
+
+class ReverseTransform(_MLPTransform):
+    """psi: new embedding (``d_new``) -> old space (``d_old``), unit-length output."""
+
+    _dim_names = ("d_new", "d_old")
+
+    def __init__(self, d_new: int, d_old: int, hidden: int | None = None,
+                 normalize_input: bool = True) -> None:
+        super().__init__(d_new, d_old, hidden, normalize_input)
 
 
 class LearnableEmbedding(_CompatModule):
@@ -170,25 +187,18 @@ class LearnableEmbedding(_CompatModule):
         return F.normalize(z + self.mlp(z), dim=1)
 
 
-class ForwardTransform(_CompatModule):
+class ForwardTransform(_MLPTransform):
     """FCT's h: old embedding (``d_old``) -> new space (``d_new``), unit-length output
     (normalised inside ``forward``, in training and at evaluation)."""
 
+    _dim_names = ("d_old", "d_new")
+
     def __init__(self, d_old: int, d_new: int, hidden: int | None = None,
                  normalize_input: bool = True) -> None:
-        super().__init__()
-        _check_dims(d_old=d_old, d_new=d_new, hidden=hidden)
-        hidden = int(hidden or 2 * d_old)
-        self._kwargs = dict(d_old=int(d_old), d_new=int(d_new), hidden=hidden,
-                            normalize_input=bool(normalize_input))
-        self.d_in, self.d_out, self.normalize_input = int(d_old), int(d_new), bool(normalize_input)
-        self.mlp = _mlp(self.d_in, hidden, self.d_out)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.mlp(self._prep(z)), dim=1)
+        super().__init__(d_old, d_new, hidden, normalize_input)
 
 
-class FastFillTransform(_CompatModule):
+class FastFillTransform(ForwardTransform):
     """FastFill: h (old -> new, unit-length output) plus an uncertainty head on h's
     hidden features predicting one log-variance per sample.
 
@@ -197,13 +207,8 @@ class FastFillTransform(_CompatModule):
 
     def __init__(self, d_old: int, d_new: int, hidden: int | None = None,
                  normalize_input: bool = True) -> None:
-        super().__init__()
-        _check_dims(d_old=d_old, d_new=d_new, hidden=hidden)
-        hidden = int(hidden or 2 * d_old)
-        self._kwargs = dict(d_old=int(d_old), d_new=int(d_new), hidden=hidden,
-                            normalize_input=bool(normalize_input))
-        self.d_in, self.d_out, self.normalize_input = int(d_old), int(d_new), bool(normalize_input)
-        self.mlp = _mlp(self.d_in, hidden, self.d_out)
+        super().__init__(d_old, d_new, hidden, normalize_input)
+        hidden = self._kwargs["hidden"]
         half = max(1, hidden // 2)
         self.sigma = nn.Sequential(nn.Linear(hidden, half), nn.ReLU(), nn.Linear(half, 1))
 
