@@ -34,6 +34,7 @@ PROFILE_ENV = "BACKFILL_PROFILE"
 CACHE_ENV = "BACKFILL_CACHE"
 DATA_ENV = "BACKFILL_DATA_ROOT"
 RESULTS_ENV = "BACKFILL_RESULTS"
+THREADS_ENV = "BACKFILL_THREADS"  # torch CPU threads (e.g. 1 on a machine shared with other jobs)
 
 
 def results_dir(profile: str | None = None) -> Path:
@@ -98,6 +99,10 @@ def load_profile(name: str | None = None, **overrides: Any) -> dict:
     dataset="cifar100", data_root="/data")``; nested keys take a dict.
     """
     name = profile_name(name)
+    if os.environ.get(THREADS_ENV):
+        import torch
+
+        torch.set_num_threads(int(os.environ[THREADS_ENV]))
     path = PARAMS_DIR / f"{name}.yaml"
     if not path.is_file():
         raise FileNotFoundError(

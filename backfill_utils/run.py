@@ -97,11 +97,49 @@ def run_series(profile: str = "default", params: dict | None = None, select: lis
     table = pd.DataFrame(rows)
     total = table["seconds"].sum() if len(table) else 0.0
     table = pd.concat([table, pd.DataFrame([{"notebook": "TOTAL", "seconds": round(total, 1)}])])
-    tmp_csv = out_dir / ".runtimes.csv.tmp"
-    table.to_csv(tmp_csv, index=False)
-    os.replace(tmp_csv, out_dir / "runtimes.csv")
+    for suffix, write in ((".csv", lambda p: table.to_csv(p, index=False)),
+                          (".md", lambda p: p.write_text(table.to_markdown(index=False) + "\n"))):
+        tmp = out_dir / f".runtimes{suffix}.tmp"
+        write(tmp)
+        os.replace(tmp, out_dir / f"runtimes{suffix}")
     print(table.to_string(index=False))
     return table
+
+
+README_START, README_END = "<!-- RESULTS:START -->", "<!-- RESULTS:END -->"
+# (title, path under results/): figures shown inline, tables included as Markdown
+README_FIGURES = [
+    ("Backfilling, animated", "figures/backfill_animation.gif"),
+    ("Fig. 2: rank merge of old and new (mAP, CMC top-1)", "figures/fig2_merge_curves.png"),
+    ("Every method's backfilling curve", "figures/methods_compared.png"),
+]
+README_TABLES = [
+    ("Table 1: AUC and relative gain of every method", "tables/table1.md"),
+    ("The paper's claims, checked", "tables/claims.md"),
+    ("Notebook runtimes (seconds)", "executed/runtimes.md"),
+]
+
+
+def update_readme(results: Path | None = None, readme: Path | None = None) -> None:
+    """Rewrite the README block between the RESULTS markers from the files in ``results``."""
+    results = Path(results or C.RESULTS_DIR)
+    readme = Path(readme or C.REPO_ROOT / "README.md")
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"{readme} has no {README_START} ... {README_END} block")
+    parts = []
+    for title, rel in README_FIGURES:
+        if (results / rel).is_file():
+            parts.append(f"**{title}** (`results/{rel}`)\n\n![{title}](results/{rel})\n")
+    for title, rel in README_TABLES:
+        if (results / rel).is_file():
+            parts.append(f"**{title}** (`results/{rel}`)\n\n{(results / rel).read_text().strip()}\n")
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    new = head + README_START + "\n" + "\n".join(parts) + README_END + tail
+    tmp = readme.with_name(f".{readme.name}.tmp")
+    tmp.write_text(new)
+    os.replace(tmp, readme)
 
 
 def main(argv=None) -> None:
@@ -116,6 +154,9 @@ def main(argv=None) -> None:
         parser.error(f"unknown profile {args.profile!r}; available: {C.available_profiles()}")
     params = {name: _coerce(value) for name, value in args.parameter}
     run_series(args.profile, params, args.only, kernel=args.kernel)
+    if args.profile == "default" and not params and not args.only:
+        update_readme()
+        print("README.md results block updated from results/")
 
 
 if __name__ == "__main__":

@@ -48,3 +48,18 @@ def test_output_dir_per_run():
     assert C.output_dir(C.load_profile("default")) == C.RESULTS_DIR
     assert C.output_dir(C.load_profile("smoke")) == C.RESULTS_DIR / "smoke"
     assert C.output_dir(C.load_profile("default", dataset="cifar100")) == C.RESULTS_DIR / "default_cifar100"
+
+
+def test_update_readme_fills_only_the_marked_block(tmp_path):
+    res = tmp_path / "results"
+    (res / "tables").mkdir(parents=True)
+    (res / "tables" / "table1.md").write_text("| a |\n|---|\n| 1 |\n")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{R.README_START}\nold\n{R.README_END}\noutro\n")
+    R.update_readme(res, readme)
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n")
+    assert "| 1 |" in text and "old\n" not in text
+    readme.write_text("no markers")
+    with pytest.raises(ValueError, match="RESULTS"):
+        R.update_readme(res, readme)
