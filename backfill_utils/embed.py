@@ -73,7 +73,8 @@ def _split_dataset(cfg: dict, split: str, classes, augment: bool):
     tf = (D.train_transform if augment else D.test_transform)(
         name, info["image_size"], mean=info["mean"], std=info["std"])
     full = D.get_dataset(name, split, root=cfg.get("data_root"), transform=tf, **opts)
-    return D.subset_by_classes(full, classes)
+    # test classes of the open-class setting are not a prefix (no classifier reads them)
+    return D.subset_by_classes(full, classes, require_prefix=split == "train")
 
 
 def get_embeddings(cfg: dict, setting: str, role: str, split: str, *,
