@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from concurrent.futures import ThreadPoolExecutor
 import math
 import os
 from pathlib import Path
@@ -40,6 +41,7 @@ __all__ = [
     "make_synthetic",
     "synthetic_defaults",
     "SyntheticDataset",
+    "TensorAugment",
     "FolderDataset",
     "TorchvisionDataset",
     "ClassSubset",
@@ -91,6 +93,7 @@ _SHAPES = ("ellipse", "polygon", "star", "ring", "blob")
 _TEXTURES = ("stripes", "checker", "rings", "dots", "waves")
 _SPLIT_CODES = {"train": 1, "test": 2}
 _CHUNK = 512  # images rendered at once; the noise stream is seeded per chunk
+_THREADS = min(4, os.cpu_count() or 1)  # chunks rendered in parallel (same bytes for any value)
 _DEFAULT_PER_CLASS = {"train": 100, "test": 50}
 
 
@@ -367,8 +370,8 @@ def _generate(split, seed, num_classes, per_class, image_size, k) -> tuple[np.nd
         patch += col
         flat[lin] = patch
 
-    for ci, lo in enumerate(range(0, n, _CHUNK)):
-        hi = min(lo + _CHUNK, n)
+    def render_chunk(ci: int) -> None:
+        lo, hi = ci * _CHUNK, min((ci + 1) * _CHUNK, n)
         idx = slice(lo, hi)
         m = hi - lo
         canvas = np.zeros((m, 3, S + 2 * half, S + 2 * half), dtype=f32)
@@ -413,6 +416,17 @@ def _generate(split, seed, num_classes, per_class, image_size, k) -> tuple[np.nd
             img += noise
         np.clip(img, 0.0, 255.49, out=img)
         images[idx] = img.astype(np.uint8).transpose(0, 2, 3, 1)
+
+    # Chunks are independent (every random draw is made above or seeded per chunk), so
+    # threads (numpy releases the GIL) give the same bytes in any schedule.
+    n_chunks = -(-n // _CHUNK)
+    workers = max(1, min(n_chunks, _THREADS))
+    if workers == 1:
+        for ci in range(n_chunks):
+            render_chunk(ci)
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(render_chunk, range(n_chunks)))
     return images, targets
 
 
@@ -445,7 +459,9 @@ def make_synthetic(
     ``targets`` is ``(N,)`` int64 with ``per_class`` images of each class in a seeded
     random order. Both arrays are read-only and memoised in-process: repeated calls
     with the same arguments return the same objects for free. The same arguments give
-    bit-identical arrays on every run.
+    bit-identical arrays on every run (with one numpy build on one kind of CPU; float32
+    sin/cos may differ in the last bit across SIMD code paths, which can flip a rare
+    pixel by one grey level elsewhere).
 
     Class identities (shape, texture, colours) depend only on ``seed`` (and
     ``num_colours``); the train and test splits share them and differ in every
@@ -458,7 +474,10 @@ def make_synthetic(
         per_class: images per class (default 100 for train, 50 for test).
         image_size: side in pixels (default 32).
 
-    Difficulty knobs (coordinates: the image spans [-1, 1]):
+    Difficulty knobs (coordinates: the image spans [-1, 1]); with the defaults, the default
+    profile's ResNet-18 (width 16, 20 epochs) reaches 19.4 mAP on all 100 test classes when
+    trained on the first 50 classes and 37.8 when trained on all 100 (measured; the same
+    regime as CIFAR-100 in FCT: 16.5 / 36.3 with ResNet-50):
         object_size=0.5: mean object radius (half the image's half-width).
         pos_jitter=0.3: object centre uniform in [-pos_jitter, pos_jitter]^2.
         scale_jitter=0.3: radius scaled by a log-uniform factor in [1/1.3, 1.3].
@@ -470,7 +489,7 @@ def make_synthetic(
         clutter=2: distractor objects per image, each wearing a random class's identity.
         clutter_size=0.6: distractor radius relative to ``object_size`` (times U[0.6, 1]).
         occlusion=0.3: probability that a distractor lies in front of the object.
-        noise=0.05: std of additive Gaussian pixel noise (intensities in [0, 1]).
+        noise=0.05: std of additive, near-Gaussian pixel noise (intensities in [0, 1]).
         num_colours=12: palette size; fewer colours = more colour sharing across classes.
         identity_jitter=0.1: per-image deviation of the class identity: texture frequency,
             sharpness and outline parameters scaled by exp(N(0, j)), texture orientation
@@ -557,16 +576,19 @@ class TensorAugment:
     augments a whole batch in a few tensor operations instead of one
     transform pipeline per image (about 20x faster on a CPU). Random numbers
     come from the global torch generator. ``train=False``: normalisation only.
+    ``size``: images of another size are first resized (bilinear, antialiased) to
+    ``size`` x ``size``.
     """
 
-    def __init__(self, padding: int, mean, std, train: bool = True):
+    def __init__(self, padding: int, mean, std, train: bool = True, size: int | None = None):
         self.padding = int(padding)
         self.train = bool(train)
+        self.size = None if size is None else int(size)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
 
     def __repr__(self) -> str:
-        return f"TensorAugment(padding={self.padding}, train={self.train})"
+        return f"TensorAugment(padding={self.padding}, train={self.train}, size={self.size})"
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         return self.batch(img[None])[0]
@@ -575,6 +597,10 @@ class TensorAugment:
         if imgs.dtype != torch.uint8 or imgs.ndim != 4:
             raise ValueError(f"TensorAugment expects a uint8 (B, C, H, W) tensor, got {imgs.dtype} {tuple(imgs.shape)}")
         x = imgs
+        if self.size is not None and tuple(x.shape[-2:]) != (self.size, self.size):
+            x = torch.nn.functional.interpolate(x.float(), size=(self.size, self.size), mode="bilinear",
+                                                align_corners=False, antialias=True)
+            x = x.round().clamp(0, 255).to(torch.uint8)
         if self.train:
             b, c, h, w = x.shape
             p = self.padding
@@ -592,7 +618,9 @@ class SyntheticDataset(Dataset):
     """In-memory images as a uint8 ``(N, 3, H, W)`` tensor; items are ``(image, label)``.
 
     ``image`` is ``transform(uint8 CHW tensor)`` (the raw tensor when ``transform`` is
-    None), so ``transforms.v2`` pipelines run on tensors with no PIL round trip.
+    None), so ``transforms.v2`` pipelines run on tensors with no PIL round trip; a
+    transform with a ``batch`` method (:class:`TensorAugment`) is applied to a whole
+    DataLoader batch at once.
     """
 
     def __init__(self, images: np.ndarray, targets: np.ndarray, transform: Callable | None = None,
@@ -1068,6 +1096,8 @@ def dataset_info(name: str, root: str | os.PathLike | None = None, **options) ->
 
 def _norm_stats(name, mean, std, options):
     key = _check_name(name)
+    if key == "synthetic" and mean is not None and std is not None:  # no need to generate the data
+        return key, options.get("image_size", synthetic_defaults()["image_size"]), tuple(mean), tuple(std)
     _, native, m, s = _stats(key, options if key == "synthetic" else {})
     return key, native, tuple(mean if mean is not None else m), tuple(std if std is not None else s)
 
@@ -1085,13 +1115,15 @@ def train_transform(name: str, image_size: int | None = None, *, mean=None, std=
     ``image_size // 8`` padding, horizontal flip. Large: ``RandomResizedCrop`` + flip.
     Then float32 in [0, 1] and ``Normalize(mean, std)`` (the dataset's unless given).
     Works on PIL images, HWC arrays and uint8 CHW tensors (``transforms.v2``).
+    For ``synthetic`` at its native size it is a :class:`TensorAugment` (same
+    augmentation, batched on uint8 tensors through ``SyntheticDataset.__getitems__``).
     """
     from torchvision.transforms import v2
 
     key, native, mean, std = _norm_stats(name, mean, std, options)
     size = _check_size(image_size if image_size is not None else native)
-    if key == "synthetic" and size == native:
-        return TensorAugment(max(1, size // 8), mean, std, train=True)
+    if key == "synthetic":
+        return TensorAugment(max(1, size // 8), mean, std, train=True, size=size)
     ops: list = [v2.ToImage()]
     if size <= 64:
         if native != size or key == "imagefolder":
@@ -1105,13 +1137,14 @@ def train_transform(name: str, image_size: int | None = None, *, mean=None, std=
 
 def test_transform(name: str, image_size: int | None = None, *, mean=None, std=None, **options):
     """Evaluation transform: small images resized only if needed; large ones resized
-    to ``image_size / 0.875`` and centre-cropped. Then float32 and ``Normalize``."""
+    to ``image_size / 0.875`` and centre-cropped. Then float32 and ``Normalize``
+    (a batched :class:`TensorAugment` without augmentation for ``synthetic``)."""
     from torchvision.transforms import v2
 
     key, native, mean, std = _norm_stats(name, mean, std, options)
     size = _check_size(image_size if image_size is not None else native)
-    if key == "synthetic" and size == native:
-        return TensorAugment(0, mean, std, train=False)
+    if key == "synthetic":
+        return TensorAugment(0, mean, std, train=False, size=size)
     ops: list = [v2.ToImage()]
     if size <= 64:
         if native != size or key == "imagefolder":

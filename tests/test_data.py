@@ -106,7 +106,7 @@ def test_synthetic_classes_distinguishable_but_not_trivially():
     d = (ft ** 2).sum(1)[:, None] - 2 * ft @ means.T + (means ** 2).sum(1)[None]
     acc = float((d.argmin(1) == yt).mean())
     print(f"raw-pixel nearest-class-mean accuracy on the synthetic test split: {acc:.2%}")
-    assert 0.03 < acc < 0.6
+    assert 0.025 < acc < 0.6
 
 
 # ----------------------------------------------------------------------------- registry
@@ -383,3 +383,42 @@ def test_sample_grid(tmp_path):
         sample_grid(ds, [0], per_class=7, seed=0)
     root = _make_folder(tmp_path / "f")
     assert sample_grid(get_dataset("imagefolder", "train", root=root), [0, 2], 2, 0).shape == (2, 2, 5, 6, 3)
+
+
+def test_synthetic_batched_augmentation_path():
+    """The synthetic fast path (TensorAugment + __getitems__) matches per-image semantics."""
+    train_tf = train_transform("synthetic", **SMALL)
+    assert isinstance(train_tf, data.TensorAugment) and train_tf.padding == 4
+    test = get_dataset("synthetic", "test", transform=eval_transform("synthetic", **SMALL), **SMALL)
+    info = dataset_info("synthetic", **SMALL)
+    mean = torch.tensor(info["mean"]).view(3, 1, 1)
+    std = torch.tensor(info["std"]).view(3, 1, 1)
+    for (x, y), i in zip(test.__getitems__([3, 1, 4]), [3, 1, 4]):
+        assert y == test.targets[i]
+        assert torch.allclose(x, (test.images[i].float() / 255 - mean) / std, atol=1e-6)
+        assert torch.allclose(x, test[i][0])
+    train = get_dataset("synthetic", "train", transform=train_tf, **SMALL)
+    sub = subset_by_classes(train, range(5))
+    loader = torch.utils.data.DataLoader(sub, batch_size=16, shuffle=False)
+    torch.manual_seed(0)
+    xb, yb = next(iter(loader))
+    torch.manual_seed(0)
+    assert torch.equal(xb, next(iter(loader))[0])  # seeded by the global torch generator
+    assert xb.shape == (16, 3, 32, 32) and yb.tolist() == sub.targets[:16].tolist()
+    # every augmented image is a flip and/or a padded crop of its source image
+    p = 4
+    for k in range(4):
+        src = torch.nn.functional.pad(train.images[sub.indices[k]], (p, p, p, p))
+        u8 = ((xb[k] * std + mean) * 255).round().to(torch.uint8)
+        found = any(torch.equal(u8, cand) for dy in range(2 * p + 1) for dx in range(2 * p + 1)
+                    for cand in (src[:, dy:dy + 32, dx:dx + 32], src[:, dy:dy + 32, dx:dx + 32].flip(-1)))
+        assert found, k
+    with pytest.raises(ValueError, match="uint8"):
+        train_tf.batch(torch.zeros(2, 3, 32, 32))
+    # another size: resized first, still batched
+    up = train_transform("synthetic", 48, **SMALL)
+    assert isinstance(up, data.TensorAugment) and up.batch(train.images[:5]).shape == (5, 3, 48, 48)
+    # explicit mean/std: nothing is generated (train.py passes them)
+    data._synthetic_stats.cache_clear()
+    eval_transform("synthetic", 32, mean=(0.5,) * 3, std=(0.25,) * 3)
+    assert data._synthetic_stats.cache_info().misses == 0
