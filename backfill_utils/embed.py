@@ -39,6 +39,10 @@ def cached_arrays(
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     arrays = {k: np.asarray(v) for k, v in compute().items()}
+    bad = [k for k, v in arrays.items() if v.dtype == object]
+    if bad:
+        raise TypeError(f"cached_arrays({kind!r}): arrays {bad} have dtype object, which cannot be "
+                        "stored without pickle; convert them to numbers or str first")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
     try:

@@ -67,7 +67,10 @@ def ratios(cfg: dict) -> np.ndarray:
 
 
 def _frame_to_arrays(df: pd.DataFrame) -> dict:
-    out = {f"col::{c}": df[c].to_numpy() for c in df.columns}
+    out = {}
+    for c in df.columns:
+        v = df[c].to_numpy()
+        out[f"col::{c}"] = v.astype(str) if v.dtype == object else v  # stored without pickle
     out["columns"] = np.array(list(df.columns))
     return out
 
@@ -317,7 +320,6 @@ import time as _time  # noqa: E402
 
 import torch as _torch  # noqa: E402
 
-from . import data as _D  # noqa: E402
 from . import models as _M  # noqa: E402
 
 
@@ -354,6 +356,9 @@ def retrieve_topk(system: B.BackfillSystem, ratio: float, k: int, *, queries=Non
     gallery item ``i`` and is left out. Returns ``D`` (squared distances,
     float64) and ``I`` (gallery indices, int64), each ``(len(queries), k)``;
     where fewer than ``k`` items are eligible, ``D = inf`` and ``I = -1``.
+    The matrix product's last bits depend on the batch shape (here and between
+    the engine's chunks alike), so two items whose distances differ only by that
+    rounding may swap; exact ties are ordered by index as in the engine.
     """
     if part not in ("merged", "old", "new"):
         raise ValueError(f"part must be 'merged', 'old' or 'new', got {part!r}")
@@ -578,15 +583,25 @@ def calibration_summary(pairs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-# query side of each method: (backbone role, compatibility modules applied to its output)
-QUERY_SIDE = {
-    "old": [("old", [])], "new": [("new", [])], "offline": [("old", [])],
-    "naive": [("new", [])], "BCT": [("bct", [])], "FCT": [("new", [])], "FastFill": [("new", [])],
-    "RM": [("old", []), ("new", [])],
-    "RM+psi": [("new", ["psi"])], "RM+psi+CMCL": [("new", ["psi"])], "Ours": [("new", ["psi", "rho"])],
-    "CMCL-single": [("new", ["psi"])], "CMCL-separate": [("new", ["psi"])],
-    "CMCL w/o L_rev": [("new", ["psi"])],
-}
+_BACKBONE_QUERY = {"old": "old", "offline": "old", "BCT": "bct", "RM": None}
+
+
+def query_side(method: str) -> list[tuple[str, list[str]]]:
+    """The query-side forward of ``method``: ``[(backbone role, [modules on its output])]``.
+
+    RM runs both backbones; a method with a reverse transform runs phi_new, psi
+    and, if its recipe trains rho (``learn_new``), rho; FCT/FastFill run phi_new
+    only (h is applied to the gallery); offline serves phi_old while backfilling.
+    """
+    if method == "RM":
+        return [("old", []), ("new", [])]
+    if method in REVERSE_RECIPES:
+        return [("new", ["psi"] + (["rho"] if REVERSE_RECIPES[method].get("learn_new") else []))]
+    if method in ("new", "naive", "FCT", "FastFill"):
+        return [("new", [])]
+    if method in _BACKBONE_QUERY:
+        return [(_BACKBONE_QUERY[method], [])]
+    raise ValueError(f"no query side known for {method!r}; known: {ALL_METHODS}")
 
 
 @_torch.no_grad()
@@ -630,42 +645,53 @@ def time_query_forward(passes, images, *, repeats: int = 5, warmup: int = 1) -> 
 
 
 def query_cost(cfg: dict, setting: str, methods=None, *, batch_size: int = 64, repeats: int = 5,
-               warmup: int = 1) -> pd.DataFrame:
+               warmup: int = 2) -> pd.DataFrame:
     """The cost columns of Table 2, per method: forward passes per query, extra
-    parameters of the query-side modules, and measured time per query.
+    parameters, and measured time per query.
 
     Backbones are the cached trained models (``train.load_model``); psi/rho are
     freshly built modules of the trained architecture (the time does not depend
-    on the weights; ``extra_params`` counts psi + rho, or FCT's h / FastFill's
-    model, which run on the gallery side and cost no query time). Timed on a
-    batch of ``batch_size`` test images with :func:`time_query_forward`, on CPU.
-    Columns: ``method, query_passes, query_side, extra_params, ms_per_query``.
+    on the weights). ``extra_params`` counts psi (+ rho), or FCT's h / FastFill's
+    model, which run on the gallery side and cost no query time. Each component of
+    a query side (:func:`query_side`) is timed once with :func:`time_query_forward`
+    -- a backbone on a batch of ``batch_size`` test images, a module on the new
+    model's embeddings of that batch -- and a method's time is the sum of its
+    components. CPU wall-clock time: machine- and load-dependent.
+    Columns: ``method, query_passes, query_side`` (backbone passes separated by
+    ``;``, each with the modules applied to its output), ``extra_params,
+    ms_per_query``.
     """
     methods = list(methods or ALL_METHODS)
-    unknown = [m for m in methods if m not in QUERY_SIDE]
-    if unknown:
-        raise ValueError(f"no query side known for {unknown}; known: {list(QUERY_SIDE)}")
-    roles = sorted({r for m in methods for r, _ in QUERY_SIDE[m]})
+    sides = {m: query_side(m) for m in methods}
+    roles = sorted({r for side in sides.values() for r, _ in side} | {"new"})
     nets = {r: T.load_model(T.model_spec(cfg, setting, r)) for r in roles}
     ds = E._split_dataset(cfg, "test", T.setting_classes(cfg, setting)["test_classes"], augment=False)
     n = min(int(batch_size), len(ds))
     images = _torch.stack([ds[i][0] for i in range(n)])
-    d_new = int(nets.get("new", next(iter(nets.values()))).config["embedding_dim"])
-    d_old = int(cfg["embedding_dim"])
+    d_new = int(T.model_spec(cfg, setting, "new")["model"]["embedding_dim"])
+    d_old = int(T.model_spec(cfg, setting, "old")["model"]["embedding_dim"])
     with _torch.random.fork_rng(devices=[]):
         _torch.manual_seed(0)
-        compat_modules = {"psi": K.ReverseTransform(d_new, d_old), "rho": K.LearnableEmbedding(d_new)}
-    gallery_side = {"FCT": K.ForwardTransform(d_old, d_new), "FastFill": K.FastFillTransform(d_old, d_new)}
+        modules = {"psi": K.ReverseTransform(d_new, d_old), "rho": K.LearnableEmbedding(d_new)}
+        gallery_side = {"FCT": K.ForwardTransform(d_old, d_new), "FastFill": K.FastFillTransform(d_old, d_new)}
+    with _torch.no_grad():
+        z_new = nets["new"].eval().embed(images)
+    used = sorted({x for side in sides.values() for _, mods in side for x in mods})
+    components = {r: ([(nets[r], [])], images) for r in roles}
+    components.update({x: ([(_torch.nn.Identity(), [modules[x]])], z_new) for x in used})
+    # warm every component up first (the first forwards of a process are far slower), then time
+    for passes, batch in components.values():
+        time_query_forward(passes, batch, repeats=max(1, warmup), warmup=0)
+    timed = {c: time_query_forward(passes, batch, repeats=repeats, warmup=warmup)
+             for c, (passes, batch) in components.items()}
     rows = []
-    for m in methods:
-        side = QUERY_SIDE[m]
-        passes = [(nets[r], [compat_modules[x] for x in mods]) for r, mods in side]
-        extra = sum(_M.count_parameters(compat_modules[x]) for _, mods in side for x in mods)
-        if m in gallery_side:
-            extra = _M.count_parameters(gallery_side[m])
-        label = " + ".join(f"phi_{r}" + "".join(f" -> {x}" for x in mods) for r, mods in side)
+    for m, side in sides.items():
+        parts = [r for r, _ in side] + [x for _, mods in side for x in mods]
+        extra = (_M.count_parameters(gallery_side[m]) if m in gallery_side
+                 else sum(_M.count_parameters(modules[x]) for _, mods in side for x in mods))
+        label = " ; ".join(" + ".join([f"phi_{r}", *mods]) for r, mods in side)
         rows.append({"method": m, "query_passes": len(side), "query_side": label, "extra_params": int(extra),
-                     "ms_per_query": 1e3 * time_query_forward(passes, images, repeats=repeats, warmup=warmup)})
+                     "ms_per_query": 1e3 * sum(timed[p] for p in parts)})
     return pd.DataFrame(rows)
 
 
@@ -741,26 +767,31 @@ def table1(summary: pd.DataFrame, methods=None, *, layout: str = "long") -> pd.D
     return out.reset_index(drop=True)
 
 
-# which component each ablation row uses (Table 2)
-ABLATION = {
-    "RM": dict(psi=False, CMCL=False, L_rev=False, rho=False),
-    "RM+psi": dict(psi=True, CMCL=False, L_rev=True, rho=False),
-    "RM+psi+CMCL": dict(psi=True, CMCL=True, L_rev=True, rho=False),
-    "CMCL w/o L_rev": dict(psi=True, CMCL=True, L_rev=False, rho=False),
-    "Ours": dict(psi=True, CMCL=True, L_rev=True, rho=True),
-}
+def ablation_components(method: str, cfg: dict | None = None) -> dict[str, bool]:
+    """Which components of PAPER.md section 2 ``method`` uses: ``psi``, ``CMCL``,
+    ``L_rev`` (weight > 0: the recipe's ``lambda_rev``, else the profile's
+    ``compat.lambda_rev``, default 1) and ``rho``; RM uses none."""
+    if method == "RM":
+        return dict(psi=False, CMCL=False, L_rev=False, rho=False)
+    if method not in REVERSE_RECIPES:
+        raise ValueError(f"{method!r} is not an ablation row; choose RM or one of {sorted(REVERSE_RECIPES)}")
+    r = REVERSE_RECIPES[method]
+    lam = r.get("lambda_rev", (cfg or {}).get("compat", {}).get("lambda_rev", 1.0))
+    return dict(psi=True, CMCL=bool(r.get("use_cmcl")), L_rev=bool(lam > 0) or not r.get("use_cmcl"),
+                rho=bool(r.get("learn_new")))
 
 
-def table2_ablation(summary: pd.DataFrame, methods=None) -> pd.DataFrame:
-    """Table 2 (ablation): components used ("yes"/"-") and the AUCs, per setting."""
-    methods = list(methods or ABLATION)
+def table2_ablation(summary: pd.DataFrame, methods=None, cfg: dict | None = None) -> pd.DataFrame:
+    """Table 2 (ablation): components used ("yes"/"-") and the AUCs, per setting
+    (default rows: ``ABLATION_METHODS``)."""
+    methods = list(methods or ABLATION_METHODS)
     t = summary[summary["method"].isin(methods)].copy()
     t["_o"] = t["method"].map({m: i for i, m in enumerate(methods)})
     t["_s"] = t["setting"].map({s: i for i, s in enumerate(dict.fromkeys(summary["setting"]))})
     t = t.sort_values(["dataset", "_s", "_o"], kind="stable")
     rows = []
     for _, r in t.iterrows():
-        marks = {k: ("yes" if v else "-") for k, v in ABLATION[r["method"]].items()}
+        marks = {k: ("yes" if v else "-") for k, v in ablation_components(r["method"], cfg).items()}
         rows.append({"dataset": r["dataset"], "setting": r["setting"], "method": r["method"], **marks,
                      "AUC_mAP": r["auc_map"], "AUC_top1": r["auc_top1"],
                      "gain_mAP_%": 100.0 * r["rel_gain_map"], "flips_total": r["negative_flips_total"]})

@@ -141,7 +141,7 @@ METHOD_STYLE.update({
     "CMCL-separate": dict(color="#9467bd", ls="--"),
     "CMCL w/o L_rev": dict(color="#8c564b", ls="-."),
 })
-OLD_COLOR, NEW_COLOR = "#c7c7c7", "#d62728"
+OLD_COLOR, NEW_COLOR = "#c7c7c7", "#7b3294"  # gallery items holding old / new embeddings
 RIGHT, WRONG, QUERY = (44, 160, 44), (214, 39, 40), (31, 119, 180)
 SYSTEM_COLOR = {"backward": "#1f77b4", "new": "#ff7f0e"}
 AUC_KEY = {"mAP": "auc_map", "top1": "auc_top1", "top5": "auc_top5"}
@@ -171,13 +171,22 @@ def curve_panel(ax, curves: pd.DataFrame, metric: str, methods=None, *, label_fn
         c = curves[curves["method"] == m].sort_values("ratio")
         label = label_fn(m) if label_fn else m
         kw = method_style(m)
-        if m == "offline":
-            ax.step(c["ratio"], c[metric], where="post", label=label, **kw)
+        if m == "offline" and metric in ("mAP", "top1", "top5"):
+            ax.step(c["ratio"], c[metric], where="post", label=label, lw=1.3, zorder=1.5, **kw)
+        elif m in ("old", "new"):
+            ax.plot(c["ratio"], c[metric], label=label, lw=1.8, zorder=1, **kw)
         else:
             ax.plot(c["ratio"], c[metric], marker="o", ms=3, label=label, **kw)
     ax.set_xlabel("backfill ratio")
     ax.set_ylabel(METRIC_LABEL.get(metric, metric))
     ax.set_xlim(0, 1)
+
+
+def _legend_below(fig, ax, ncol: int, title: str | None = None) -> None:
+    """One legend for the whole figure, under the panels (from ``ax``'s handles)."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=ncol, title=title,
+               title_fontsize=8)
 
 
 def _auc_label(summary: pd.DataFrame | None, metrics: Sequence[str]):
@@ -245,8 +254,8 @@ def auc_bars(ax, summary: pd.DataFrame, methods, keys: Sequence[str] = ("auc_map
         ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
     ax.set_xticks(x, methods, rotation=30, ha="right")
     ax.set_ylabel("AUC (%)")
-    ax.margins(y=0.15)
-    ax.legend(loc="upper left")
+    ax.set_ylim(0, 1.3 * max(float(np.nanmax(s.loc[list(methods), k].to_numpy(dtype=float))) for k in keys))
+    ax.legend(loc="upper center", ncol=len(keys))
     ax.grid(axis="x", visible=False)
 
 
@@ -256,12 +265,12 @@ def ablation_figure(curves: pd.DataFrame, summary: pd.DataFrame, methods, title:
     for ax, metric in zip(axes[:2], ("mAP", "top1")):
         curve_panel(ax, curves, metric, methods)
         ax.set_title(METRIC_LABEL[metric], fontsize=9)
-    axes[0].legend(loc="best")
     auc_bars(axes[2], summary, methods)
     axes[2].set_title("area under the backfilling curve", fontsize=9)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    _legend_below(fig, axes[0], ncol=len(methods))
     return fig
 
 
@@ -289,27 +298,33 @@ def flips_figure(curves: pd.DataFrame, summary: pd.DataFrame, methods, title: st
     ax.set_title("total over the backfill", fontsize=9)
     ax.margins(y=0.15)
     ax.grid(axis="x", visible=False)
-    axes[0].legend(loc="best")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    _legend_below(fig, axes[0], ncol=min(len(methods), 9))
     return fig
 
 
 def curves_and_flips(curves: pd.DataFrame, summary: pd.DataFrame, methods, title: str | None = None):
-    """mAP and top-1 curves (AUCs in the legend) and negative flips per step."""
+    """mAP and top-1 curves and negative flips per step; one legend under the panels
+    with each method's AUCs (mAP / top-1) and its total of per-step flips."""
     methods = _methods_in(curves, methods)
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
-    label_fn = _auc_label(summary, ("mAP", "top1"))
-    for ax, metric in zip(axes, ("mAP", "top1", "negative_flips")):
-        curve_panel(ax, curves, metric, methods, label_fn=label_fn if metric != "negative_flips" else None)
-        ax.set_title(METRIC_LABEL[metric], fontsize=9)
     s = summary.drop_duplicates("method").set_index("method")
-    axes[2].legend([f"{m}: total {s.loc[m, 'negative_flips_total']:.1f}" for m in methods], loc="best")
-    axes[0].legend(loc="best", title="AUC mAP / top-1", title_fontsize=8)
+
+    def label(m):
+        if m not in s.index:
+            return m
+        return (f"{m}: AUC {s.loc[m, 'auc_map']:.1f} / {s.loc[m, 'auc_top1']:.1f}, "
+                f"flips {s.loc[m, 'negative_flips_total']:.1f}")
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    for ax, metric in zip(axes, ("mAP", "top1", "negative_flips")):
+        curve_panel(ax, curves, metric, methods, label_fn=label)
+        ax.set_title(METRIC_LABEL[metric], fontsize=9)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    _legend_below(fig, axes[0], ncol=min(len(methods), 4))
     return fig
 
 
@@ -323,7 +338,9 @@ def distance_histograms(pairs: pd.DataFrame, methods=None, calibration: pd.DataF
     methods = list(methods) if methods is not None else list(dict.fromkeys(pairs["method"]))
     fig, axes = plt.subplots(1, len(methods), figsize=(3.7 * len(methods), 3.3), sharex=True, sharey=True,
                              squeeze=False)
-    edges = np.linspace(0.0, max(2.0, float(pairs["distance"].max())), bins + 1)
+    lo, hi = float(pairs["distance"].min()), float(pairs["distance"].max())
+    pad = 0.02 * (hi - lo) + 1e-6
+    edges = np.linspace(max(0.0, lo - pad), hi + pad, bins + 1)
     cal = calibration.set_index("method") if calibration is not None else None
     for ax, m in zip(axes[0], methods):
         df = pairs[pairs["method"] == m]
@@ -350,13 +367,15 @@ def distance_histograms(pairs: pd.DataFrame, methods=None, calibration: pd.DataF
 # ---- thumbnails, Fig. 1 and the animation
 def framed(img: np.ndarray, color, border: int = 3, bar=None, bar_height: int = 0) -> np.ndarray:
     """``img`` (H, W, 3) uint8 inside a ``border``-pixel frame of ``color`` (RGB 0-255),
-    with an optional bar of colour ``bar`` under it (``bar_height`` pixels)."""
+    with an optional bar of colour ``bar`` under it (``bar_height`` pixels, after a
+    2-pixel white gap)."""
     h, w, _ = img.shape
-    out = np.empty((h + 2 * border + bar_height, w + 2 * border, 3), dtype=np.uint8)
-    out[:] = np.asarray(color, dtype=np.uint8)
+    gap = 2 if bar_height else 0
+    out = np.full((h + 2 * border + gap + bar_height, w + 2 * border, 3), 255, dtype=np.uint8)
+    out[:h + 2 * border] = np.asarray(color, dtype=np.uint8)
     out[border:border + h, border:border + w] = img
     if bar_height:
-        out[h + 2 * border:] = np.asarray(bar if bar is not None else (255, 255, 255), dtype=np.uint8)
+        out[h + 2 * border + gap:] = np.asarray(bar if bar is not None else (255, 255, 255), dtype=np.uint8)
     return out
 
 
@@ -368,7 +387,7 @@ def _hex_rgb(c: str) -> tuple:
 def thumbnail_strip(query_img: np.ndarray, result_imgs: np.ndarray, correct, from_new=None, *,
                     gap: int = 8, border: int = 3, bar_height: int = 5) -> np.ndarray:
     """One row: the query (blue frame), a gap, and the results framed green (correct)
-    or red (wrong); under each result a bar: grey = old embedding, red = new."""
+    or red (wrong); under each result a bar: grey = old embedding, purple = new."""
     k = len(result_imgs)
     from_new = np.zeros(k, bool) if from_new is None else np.asarray(from_new, bool)
     tiles = [framed(query_img, QUERY, border, (255, 255, 255), bar_height)]
@@ -435,6 +454,8 @@ def retrieval_figure(query_img: np.ndarray, rows: Sequence[dict], images, labels
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    fig.text(0.5, -0.01, "frame: green = same class as the query, red = another class; d = Euclidean distance",
+             ha="center", va="top", fontsize=8, color="#444444")
     return fig
 
 
@@ -468,13 +489,13 @@ def _gallery_grid_shape(n: int) -> tuple[int, int]:
 
 def backfill_animation(curves: pd.DataFrame, order: np.ndarray, topk: dict, images, labels,
                        queries, *, methods: Sequence[str] = ("RM", "Ours"), refs: Sequence[str] = ("old", "new"),
-                       list_method: str = "Ours", hold: int = 2, dpi: int = 60, interval: int = 600,
+                       list_method: str = "Ours", hold: int = 2, dpi: int = 80, interval: int = 600,
                        thumb: int = 40, title: str | None = None):
     """An animation of online backfilling (``matplotlib.animation.FuncAnimation``).
 
     Frame ``i`` shows the ratio ``r_i`` (the sorted ratios of ``curves``): the gallery
     as a grid of cells, one per item by gallery index, grey while it holds its old
-    embedding and red once backfilled (``order``: the backfill order); the
+    embedding and purple once backfilled (``order``: the backfill order); the
     ``metrics`` curves of ``methods`` drawn up to ``r_i`` with ``refs`` as flat
     lines; and, per query in ``queries``, its top-k list of ``list_method`` at
     ``r_i`` from ``topk`` (:func:`methods.retrieve_topk_over_ratios` at the same
@@ -516,9 +537,9 @@ def backfill_animation(curves: pd.DataFrame, order: np.ndarray, topk: dict, imag
         return thumbnail_strip(thumbs[int(queries[q])], imgs, ok, from_new[i, q])
 
     nq = len(queries)
-    fig = plt.figure(figsize=(10.5, 3.0 + 0.95 * nq), dpi=dpi)
-    gs = fig.add_gridspec(2, 3, height_ratios=[3.0, 0.95 * nq], width_ratios=[1.0, 1.1, 1.1],
-                          hspace=0.35, wspace=0.35, left=0.04, right=0.98, top=0.86, bottom=0.03)
+    fig = plt.figure(figsize=(10.0, 3.2 + 1.3 * nq), dpi=dpi)
+    gs = fig.add_gridspec(2, 3, height_ratios=[3.0, 1.3 * nq], width_ratios=[1.0, 1.1, 1.1],
+                          hspace=0.3, wspace=0.3, left=0.03, right=0.88, top=0.9, bottom=0.02)
     ax_g = fig.add_subplot(gs[0, 0])
     im_g = ax_g.imshow(gallery_image(0), interpolation="nearest", aspect="equal")
     ax_g.set_xticks([])
@@ -526,7 +547,7 @@ def backfill_animation(curves: pd.DataFrame, order: np.ndarray, topk: dict, imag
     ax_g.grid(False)
     from matplotlib.patches import Patch
     ax_g.legend(handles=[Patch(color=OLD_COLOR, label="old embedding"), Patch(color=NEW_COLOR, label="new embedding")],
-                loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=2, fontsize=7, handlelength=1)
+                loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=2, fontsize=8, handlelength=1)
     lines = {}
     metric_axes = []
     for j, metric in enumerate(("mAP", "top1")):
@@ -543,20 +564,20 @@ def backfill_animation(curves: pd.DataFrame, order: np.ndarray, topk: dict, imag
             (lines[(m, metric)],) = ax.plot([], [], marker="o", ms=3, label=m, **method_style(m))
         ax.set_xlabel("backfill ratio", fontsize=8)
         ax.set_title(METRIC_LABEL[metric], fontsize=9)
-        ax.tick_params(labelsize=7)
-    metric_axes[-1].legend(loc="lower right", fontsize=7)
+        ax.tick_params(labelsize=8)
+    metric_axes[-1].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     strip_axes, strip_ims = [], []
-    sgs = gs[1, :].subgridspec(nq, 1, hspace=0.15)
+    sgs = gs[1, :].subgridspec(nq, 1, hspace=0.12)
     for q in range(nq):
         ax = fig.add_subplot(sgs[q, 0])
         strip_ims.append(ax.imshow(strip(0, q), interpolation="nearest"))
         ax.set_axis_off()
-        ax.text(-0.01, 0.5, f"query {queries[q]}\n(class {labels[queries[q]]})", transform=ax.transAxes,
-                ha="right", va="center", fontsize=7)
+        ax.text(-0.02, 0.5, f"query {queries[q]}\n(class {labels[queries[q]]})", transform=ax.transAxes,
+                ha="right", va="center", fontsize=9)
         strip_axes.append(ax)
-    strip_axes[0].set_title(f"top-{idx.shape[2]} of {list_method} (frame: green correct, red wrong; "
-                            "bar: grey old part, red new part)", fontsize=8)
-    suptitle = fig.suptitle("", fontsize=10)
+    strip_axes[0].set_title(f"top-{idx.shape[2]} of {list_method}   (frame: green correct, red wrong;  "
+                            "bar under a result: grey = from the old part, purple = from the new part)", fontsize=9)
+    suptitle = fig.suptitle("", fontsize=11)
 
     def values(m, metric):
         return curves[curves["method"] == m].sort_values("ratio")[metric].to_numpy()

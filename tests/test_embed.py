@@ -64,3 +64,9 @@ def test_bad_split_and_passes():
         E.get_embeddings(cfg, "extended", "new", "validation")
     with pytest.raises(ValueError, match="passes"):
         E.get_embeddings(cfg, "extended", "new", "train", passes=0)
+
+
+def test_object_arrays_are_refused_before_writing(tmp_cache):
+    with pytest.raises(TypeError, match="dtype object"):
+        E.cached_arrays("unit", {"k": 2}, lambda: {"a": np.array(["x", None], dtype=object)})
+    assert not [p for p in tmp_cache.rglob("*") if p.is_file()]

@@ -49,6 +49,15 @@ def test_endpoints_are_the_pure_systems(tiny_run):
     assert rm["mAP"].iloc[0] == pytest.approx(s.loc["old", "final_map"])
 
 
+def test_evaluation_is_cached_and_reloads_identically(tiny_run, monkeypatch):
+    cfg, curves, summary, systems, refs = tiny_run
+    monkeypatch.setattr(MM, "build_systems", lambda *a, **k: pytest.fail("recomputed on a hit"))
+    curves2, summary2 = MM.evaluate_setting(cfg, "extended", progress=False)
+    assert curves2.equals(curves.astype(curves2.dtypes.to_dict())) or curves2.round(12).equals(curves.round(12))
+    assert list(summary2["method"]) == list(summary["method"])
+    np.testing.assert_array_equal(summary2["auc_map"].to_numpy(), summary["auc_map"].to_numpy())
+
+
 def test_system_shapes(tiny_run):
     cfg, curves, summary, systems, refs = tiny_run
     n, d = refs["old"].shape

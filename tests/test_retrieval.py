@@ -165,4 +165,20 @@ def test_tables_from_a_summary():
     assert len(t1) == 2 * len(MM.TABLE1_METHODS) and list(t1.method[:3]) == ["old", "new", "offline"]
     assert t1["gain_mAP_%"].iloc[1] == pytest.approx(10.0)
     t2 = MM.table2_ablation(summary)
-    assert list(t2.method[:5]) == list(MM.ABLATION) and set(t2["rho"]) == {"yes", "-"}
+    assert list(t2.method[:5]) == MM.ABLATION_METHODS and set(t2["rho"]) == {"yes", "-"}
+    marks = t2.set_index("method").iloc[:5]
+    assert marks.loc["RM", ["psi", "CMCL", "L_rev", "rho"]].tolist() == ["-"] * 4
+    assert marks.loc["RM+psi", ["psi", "CMCL", "L_rev", "rho"]].tolist() == ["yes", "-", "yes", "-"]
+    assert marks.loc["CMCL w/o L_rev", ["CMCL", "L_rev"]].tolist() == ["yes", "-"]
+    assert marks.loc["Ours", ["psi", "CMCL", "L_rev", "rho"]].tolist() == ["yes"] * 4
+
+
+def test_query_side_follows_the_recipes():
+    assert MM.query_side("RM") == [("old", []), ("new", [])]
+    assert MM.query_side("Ours") == [("new", ["psi", "rho"])]
+    assert MM.query_side("RM+psi") == [("new", ["psi"])]
+    assert MM.query_side("FCT") == [("new", [])] and MM.query_side("BCT") == [("bct", [])]
+    for m in MM.ALL_METHODS:
+        assert len(MM.query_side(m)) == MM.QUERY_PASSES.get(m, 1)
+    with pytest.raises(ValueError, match="no query side"):
+        MM.query_side("nope")
