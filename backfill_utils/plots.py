@@ -357,10 +357,12 @@ def distance_histograms(pairs: pd.DataFrame, methods=None, calibration: pd.DataF
         ax.set_title(t, fontsize=9)
         ax.set_xlabel("Euclidean distance")
     axes[0][0].set_ylabel("density")
-    axes[0][-1].legend(loc="upper right", fontsize=7)
+    handles, labels = axes[0][-1].get_legend_handles_labels()
     if suptitle:
         fig.suptitle(suptitle)
     fig.tight_layout()
+    # below the panels, so it never covers a histogram
+    fig.legend(handles, labels, loc="upper center", ncol=4, fontsize=8, bbox_to_anchor=(0.5, 0.0))
     return fig
 
 
