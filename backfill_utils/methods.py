@@ -32,13 +32,18 @@ CMCL w/o L_rev            joint CMCL (psi only) with lambda_rev = 0
 """
 from __future__ import annotations
 
+import dataclasses
+import time
+
 import numpy as np
 import pandas as pd
+import torch
 
 from . import backfill as B
 from . import compat as K
 from . import embed as E
 from . import metrics as MT
+from . import models as M
 from . import train as T
 
 MAIN_METHODS = ["old", "new", "offline", "naive", "BCT", "FCT", "FastFill",
@@ -315,13 +320,6 @@ def claims(curves: pd.DataFrame, summary: pd.DataFrame, *, tol_step: float = 0.5
 # Figures and tables of the render notebooks: the ranked lists behind a curve
 # point (exactly the engine's ranking), positive/negative pair distances of the
 # two systems of a merge, the query-side cost of every method, and small tables.
-import dataclasses as _dc  # noqa: E402
-import time as _time  # noqa: E402
-
-import torch as _torch  # noqa: E402
-
-from . import models as _M  # noqa: E402
-
 
 def backfilled_mask(system: B.BackfillSystem, ratio: float, *, seed: int = 0) -> np.ndarray:
     """(N,) bool: which gallery items hold ``gallery_new`` at ``ratio``.
@@ -371,39 +369,39 @@ def retrieve_topk(system: B.BackfillSystem, ratio: float, k: int, *, queries=Non
     q = np.arange(system.n_queries) if queries is None else np.asarray(queries, dtype=np.int64).reshape(-1)
     if len(q) and (q.min() < 0 or q.max() >= system.n_queries):
         raise ValueError(f"queries must be indices in 0..{system.n_queries - 1}, got {q.tolist()[:10]}")
-    is_new = _torch.from_numpy(backfilled_mask(system, ratio, seed=seed))
-    dtype = _torch.promote_types(_torch.promote_types(system.query_old.dtype, system.gallery_old.dtype),
-                                 _torch.promote_types(system.query_new.dtype, system.gallery_new.dtype))
+    is_new = torch.from_numpy(backfilled_mask(system, ratio, seed=seed))
+    dtype = torch.promote_types(torch.promote_types(system.query_old.dtype, system.gallery_old.dtype),
+                                 torch.promote_types(system.query_new.dtype, system.gallery_new.dtype))
     D = np.full((len(q), k), np.inf)
     I = np.full((len(q), k), -1, dtype=np.int64)
-    inf = _torch.tensor(float("inf"), dtype=dtype)
+    inf = torch.tensor(float("inf"), dtype=dtype)
     for s in range(0, len(q), chunk_size):
-        qi = _torch.from_numpy(q[s:s + chunk_size])
+        qi = torch.from_numpy(q[s:s + chunk_size])
         if part == "merged":
             d_old = MT.pairwise_distances(system.query_old[qi], system.gallery_old).to(dtype)
             d_new = MT.pairwise_distances(system.query_new[qi], system.gallery_new).to(dtype)
-            row = _torch.where(is_new.unsqueeze(0), d_new, d_old)
+            row = torch.where(is_new.unsqueeze(0), d_new, d_old)
         elif part == "old":
             row = MT.pairwise_distances(system.query_old[qi], system.gallery_old).to(dtype)
             row = row.masked_fill(is_new.unsqueeze(0), inf)
         else:
             row = MT.pairwise_distances(system.query_new[qi], system.gallery_new).to(dtype)
             row = row.masked_fill(~is_new.unsqueeze(0), inf)
-        eligible = _torch.ones_like(row, dtype=_torch.bool)
+        eligible = torch.ones_like(row, dtype=torch.bool)
         if part == "old":
             eligible &= ~is_new.unsqueeze(0)
         elif part == "new":
             eligible &= is_new.unsqueeze(0)
         if exclude_self:
-            eligible[_torch.arange(len(qi)), qi] = False
-            row[_torch.arange(len(qi)), qi] = inf
+            eligible[torch.arange(len(qi)), qi] = False
+            row[torch.arange(len(qi)), qi] = inf
         # a stable sort: equal distances keep ascending gallery index
-        idx = _torch.sort(row, dim=1, stable=True).indices[:, :k]
+        idx = torch.sort(row, dim=1, stable=True).indices[:, :k]
         ok = eligible.gather(1, idx)
         dd = row.gather(1, idx).double()
         kk = idx.shape[1]
-        D[s:s + len(qi), :kk] = _torch.where(ok, dd, float("inf")).numpy()
-        I[s:s + len(qi), :kk] = _torch.where(ok, idx, -1).numpy()
+        D[s:s + len(qi), :kk] = torch.where(ok, dd, float("inf")).numpy()
+        I[s:s + len(qi), :kk] = torch.where(ok, idx, -1).numpy()
     return D, I
 
 
@@ -522,7 +520,7 @@ def pair_distances(query, gallery, query_labels, gallery_labels=None, *, exclude
     def dist(i, j):
         if len(i) == 0:
             return np.empty(0)
-        return (q[_torch.from_numpy(i)] - g[_torch.from_numpy(j)]).norm(dim=1).numpy()
+        return (q[torch.from_numpy(i)] - g[torch.from_numpy(j)]).norm(dim=1).numpy()
 
     return pd.DataFrame({
         "pair": np.array(["positive"] * len(pi) + ["negative"] * len(ni), dtype=object),
@@ -604,7 +602,7 @@ def query_side(method: str) -> list[tuple[str, list[str]]]:
     raise ValueError(f"no query side known for {method!r}; known: {ALL_METHODS}")
 
 
-@_torch.no_grad()
+@torch.no_grad()
 def time_query_forward(passes, images, *, repeats: int = 5, warmup: int = 1) -> float:
     """Seconds per query of a query-side forward, the median over ``repeats``.
 
@@ -635,9 +633,9 @@ def time_query_forward(passes, images, *, repeats: int = 5, warmup: int = 1) -> 
             run()
         times = []
         for _ in range(repeats):
-            t0 = _time.perf_counter()
+            t0 = time.perf_counter()
             run()
-            times.append(_time.perf_counter() - t0)
+            times.append(time.perf_counter() - t0)
     finally:
         for n_, mode in zip(nets, modes):
             n_.train(mode)
@@ -667,18 +665,18 @@ def query_cost(cfg: dict, setting: str, methods=None, *, batch_size: int = 64, r
     nets = {r: T.load_model(T.model_spec(cfg, setting, r)) for r in roles}
     ds = E._split_dataset(cfg, "test", T.setting_classes(cfg, setting)["test_classes"], augment=False)
     n = min(int(batch_size), len(ds))
-    images = _torch.stack([ds[i][0] for i in range(n)])
+    images = torch.stack([ds[i][0] for i in range(n)])
     d_new = int(T.model_spec(cfg, setting, "new")["model"]["embedding_dim"])
     d_old = int(T.model_spec(cfg, setting, "old")["model"]["embedding_dim"])
-    with _torch.random.fork_rng(devices=[]):
-        _torch.manual_seed(0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
         modules = {"psi": K.ReverseTransform(d_new, d_old), "rho": K.LearnableEmbedding(d_new)}
         gallery_side = {"FCT": K.ForwardTransform(d_old, d_new), "FastFill": K.FastFillTransform(d_old, d_new)}
-    with _torch.no_grad():
+    with torch.no_grad():
         z_new = nets["new"].eval().embed(images)
     used = sorted({x for side in sides.values() for _, mods in side for x in mods})
     components = {r: ([(nets[r], [])], images) for r in roles}
-    components.update({x: ([(_torch.nn.Identity(), [modules[x]])], z_new) for x in used})
+    components.update({x: ([(torch.nn.Identity(), [modules[x]])], z_new) for x in used})
     # warm every component up first (the first forwards of a process are far slower), then time
     for passes, batch in components.values():
         time_query_forward(passes, batch, repeats=max(1, warmup), warmup=0)
@@ -687,8 +685,8 @@ def query_cost(cfg: dict, setting: str, methods=None, *, batch_size: int = 64, r
     rows = []
     for m, side in sides.items():
         parts = [r for r, _ in side] + [x for _, mods in side for x in mods]
-        extra = (_M.count_parameters(gallery_side[m]) if m in gallery_side
-                 else sum(_M.count_parameters(modules[x]) for _, mods in side for x in mods))
+        extra = (M.count_parameters(gallery_side[m]) if m in gallery_side
+                 else sum(M.count_parameters(modules[x]) for _, mods in side for x in mods))
         label = " ; ".join(" + ".join([f"phi_{r}", *mods]) for r, mods in side)
         rows.append({"method": m, "query_passes": len(side), "query_side": label, "extra_params": int(extra),
                      "ms_per_query": 1e3 * sum(timed[p] for p in parts)})
@@ -709,11 +707,11 @@ def order_comparison(cfg: dict, setting: str, methods=("RM", "Ours"), *,
     sigma_order = systems["FastFill"].order
     random = B.random_order(len(labels), int(cfg["eval"]["order_seed"]))
     variants = {"FCT": systems["FCT"], "FastFill": systems["FastFill"],
-                "FastFill (random order)": _dc.replace(systems["FastFill"], name="FastFill (random order)",
+                "FastFill (random order)": dataclasses.replace(systems["FastFill"], name="FastFill (random order)",
                                                        order=random)}
     for m in methods:
         variants[m] = systems[m]
-        variants[f"{m} (sigma order)"] = _dc.replace(systems[m], name=f"{m} (sigma order)", order=sigma_order)
+        variants[f"{m} (sigma order)"] = dataclasses.replace(systems[m], name=f"{m} (sigma order)", order=sigma_order)
     old_ref = MT.evaluate_retrieval(refs["old"], labels, refs["old"], labels, exclude_self=True,
                                     return_per_query=True)
     new_ref = MT.evaluate_retrieval(refs["new"], labels, refs["new"], labels, exclude_self=True,
