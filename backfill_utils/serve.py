@@ -303,8 +303,8 @@ class OnlineBackfillIndex:
         """HNSW: rebuild the graphs without removed items now (done by itself when they outnumber live ones)."""
         with self._lock.write():
             for side in (self._old, self._new):
-                if side.mode == "hnsw" and len(side.dead):
-                    side._rebuild()
+                if side.n_dead:
+                    side.rebuild()
 
     # ------------------------------------------------------------------ search
     def search(self, query_new: Any, k: int, *, query_old: Any = None) -> tuple[np.ndarray, np.ndarray]:
@@ -358,10 +358,10 @@ class OnlineBackfillIndex:
                     "faiss": faiss.__version__, "d_old": self.d_old, "d_new": self.d_new,
                     "factory": self.factory, "two_pass": self.two_pass, "transforms": transforms,
                     "search_params": self._old.search_params,
-                    "sides": {n: {"d": s.d, "mode": s.mode, "n": len(s), "n_dead": len(s.dead)}
+                    "sides": {n: {"d": s.d, "mode": s.mode, "n": len(s), "n_dead": s.n_dead}
                               for n, s in (("old", self._old), ("new", self._new))}}
         for name, st in sides.items():
-            arrays.update({f"{name}.index": st["blob"], f"{name}.ids": st["ids"], f"{name}.dead": st["dead"]})
+            arrays.update({f"{name}.{key}": value for key, value in st.items()})
         arrays["meta"] = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -405,7 +405,7 @@ class OnlineBackfillIndex:
                     raise ValueError(
                         f"{path}: the {name} side was saved with dimension {saved['d']} ({saved['mode']}) but the "
                         f"transforms now give {side.d} ({side.mode}); pass transforms with the saved dimensions")
-                side.restore(data[f"{name}.index"], data[f"{name}.ids"], data[f"{name}.dead"], str(path))
+                side.restore({key: data[f"{name}.{key}"] for key in ("index", "ids", "labels", "live")}, str(path))
         except (KeyError, TypeError, RuntimeError) as exc:
             raise ValueError(f"{path}: not a consistent OnlineBackfillIndex file ({type(exc).__name__}: {exc})") from None
         if contains_sorted(index._old.ids, index._new.ids).any():

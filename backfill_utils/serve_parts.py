@@ -12,24 +12,26 @@
 
 How a side keeps ids (faiss indexes differ in what they can remove):
 
-======================  ===========================================================
-factory family          ids and removal
-======================  ===========================================================
-``Flat``, ``PQ``, ``SQ``  ``faiss.IndexIDMap`` around the index; ``remove_ids``
-                          shifts the stored codes and the id map together
-``IVF...``              the IVF index's own ids (``add_with_ids``) with a hash-table
-                        direct map, so removal does not scan the lists (an
-                        ``IndexIDMap`` around an IVF index maps ids wrongly after
-                        a removal)
-``HNSW...``             ``faiss.IndexIDMap``; HNSW graphs cannot remove nodes, so
-                        removed ids are tombstones excluded from every search by
-                        an ``IDSelector``; when tombstones outnumber live items
-                        the graph is rebuilt from the live vectors
-======================  ===========================================================
+========================  =========================================================
+factory family            ids and removal
+========================  =========================================================
+``Flat``, ``PQ``, ``SQ``  vectors are numbered by position; a numpy array maps
+                          position -> id; ``remove_ids`` (a bitmap of positions)
+                          keeps the order of the other vectors, and so does the map
+``IVF...``                the IVF index's own ids (``add_with_ids``) with a hash-table
+                          direct map, so removal does not scan the lists (an
+                          ``IndexIDMap`` around an IVF index maps ids wrongly after
+                          a removal)
+``HNSW...``               position -> id as for Flat; HNSW graphs cannot remove
+                          nodes, so removed items are tombstones that a bitmap
+                          selector keeps out of every search; when they outnumber
+                          the live items the graph is rebuilt from the live vectors
+========================  =========================================================
 
-``IndexIDMap`` rather than ``IndexIDMap2``: the index keeps its own sorted id
-arrays (membership checks, ``ids()``), so the reverse map of ``IndexIDMap2``
-(a hash table, rebuilt on every removal) would only cost memory and time.
+The position -> id map plays the part of ``faiss.IndexIDMap`` / ``IndexIDMap2``
+without their cost: ``IndexIDMap.search`` translates labels in an OpenMP
+region of its own, which on a loaded machine can stall a one-query search for
+milliseconds, and ``IndexIDMap2`` rebuilds a hash table on every removal.
 """
 from __future__ import annotations
 
@@ -194,7 +196,7 @@ class Transform:
 
     A ``torch.nn.Module`` is put in eval mode and run without gradients
     (``torch.inference_mode``) in batches of ``batch_size`` rows, on the device
-    and in the dtype of its first parameter; a module returning a tuple (e.g.
+    and in the dtype its first parameter has at construction; a module returning a tuple (e.g.
     :class:`~backfill_utils.compat.FastFillTransform`) gives its first output. Any
     other callable is called on the whole float32 ``(n, d_in)`` array and must
     return an ``(n, d_out)`` array or tensor. The output dimension is found by
@@ -209,8 +211,12 @@ class Transform:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.fn, self.name, self.d_in, self.batch_size = fn, name, int(d_in), int(batch_size)
         self.is_module = isinstance(fn, torch.nn.Module)
+        self._device, self._dtype = torch.device("cpu"), torch.float32
         if self.is_module:
             fn.eval()
+            p = next(iter(fn.parameters()), None)
+            if p is not None and p.is_floating_point():
+                self._device, self._dtype = p.device, p.dtype
         probe = np.random.default_rng(0).standard_normal((2, self.d_in)).astype(np.float32)
         probe /= np.linalg.norm(probe, axis=1, keepdims=True)
         try:
@@ -232,8 +238,7 @@ class Transform:
         module = self.fn
         if module.training:
             module.eval()
-        p = next(iter(module.parameters()), None)
-        device, dtype = (p.device, p.dtype) if p is not None and p.is_floating_point() else ("cpu", torch.float32)
+        device, dtype = self._device, self._dtype
         parts = []
         with torch.inference_mode():
             for start in range(0, max(len(x), 1), self.batch_size):
@@ -262,22 +267,28 @@ class Transform:
 _PARAM_KINDS = {"nprobe": "ivf", "efSearch": "hnsw"}
 
 
+def _family(index: Any) -> str | None:
+    """How a side keeps ids in ``index``: ``"ivf"``, ``"hnsw"``, ``"flat"``, or None (unsupported)."""
+    for cls, mode in ((faiss.IndexIVF, "ivf"), (faiss.IndexHNSW, "hnsw"), (faiss.IndexFlatCodes, "flat")):
+        if isinstance(index, cls):
+            return mode
+    return None
+
+
 def _new_index(d: int, factory: str) -> tuple[Any, str]:
     try:
-        base = faiss.index_factory(int(d), str(factory), faiss.METRIC_L2)
+        index = faiss.index_factory(int(d), str(factory), faiss.METRIC_L2)
     except RuntimeError as exc:
         msg = str(exc).strip().splitlines()[-1]
         raise ValueError(f"factory {factory!r} is not a faiss index_factory string faiss can build "
                          f"for dimension {d} ({msg}); e.g. 'Flat', 'IVF1024,Flat', 'HNSW32'") from None
-    if isinstance(base, faiss.IndexIVF):
-        base.set_direct_map_type(faiss.DirectMap.Hashtable)
-        return base, "ivf"
-    if isinstance(base, faiss.IndexHNSW):
-        return faiss.IndexIDMap(base), "hnsw"
-    if isinstance(base, faiss.IndexFlatCodes):
-        return faiss.IndexIDMap(base), "flat"
+    mode = _family(index)
+    if mode == "ivf":
+        index.set_direct_map_type(faiss.DirectMap.Hashtable)
+    if mode is not None:
+        return index, mode
     raise ValueError(
-        f"factory {factory!r} builds a faiss {type(base).__name__}, which this index cannot serve "
+        f"factory {factory!r} builds a faiss {type(index).__name__}, which this index cannot serve "
         "(it needs removal by id); use 'Flat' (exact), 'PQ<m>', 'SQ8', 'IVF<nlist>,<codes>' or 'HNSW<M>[,<codes>]' "
         "(no 'IDMap': ids are handled by the index)")
 
@@ -297,11 +308,19 @@ def check_search_params(params: dict | None, mode: str, factory: str) -> dict:
     return out
 
 
+def _bitmap_selector(mask: np.ndarray) -> tuple:
+    """A faiss selector of the positions where ``mask`` is True (with the bitmap it reads)."""
+    bits = np.packbits(mask, bitorder="little")
+    return bits, faiss.IDSelectorBitmap(bits)
+
+
 class FaissSide:
     """One side (old or new) of the mixed gallery. Not thread-safe by itself:
     :class:`~backfill_utils.serve.OnlineBackfillIndex` calls it under its lock.
 
-    ``ids`` (sorted int64) are the live items; ``dead`` the HNSW tombstones.
+    ``ids`` (sorted int64) are the live items. Flat and HNSW indexes number their
+    vectors by position; ``labels[position]`` is the id there, and for HNSW
+    ``live[position]`` says whether it is still in the gallery (tombstones).
     """
 
     def __init__(self, d: int, factory: str, name: str, search_params: dict | None = None) -> None:
@@ -309,12 +328,19 @@ class FaissSide:
         self.index, self.mode = _new_index(self.d, self.factory)
         self.search_params = check_search_params(search_params, self.mode, self.factory)
         self.ids = np.empty(0, np.int64)
-        self.dead = np.empty(0, np.int64)
+        self.labels = np.empty(0, np.int64)
+        self.live = np.empty(0, bool)
         self._selector: tuple | None = None
+        self._peak = 0  # most items held since the last copy (see remove)
 
     # -- state --------------------------------------------------------------
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def n_dead(self) -> int:
+        """HNSW tombstones: removed items whose vectors are still in the graph."""
+        return int(len(self.live) - self.live.sum())
 
     @property
     def is_trained(self) -> bool:
@@ -342,85 +368,95 @@ class FaissSide:
             return
         if not self.is_trained:
             self.train(x)
-        if self.mode == "hnsw" and contains_sorted(self.dead, ids).any():
-            self._rebuild()  # an id coming back must not be hidden by its own tombstone
-        self.index.add_with_ids(x, ids)
+        if self.mode == "ivf":
+            self.index.add_with_ids(x, ids)
+        else:
+            self.index.add(x)
+            self.labels = np.concatenate([self.labels, ids])
+            self.live = np.concatenate([self.live, np.ones(len(ids), bool)])
+            if self._selector is not None:
+                self._selector = _bitmap_selector(self.live)
         self.ids = _insert_sorted(self.ids, ids)
+        self._peak = max(self._peak, len(self.ids))
 
     def remove(self, ids: np.ndarray) -> None:
         if len(ids) == 0:
             return
-        if self.mode != "hnsw":
+        if self.mode == "ivf":
             removed = self.index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64))
             if removed != len(ids):
                 raise RuntimeError(f"faiss removed {removed} of {len(ids)} items from the {self.name} side")
-            self.ids = _delete_sorted(self.ids, np.sort(ids))
-            return
-        self.ids = _delete_sorted(self.ids, np.sort(ids))
-        self.dead = _insert_sorted(self.dead, ids)
-        if len(self.ids) == 0 or len(self.dead) > len(self.ids):
-            self._rebuild()
         else:
-            batch = faiss.IDSelectorBatch(self.dead)
-            self._selector = (batch, faiss.IDSelectorNot(batch))
+            hit = contains_sorted(np.sort(ids), self.labels) & self.live
+            if self.mode == "flat":  # IndexFlatCodes.remove_ids keeps the order of the other vectors
+                bits, selector = _bitmap_selector(hit)  # bits must outlive the call
+                self.index.remove_ids(selector)
+                self.labels, self.live = self.labels[~hit], self.live[~hit]
+            else:
+                self.live = self.live & ~hit
+                self._selector = _bitmap_selector(self.live)
+        self.ids = _delete_sorted(self.ids, np.sort(ids))
+        if self.mode == "hnsw" and (len(self.ids) == 0 or self.n_dead > len(self.ids)):
+            self.rebuild()
+        elif self.mode != "hnsw" and 2 * len(self.ids) < self._peak:
+            # faiss keeps the capacity of its code vectors when they shrink: a copy frees it
+            # (the old side empties during a backfill); amortised O(1) per removed item
+            self.index, self._peak = faiss.clone_index(self.index), len(self.ids)
 
-    def _rebuild(self, chunk: int = 65536) -> None:
+    def rebuild(self, chunk: int = 65536) -> None:
         """HNSW: a fresh graph of the live items (their stored vectors), no tombstones."""
         fresh, _ = _new_index(self.d, self.factory)
-        base = faiss.downcast_index(self.index.index)
-        labels = faiss.vector_to_array(self.index.id_map)
-        for start in range(0, len(labels), chunk):
-            lab = labels[start:start + chunk]
-            keep = ~contains_sorted(self.dead, lab)
+        for start in range(0, len(self.labels), chunk):
+            keep = self.live[start:start + chunk]
             if keep.any():
-                vecs = base.reconstruct_n(start, len(lab))
-                fresh.add_with_ids(np.ascontiguousarray(vecs[keep]), np.ascontiguousarray(lab[keep]))
-        self.index, self.dead, self._selector = fresh, np.empty(0, np.int64), None
+                vecs = self.index.reconstruct_n(start, len(keep))
+                fresh.add(np.ascontiguousarray(vecs[keep]))
+        self.index, self.labels = fresh, self.labels[self.live]
+        self.live, self._selector = np.ones(len(self.labels), bool), None
 
     def set_search_params(self, params: dict) -> None:
         self.search_params = check_search_params({**self.search_params, **params}, self.mode, self.factory)
 
     # -- search (caller holds the read lock) ----------------------------------
-    def _params(self):
-        if self.mode == "ivf":
-            return faiss.SearchParametersIVF(**self.search_params)
-        if self.mode == "hnsw":
-            p = faiss.SearchParametersHNSW(**self.search_params)
-            if self._selector is not None:
-                p.sel = self._selector[1]  # a fresh params object per call: IndexIDMap edits it
-            return p
-        return None
-
     def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """Top-``min(k, len(self))`` of the live items, or ``None`` if the side is empty."""
+        """Top-``min(k, len(self))`` of the live items as ``(D, ids)``, or ``None`` if empty."""
         if len(self.ids) == 0:
             return None
-        params = self._params()
         kk = min(int(k), len(self.ids))
-        if params is None:
-            return self.index.search(x, kk)
-        return self.index.search(x, kk, params=params)
+        if self.mode == "ivf":
+            return self.index.search(x, kk, params=faiss.SearchParametersIVF(**self.search_params))
+        if self.mode == "hnsw":
+            params = faiss.SearchParametersHNSW(**self.search_params)
+            if self._selector is not None:
+                params.sel = self._selector[1]
+            D, P = self.index.search(x, kk, params=params)
+        else:
+            D, P = self.index.search(x, kk)
+        return D, np.where(P >= 0, self.labels[np.maximum(P, 0)], -1)
 
     # -- persistence -------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        return {"blob": faiss.serialize_index(self.index), "ids": self.ids, "dead": self.dead}
+        return {"index": faiss.serialize_index(self.index), "ids": self.ids, "labels": self.labels,
+                "live": self.live}
 
-    def restore(self, blob: np.ndarray, ids: np.ndarray, dead: np.ndarray, where: str) -> None:
-        """Replace the index by a serialized one; check it against ``ids``/``dead``."""
-        index = faiss.deserialize_index(np.ascontiguousarray(blob, dtype=np.uint8))
-        expected = {"ivf": faiss.IndexIVF, "hnsw": faiss.IndexIDMap, "flat": faiss.IndexIDMap}[self.mode]
-        if not isinstance(index, expected) or index.d != self.d:
+    def restore(self, state: dict[str, np.ndarray], where: str) -> None:
+        """Replace the index by a serialized one, checked against the saved ids."""
+        index = faiss.deserialize_index(np.ascontiguousarray(state["index"], dtype=np.uint8))
+        if _family(index) != self.mode or index.d != self.d:
             raise ValueError(f"{where}: the {self.name} side's faiss index is a {type(index).__name__} of "
-                             f"dimension {index.d}, not the {expected.__name__} of dimension {self.d} "
+                             f"dimension {index.d}, not the {self.mode} index of dimension {self.d} "
                              f"that factory {self.factory!r} builds")
-        ids, dead = np.asarray(ids, np.int64), np.asarray(dead, np.int64)
-        if index.ntotal != len(ids) + len(dead) or (np.diff(ids) <= 0).any() or (np.diff(dead) <= 0).any():
-            raise ValueError(f"{where}: the {self.name} side holds {index.ntotal} vectors but the file lists "
-                             f"{len(ids)} ids and {len(dead)} tombstones; the file is inconsistent")
-        self.index, self.ids, self.dead = index, ids, dead
-        if len(dead):
-            batch = faiss.IDSelectorBatch(dead)
-            self._selector = (batch, faiss.IDSelectorNot(batch))
+        ids = np.asarray(state["ids"], np.int64)
+        labels, live = np.asarray(state["labels"], np.int64), np.asarray(state["live"], bool)
+        consistent = (np.diff(ids) > 0).all() and (
+            index.ntotal == len(ids) if self.mode == "ivf" else
+            index.ntotal == len(labels) == len(live) and np.array_equal(np.sort(labels[live]), ids))
+        if not consistent:
+            raise ValueError(f"{where}: the {self.name} side holds {index.ntotal} vectors, which do not match the "
+                             f"{len(ids)} ids saved with it; the file is inconsistent")
+        self.index, self.ids, self.labels, self.live = index, ids, labels, live
+        self._peak = len(ids)
+        self._selector = _bitmap_selector(live) if self.n_dead else None
 
 
 def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:
