@@ -79,7 +79,6 @@ def _status_mb(field: str) -> float:
     (glibc ``malloc_trim``), so that growth measures what an index holds.
     """
     if field == "VmRSS":
-        gc.collect()
         try:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         except (OSError, AttributeError):
@@ -175,13 +174,11 @@ def _run_family(family: str, data: dict, psi, rho, truth: dict, args, progress: 
     order = bf.random_order(n, seed=args.seed)
     q_rec = data["q_new"][:args.min_batches * args.batch_size]
     rows: list[dict] = []
-    gc.collect()
     rss0, t0 = _status_mb("VmRSS"), time.perf_counter()
     single = _single_index(factory, data["new"], data["new"][:args.train_size], args, progress)
     single_build = {"build_s": time.perf_counter() - t0, "index_rss_mb": _status_mb("VmRSS") - rss0,
                     "index_mb": faiss.serialize_index(single).nbytes / 2**20}
     search_single = _search_single(single, params)
-    gc.collect()
     rss0, t0 = _status_mb("VmRSS"), time.perf_counter()
     merged = OnlineBackfillIndex(data["old"].shape[1], data["new"].shape[1], query_transform=psi,
                                  new_transform=rho, factory=factory, search_params=params or None)
@@ -270,7 +267,7 @@ def summarize(rows: list[dict]) -> pd.DataFrame:
     cols = ["qps_b1", "p50_ms", "p99_ms", "qps_b256", "p50_b256_ms", "recall_at_10", "index_mb", "index_rss_mb"]
     m = df[df.kind == "merged"].set_index(keys)[cols]
     s = df[df.kind == "single"].set_index(keys)[cols]
-    out = m.join(s, lsuffix="_merged", rsuffix="_single")
+    out = m.add_suffix("_merged").join(s.add_suffix("_single"))
     out["params"] = df[df.kind == "merged"].set_index(keys)["params"].map(
         lambda p: ", ".join(f"{k}={v}" for k, v in p.items()) or "exact")
     # medians: robust to the scheduling stalls of a loaded machine
