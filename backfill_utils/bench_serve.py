@@ -222,7 +222,7 @@ def _run_family(family: str, data: dict, psi, rho, truth: dict, args, progress: 
                          **({"sweep": sweep_rows} if kind == "merged" and sweep else {})})
         if progress:
             tqdm.write(f"{n} {factory} r={ratio}: merged {res['merged']['qps_b1']:.0f} q/s (b1), "
-                       f"single {res['single']['qps_b1']:.0f} q/s (b1)")
+                       f"single {res['single']['qps_b1']:.0f} q/s (b1)", file=sys.stderr)
     del merged, single
     gc.collect()
     return rows
@@ -257,7 +257,20 @@ def _environment(threads: int, torch_threads: int) -> dict:
     return {"machine": platform.machine(), "cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(),
             "faiss": faiss.__version__, "torch": torch.__version__, "numpy": np.__version__,
             "faiss_threads": threads, "torch_threads": torch_threads, "platform": platform.platform(),
-            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"), "git": _git_state()}
+
+
+def _git_state() -> str | None:
+    """Commit of the code that ran (``+dirty`` with uncommitted changes), if in a git checkout."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "backfill_utils"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
 
 
 def summarize(rows: list[dict]) -> pd.DataFrame:

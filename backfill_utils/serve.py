@@ -61,6 +61,7 @@ import json
 import operator
 import os
 import tempfile
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -124,6 +125,12 @@ class OnlineBackfillIndex:
     A transform is a ``torch.nn.Module`` (put in eval mode, run without
     gradients, batched) or a callable on float32 numpy arrays; see
     :class:`~backfill_utils.serve_parts.Transform`.
+
+    Extension point: a ``from_method`` classmethod (once the method registry
+    exposes trained modules) maps a registered method onto these arguments as
+    the module docstring's table does -- psi to ``query_transform``, rho to
+    ``new_transform``, h to ``gallery_transform``, two query passes to
+    ``two_pass`` -- and the embedding dimensions to ``d_old`` / ``d_new``.
     """
 
     def __init__(self, d_old: int, d_new: int, *, query_transform: Callable | None = None,
@@ -150,7 +157,8 @@ class OnlineBackfillIndex:
                 "gallery_transform h: old -> new, or two_pass=True for rank merge)")
         self._old = FaissSide(d_old_side, self.factory, "old", search_params)
         self._new = FaissSide(n.d_out if n else self.d_new, self.factory, "new", search_params)
-        self._lock = RWLock()
+        self._lock = RWLock()  # searches share it; visible state changes hold it alone
+        self._mutate = threading.Lock()  # one writer at a time (see the mutations section)
 
     # ------------------------------------------------------------------ builders
     @classmethod
@@ -215,6 +223,12 @@ class OnlineBackfillIndex:
                 f"n_old={self.n_old}, n_new={self.n_new})")
 
     # --------------------------------------------------------------- mutations
+    # Writers are serialised by ``_mutate``; the readers-writer lock is held for
+    # writing only while the visible state changes. Slow preparation -- training
+    # a side, rebuilding an HNSW graph, copying a shrunk side -- runs between the
+    # two, so searches go on meanwhile. The faiss ``add`` itself needs the write
+    # lock (faiss cannot add while searching): keep backfill batches small where
+    # search latency matters.
     def _prepare(self, ids: Any, emb: Any, name: str, d: int, slot: str) -> tuple[np.ndarray, np.ndarray]:
         x = as_matrix(emb, name, d)
         a = as_ids(ids, "ids", len(x))
@@ -228,24 +242,43 @@ class OnlineBackfillIndex:
                 f"{method}: {int(present.sum())} ids are already in the index (e.g. {ids[present][:5].tolist()}); "
                 "remove them first, or use backfill() to replace an old item by its new embedding")
 
+    def _ensure_trained(self, side: FaissSide, x: np.ndarray) -> None:
+        """Train an untrained (hence empty) side on its first batch; ``_mutate`` held."""
+        if len(x) and not side.is_trained:
+            index = side.trained_index(x)
+            with self._lock.write():
+                side.install(index)
+
+    def _maintain(self, *sides: FaissSide, force: bool = False) -> None:
+        """Compact sides that need it (see ``FaissSide.maintenance``); ``_mutate`` held."""
+        for side in sides:
+            index = side.maintenance(force)
+            if index is not None:
+                with self._lock.write():
+                    side.install(index)
+
     def add_old(self, ids: Any, old_embeddings: Any) -> None:
         """Add items of the gallery before the upgrade (old-model embeddings, ``d_old``)."""
         a, x = self._prepare(ids, old_embeddings, "old_embeddings", self.d_old, "gallery")
-        with self._lock.write():
+        with self._mutate:
             self._check_absent(a, "add_old")
-            self._old.add(a, x)
+            self._ensure_trained(self._old, x)
+            with self._lock.write():
+                self._old.add(a, x)
 
     def add(self, ids: Any, new_embeddings: Any) -> None:
         """Add items that arrive during the backfill: straight to the new side (``d_new``)."""
         a, x = self._prepare(ids, new_embeddings, "new_embeddings", self.d_new, "new")
-        with self._lock.write():
+        with self._mutate:
             self._check_absent(a, "add")
-            self._new.add(a, x)
+            self._ensure_trained(self._new, x)
+            with self._lock.write():
+                self._new.add(a, x)
 
     def backfill(self, ids: Any, new_embeddings: Any) -> None:
         """Re-extracted items: each leaves the old side and enters the new side, in one step."""
         a, x = self._prepare(ids, new_embeddings, "new_embeddings", self.d_new, "new")
-        with self._lock.write():
+        with self._mutate:
             on_old = contains_sorted(self._old.ids, a)
             if not on_old.all():
                 bad = a[~on_old]
@@ -254,24 +287,29 @@ class OnlineBackfillIndex:
                     f"backfill: {len(bad)} ids are not on the old side (e.g. {bad[:5].tolist()}; {n_new} of them "
                     f"are already on the new side, {len(bad) - n_new} unknown); only items added with add_old "
                     "can be backfilled, new items go through add()")
-            self._new.add(a, x)
-            try:
-                self._old.remove(a)
-            except BaseException:
-                self._new.remove(a)
-                raise
+            self._ensure_trained(self._new, x)
+            with self._lock.write():
+                self._new.add(a, x)
+                try:
+                    self._old.remove(a)
+                except BaseException:
+                    self._new.remove(a)
+                    raise
+            self._maintain(self._old)
 
     def remove(self, ids: Any) -> None:
         """Remove items from whichever side holds them."""
         a = as_ids(ids, "ids")
-        with self._lock.write():
+        with self._mutate:
             on_old, on_new = contains_sorted(self._old.ids, a), contains_sorted(self._new.ids, a)
             unknown = ~(on_old | on_new)
             if unknown.any():
                 raise ValueError(f"remove: {int(unknown.sum())} ids are not in the index "
                                  f"(e.g. {a[unknown][:5].tolist()}); nothing was removed")
-            self._old.remove(a[on_old])
-            self._new.remove(a[on_new])
+            with self._lock.write():
+                self._old.remove(a[on_old])
+                self._new.remove(a[on_new])
+            self._maintain(self._old, self._new)
 
     def train(self, *, old: Any = None, new: Any = None) -> None:
         """Train the empty sides of a trained factory (IVF, PQ) on samples.
@@ -283,28 +321,29 @@ class OnlineBackfillIndex:
         xs = {}
         if old is not None:
             x = as_matrix(old, "old", self.d_old)
-            xs["old"] = self._transforms["gallery"](x) if self._transforms["gallery"] else x
+            xs[self._old] = self._transforms["gallery"](x) if self._transforms["gallery"] else x
         if new is not None:
             x = as_matrix(new, "new", self.d_new)
-            xs["new"] = self._transforms["new"](x) if self._transforms["new"] else x
+            xs[self._new] = self._transforms["new"](x) if self._transforms["new"] else x
         if not xs:
             raise ValueError("train: give old=... and/or new=... (sample embeddings)")
-        with self._lock.write():
-            for side, x in xs.items():
-                getattr(self, f"_{side}").train(x)
+        with self._mutate:
+            trained = [(side, side.trained_index(x)) for side, x in xs.items()]
+            with self._lock.write():
+                for side, index in trained:
+                    side.install(index)
 
     def set_search_params(self, **params: int) -> None:
         """Change ``nprobe`` (IVF) or ``efSearch`` (HNSW) of both sides."""
-        with self._lock.write():
+        with self._mutate, self._lock.write():
             for side in (self._old, self._new):
                 side.set_search_params(params)
 
     def compact(self) -> None:
-        """HNSW: rebuild the graphs without removed items now (done by itself when they outnumber live ones)."""
-        with self._lock.write():
-            for side in (self._old, self._new):
-                if side.n_dead:
-                    side.rebuild()
+        """Rebuild HNSW graphs without their removed items, copy shrunk Flat / IVF sides (done by
+        itself when removed items outnumber live ones, or a side has halved)."""
+        with self._mutate:
+            self._maintain(self._old, self._new, force=True)
 
     # ------------------------------------------------------------------ search
     def search(self, query_new: Any, k: int, *, query_old: Any = None) -> tuple[np.ndarray, np.ndarray]:
@@ -313,7 +352,9 @@ class OnlineBackfillIndex:
         ``query_new``: the queries' new-model embeddings (``d_new``).
         ``query_old``: the old model's embeddings of the same queries (rank
         merge, required with ``two_pass``); given, they are searched on the old
-        side as they are (they must have the old side's dimension).
+        side as they are, instead of ``query_transform(query_new)`` (they must
+        have the old side's dimension). Both sides are searched under one read
+        lock, so the result is that of one state of the index.
         """
         k = _positive_int(k, "k")
         q = as_matrix(query_new, "query_new", self.d_new)

@@ -346,10 +346,14 @@ class FaissSide:
     def is_trained(self) -> bool:
         return bool(self.index.is_trained)
 
-    def train(self, x: np.ndarray) -> None:
-        """Train an empty, untrained index (IVF, PQ, SQ) on float32 vectors ``x``."""
-        if self.index.ntotal:
-            raise ValueError(f"the {self.name} side already holds {self.index.ntotal} items; faiss cannot "
+    def trained_index(self, x: np.ndarray) -> Any:
+        """A fresh index of this side's factory trained on float32 vectors ``x`` (IVF, PQ, SQ).
+
+        Built without touching the side; :meth:`install` puts it in place (the
+        side must be empty: faiss cannot retrain a filled index).
+        """
+        if len(self.ids) or self.index.ntotal:
+            raise ValueError(f"the {self.name} side already holds {len(self.ids)} items; faiss cannot "
                              "retrain a filled index (train before adding)")
         fresh, _ = _new_index(self.d, self.factory)
         try:
@@ -360,14 +364,14 @@ class FaissSide:
                 f"could not train the {self.name} side ({self.factory!r}) on {len(x)} vectors ({msg}); give "
                 "a representative sample of at least nlist items (faiss recommends 39 x nlist) to "
                 "OnlineBackfillIndex.train") from None
-        self.index = fresh
+        return fresh
 
     # -- mutations (caller holds the write lock; ids are checked by the caller) --
     def add(self, ids: np.ndarray, x: np.ndarray) -> None:
         if len(ids) == 0:
             return
         if not self.is_trained:
-            self.train(x)
+            raise RuntimeError(f"the {self.name} side must be trained before adding (trained_index, install)")
         if self.mode == "ivf":
             self.index.add_with_ids(x, ids)
         else:
@@ -396,23 +400,39 @@ class FaissSide:
                 self.live = self.live & ~hit
                 self._selector = _bitmap_selector(self.live)
         self.ids = _delete_sorted(self.ids, np.sort(ids))
-        if self.mode == "hnsw" and (len(self.ids) == 0 or self.n_dead > len(self.ids)):
-            self.rebuild()
-        elif self.mode != "hnsw" and 2 * len(self.ids) < self._peak:
-            # faiss keeps the capacity of its code vectors when they shrink: a copy frees it
-            # (the old side empties during a backfill); amortised O(1) per removed item
-            self.index, self._peak = faiss.clone_index(self.index), len(self.ids)
 
-    def rebuild(self, chunk: int = 65536) -> None:
-        """HNSW: a fresh graph of the live items (their stored vectors), no tombstones."""
+    # -- maintenance: built without the write lock (readers go on), installed under it --
+    def maintenance(self, force: bool = False) -> Any | None:
+        """A compacted copy of the index if one is due (or ``force``), else ``None``.
+
+        HNSW: a fresh graph of the live vectors once tombstones outnumber live
+        items (or none is left). Flat / IVF: a copy once the side holds fewer than
+        half the items it held at its largest, because faiss keeps the capacity of
+        its code vectors when they shrink (the old side empties during a
+        backfill); amortised O(1) per removed item. Only reads the index, so
+        searches may run meanwhile; the caller must keep other writers out.
+        """
+        if self.mode == "hnsw":
+            if self.n_dead and (force or len(self.ids) == 0 or self.n_dead > len(self.ids)):
+                return self._live_graph()
+        elif force or 2 * len(self.ids) < self._peak:
+            return faiss.clone_index(self.index)
+        return None
+
+    def _live_graph(self, chunk: int = 65536) -> Any:
         fresh, _ = _new_index(self.d, self.factory)
         for start in range(0, len(self.labels), chunk):
             keep = self.live[start:start + chunk]
             if keep.any():
                 vecs = self.index.reconstruct_n(start, len(keep))
                 fresh.add(np.ascontiguousarray(vecs[keep]))
-        self.index, self.labels = fresh, self.labels[self.live]
-        self.live, self._selector = np.ones(len(self.labels), bool), None
+        return fresh
+
+    def install(self, index: Any) -> None:
+        """Put a trained index (empty side) or a :meth:`maintenance` copy in place (write lock held)."""
+        if self.mode == "hnsw" and len(self.labels):
+            self.labels, self.live, self._selector = self.labels[self.live], np.ones(len(self.ids), bool), None
+        self.index, self._peak = index, len(self.ids)
 
     def set_search_params(self, params: dict) -> None:
         self.search_params = check_search_params({**self.search_params, **params}, self.mode, self.factory)

@@ -455,3 +455,30 @@ def test_bench_serve_runs_and_writes_json(tmp_path):
     assert sweep["value"] in (16, 64) and len(sweep["recall_at_10_merged"]) == 3
     assert bench_serve.nlist_for(1_000_000) == 4096 and bench_serve.nlist_for(100_000) == 1024
     assert bench_serve.recall_at(np.array([[1, 2], [3, 4]]), np.array([[2, 1], [3, 5]])) == 0.75
+
+
+def test_searches_go_on_while_an_hnsw_graph_is_rebuilt(monkeypatch):
+    n = 200
+    old, new, _, q = class_data(n, 3, 8, 8, seed=10)
+    index = OnlineBackfillIndex(8, 8, factory="HNSW8", search_params={"efSearch": 2 * n})
+    index.add_old(np.arange(n), old)
+    started, release = threading.Event(), threading.Event()
+    live_graph = serve_parts.FaissSide._live_graph
+
+    def slow_live_graph(self, *args, **kwargs):
+        started.set()
+        release.wait(10)
+        return live_graph(self, *args, **kwargs)
+
+    monkeypatch.setattr(serve_parts.FaissSide, "_live_graph", slow_live_graph)
+    worker = threading.Thread(target=index.backfill, args=(np.arange(120), new[:120]))
+    worker.start()  # 120 tombstones > 80 live items: the old side's graph is rebuilt
+    assert started.wait(10)
+    t0 = time.perf_counter()
+    D, I = index.search(q, n)
+    waited = time.perf_counter() - t0
+    release.set()
+    worker.join(10)
+    assert waited < 5, f"a search waited {waited:.1f} s for the rebuild"
+    assert all(sorted(row) == list(range(n)) for row in I.tolist())
+    assert index._old.n_dead == 0 and index.n_new == 120
