@@ -298,7 +298,9 @@ def goals(table: pd.DataFrame, rows: list[dict], target_size: int = 1_000_000) -
     2. An approximate factory reaches recall@10 >= 0.95 at ``target_size``
        items: per family, the smallest swept search parameter whose merged
        recall@10 is >= 0.95 at every ratio, with the merged and single
-       throughputs of the sweep (batch of the recall queries) at that value.
+       throughputs of the sweep (batch of the recall queries) at that value and
+       the merged throughput relative to the exact merged index at batch 256
+       (``speedup_vs_exact``: an approximate index is only worth it above 1).
     """
     flat = table[table.factory == "Flat"]
     worst = float(flat[["time_ratio_b1", "time_ratio_b256"]].max().max()) if len(flat) else float("nan")
@@ -317,7 +319,11 @@ def goals(table: pd.DataFrame, rows: list[dict], target_size: int = 1_000_000) -
                        "recall_at_10_merged": [e["merged"]["recall_at_10"] for e in per_value[best]],
                        "qps_merged": [e["merged"]["qps"] for e in per_value[best]],
                        "recall_at_10_single": [e["single"]["recall_at_10"] for e in per_value[best]],
-                       "qps_single": [e["single"]["qps"] for e in per_value[best]]}
+                       "qps_single": [e["single"]["qps"] for e in per_value[best]],
+                       "speedup_vs_exact": [e["merged"]["qps"] / float(exact.iloc[0]) for e, exact in zip(
+                           per_value[best], (table[(table["size"] == target_size) & (table.factory == "Flat")
+                                                   & (table.ratio == r["ratio"])].qps_b256_merged
+                                             for r in merged))]}
     return {"exact_time_ratio_max": worst, "exact_within_1.2x": bool(worst <= 1.2),
             "approximate_at_target": approx, "target_size": target_size,
             "approximate_recall_0.95_met": any(v["reaches_0.95"] for v in approx.values())}
@@ -348,7 +354,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="faiss (OpenMP) threads")
     p.add_argument("--torch-threads", type=int, default=1, help="torch threads (psi, rho, psi's training)")
     p.add_argument("--nprobe", type=int, default=16, help="timed runs probe nlist / NPROBE IVF lists")
-    p.add_argument("--nprobe-sweep", type=int, nargs="*", default=[64, 32, 16, 8, 4],
+    p.add_argument("--nprobe-sweep", type=int, nargs="*", default=[64, 32, 16, 8, 4, 2],
                    help="recall sweep: nprobe = nlist / each value")
     p.add_argument("--hnsw-m", type=int, default=32)
     p.add_argument("--ef-search", type=int, default=256, help="HNSW efSearch in the timed runs")
