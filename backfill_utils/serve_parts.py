@@ -238,15 +238,17 @@ class Transform:
         module = self.fn
         if module.training:
             module.eval()
-        device, dtype = self._device, self._dtype
+        plain = self._device.type == "cpu" and self._dtype == torch.float32  # no conversions (the usual case)
         parts = []
         with torch.inference_mode():
             for start in range(0, max(len(x), 1), self.batch_size):
-                chunk = np.require(x[start:start + self.batch_size], requirements="W")
-                out = module(torch.from_numpy(chunk).to(device, dtype))
+                chunk = x[start:start + self.batch_size]
+                t = torch.from_numpy(chunk if chunk.flags.writeable else chunk.copy())
+                out = module(t if plain else t.to(self._device, self._dtype))
                 out = out[0] if isinstance(out, (tuple, list)) else out
-                parts.append(out.detach().float().cpu().numpy())
-        return np.concatenate(parts, axis=0)
+                parts.append(out.numpy() if plain and out.dtype == torch.float32 and out.device.type == "cpu"
+                             else out.detach().float().cpu().numpy())
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Apply to checked float32 ``(n, d_in)`` input; float32 C-contiguous output."""
@@ -492,12 +494,18 @@ def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], nq: int, k: int) -> t
     """
     if not parts:
         return np.full((nq, k), np.inf, np.float32), np.full((nq, k), -1, np.int64)
-    D = np.concatenate([p[0] for p in parts], axis=1).astype(np.float32, copy=False)
-    I = np.concatenate([p[1] for p in parts], axis=1).astype(np.int64, copy=False)
+    D = parts[0][0] if len(parts) == 1 else np.concatenate([p[0] for p in parts], axis=1)
+    I = parts[0][1] if len(parts) == 1 else np.concatenate([p[1] for p in parts], axis=1)
+    D, I = D.astype(np.float32, copy=False), I.astype(np.int64, copy=False)
     missing = I < 0
-    D = np.where(missing, np.float32(np.inf), D)
-    sel = np.lexsort((np.where(missing, _INT64_MAX, I), D), axis=1)[:, :k]
-    D, I = np.take_along_axis(D, sel, 1), np.take_along_axis(I, sel, 1)
+    if missing.any():
+        D = np.where(missing, np.float32(np.inf), D)
+    # one faiss list is sorted by distance already; sort when there are two, or ties to order by id
+    if len(parts) > 1 or (D[:, 1:] == D[:, :-1]).any():
+        sel = np.lexsort((np.where(missing, _INT64_MAX, I), D), axis=1)[:, :k]
+        rows = np.arange(len(D))[:, None]
+        D, I = D[rows, sel], I[rows, sel]
+    D, I = D[:, :k], I[:, :k]
     if D.shape[1] < k:
         pad = ((0, 0), (0, k - D.shape[1]))
         D, I = np.pad(D, pad, constant_values=np.inf), np.pad(I, pad, constant_values=-1)
