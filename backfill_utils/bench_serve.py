@@ -257,7 +257,7 @@ def _environment(threads: int, torch_threads: int) -> dict:
     return {"machine": platform.machine(), "cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(),
             "faiss": faiss.__version__, "torch": torch.__version__, "numpy": np.__version__,
             "faiss_threads": threads, "torch_threads": torch_threads, "platform": platform.platform(),
-            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"), "git": _git_state()}
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}
 
 
 def _git_state() -> str | None:
@@ -390,6 +390,7 @@ def main(argv=None) -> dict:
         print(json.dumps(_worker(args), default=float))
         return {}
     started, load_before, t_start = time.strftime("%Y-%m-%dT%H:%M:%S"), os.getloadavg(), time.perf_counter()
+    git = _git_state()  # the code that runs, before anything can change it
     per_size, rows = [], []
     for n in args.sizes:
         print(f"gallery {n:,} items, {args.dim}-d, factories {args.factories}, ratios {args.ratios}, "
@@ -405,8 +406,8 @@ def main(argv=None) -> dict:
     table = summarize(rows)
     result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                          if k not in ("worker", "size", "no_progress")},
-              "environment": {**_environment(args.threads, args.torch_threads), "started": started, "load_average_before": load_before,
-                              "load_average_after": os.getloadavg(),
+              "environment": {**_environment(args.threads, args.torch_threads), "git": git, "started": started,
+                              "load_average_before": load_before, "load_average_after": os.getloadavg(),
                               "wall_seconds": time.perf_counter() - t_start},
               "per_size": per_size, "table": table.to_dict(orient="records"), "rows": rows,
               "goals": goals(table, rows, max(args.sizes))}

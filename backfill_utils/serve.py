@@ -62,16 +62,16 @@ import operator
 import os
 import tempfile
 import threading
-import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
 import faiss
 import numpy as np
-import torch
 
 from . import __version__
-from .serve_parts import FaissSide, RWLock, Transform, as_ids, as_matrix, contains_sorted, merge_topk
+from .serve_parts import (RWLock, Transform, as_ids, as_matrix, contains_sorted, merge_topk, read_index_file,
+                          transform_from_state, transform_state)
+from .serve_side import FaissSide
 
 __all__ = ["OnlineBackfillIndex", "FORMAT", "FORMAT_VERSION"]
 
@@ -150,7 +150,8 @@ class OnlineBackfillIndex:
         d_old_side = g.d_out if g else self.d_old
         d_query = q.d_out if q else self.d_new
         if not self.two_pass and d_query != d_old_side:
-            what = f"query_transform outputs dimension {d_query}" if q else f"d_new is {self.d_new} (no query_transform)"
+            what = (f"query_transform outputs dimension {d_query}" if q
+                    else f"d_new is {self.d_new} (no query_transform)")
             raise ValueError(
                 f"the old side holds vectors of dimension {d_old_side} but {what}: the query searched on the "
                 "old side must have the old side's dimension (give a query_transform psi: new -> old, a "
@@ -362,7 +363,8 @@ class OnlineBackfillIndex:
         if query_old is not None:
             qo = as_matrix(query_old, "query_old", self._old.d)
             if len(qo) != len(q):
-                raise ValueError(f"query_old has {len(qo)} rows but query_new has {len(q)}; both embed the same queries")
+                raise ValueError(f"query_old has {len(qo)} rows but query_new has {len(q)}; "
+                                 "both embed the same queries")
         elif self.two_pass:
             raise ValueError("this index serves rank merge (two_pass=True): pass query_old=, the old model's "
                              "embeddings of the queries")
@@ -391,7 +393,7 @@ class OnlineBackfillIndex:
         """
         path = Path(path)
         arrays: dict[str, np.ndarray] = {}
-        transforms = {slot: _transform_state(self._transforms[slot], slot, skip_transforms, arrays)
+        transforms = {slot: transform_state(self._transforms[slot], slot, skip_transforms, arrays)
                       for slot in _SLOTS}
         with self._lock.read():
             sides = {name: side.state() for name, side in (("old", self._old), ("new", self._new))}
@@ -432,11 +434,11 @@ class OnlineBackfillIndex:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such index file")
-        data, meta = _read_file(path)
+        data, meta = read_index_file(path, FORMAT, FORMAT_VERSION)
         given = {"query": query_transform, "new": new_transform, "gallery": gallery_transform}
         try:
             fns = {slot: given[slot] if given[slot] is not _UNSET
-                   else _transform_from_state(meta["transforms"][slot], slot, data, path) for slot in _SLOTS}
+                   else transform_from_state(meta["transforms"][slot], slot, data, path) for slot in _SLOTS}
             index = cls(meta["d_old"], meta["d_new"], query_transform=fns["query"], new_transform=fns["new"],
                         gallery_transform=fns["gallery"], factory=meta["factory"],
                         search_params=meta["search_params"], two_pass=meta["two_pass"], batch_size=batch_size)
@@ -448,71 +450,8 @@ class OnlineBackfillIndex:
                         f"transforms now give {side.d} ({side.mode}); pass transforms with the saved dimensions")
                 side.restore({key: data[f"{name}.{key}"] for key in ("index", "ids", "labels", "live")}, str(path))
         except (KeyError, TypeError, RuntimeError) as exc:
-            raise ValueError(f"{path}: not a consistent OnlineBackfillIndex file ({type(exc).__name__}: {exc})") from None
+            raise ValueError(f"{path}: not a consistent OnlineBackfillIndex file "
+                             f"({type(exc).__name__}: {exc})") from None
         if contains_sorted(index._old.ids, index._new.ids).any():
             raise ValueError(f"{path}: some ids are on both sides; the file is inconsistent")
         return index
-
-
-# ---------------------------------------------------------------------------
-# Persistence helpers
-# ---------------------------------------------------------------------------
-def _transform_state(t: Transform | None, slot: str, skip: bool, arrays: dict) -> dict | None:
-    """Meta entry of one transform; its ``state_dict`` goes into ``arrays``."""
-    from .compat import build_module
-
-    if t is None:
-        return None
-    fn = t.fn
-    config = getattr(fn, "config", None) if t.is_module else None
-    why = None
-    if not isinstance(config, dict):
-        why = "it is not a torch module with a .config" if not t.is_module else "the module has no .config dict"
-    else:
-        try:
-            build_module(config).load_state_dict(fn.state_dict())
-        except Exception as exc:  # noqa: BLE001 - any failure means: cannot be rebuilt
-            why = f"backfill_utils.compat.build_module cannot rebuild it from its .config ({exc})"
-    if why is not None:
-        if skip:
-            return {"kind": "unsaved", "type": type(fn).__name__}
-        raise ValueError(
-            f"cannot save the {slot}_transform ({type(fn).__name__}): {why}. Pass skip_transforms=True to save "
-            f"the index without it, and give it again to OnlineBackfillIndex.load(path, {slot}_transform=...)")
-    keys = []
-    for key, value in fn.state_dict().items():
-        arrays[f"transform.{slot}.{key}"] = value.detach().cpu().numpy()
-        keys.append(key)
-    return {"kind": "module", "config": config, "keys": keys}
-
-
-def _transform_from_state(state: dict | None, slot: str, data: dict, path: Path) -> torch.nn.Module | None:
-    from .compat import build_module
-
-    if state is None:
-        return None
-    if state.get("kind") == "unsaved":
-        raise ValueError(f"{path}: the {slot}_transform ({state.get('type')}) was not saved "
-                         f"(skip_transforms=True); pass it: OnlineBackfillIndex.load(path, {slot}_transform=...)")
-    module = build_module(state["config"])
-    sd = {key: torch.from_numpy(np.array(data[f"transform.{slot}.{key}"])) for key in state["keys"]}
-    module.load_state_dict(sd)
-    return module.eval()
-
-
-def _read_file(path: Path) -> tuple[dict, dict]:
-    """Every array of a saved index (CRC-checked by zipfile) and its metadata."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            data = {key: z[key] for key in z.files}
-        meta = json.loads(bytes(data["meta"]).decode())
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not a readable OnlineBackfillIndex file (corrupt or truncated?): "
-                         f"{type(exc).__name__}: {exc}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: not an OnlineBackfillIndex file (format field "
-                         f"{meta.get('format') if isinstance(meta, dict) else None!r})")
-    if meta.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: saved in format version {meta.get('version')!r}; this code reads version "
-                         f"{FORMAT_VERSION} (use the backfill_utils version that wrote it)")
-    return data, meta

@@ -1,4 +1,4 @@
-"""Building blocks of :mod:`backfill_utils.serve`: a lock, input checks, transforms, one side.
+"""Building blocks of :mod:`backfill_utils.serve`: lock, input checks, transforms, merge, file.
 
 * :class:`RWLock` -- a writer-preferring readers-writer lock: searches share it,
   mutations hold it alone.
@@ -6,44 +6,30 @@
   its input (dimensions, NaN/inf, dtypes, duplicate or negative ids).
 * :class:`Transform` -- psi, rho or h: a torch module (run in eval mode, without
   gradients, in batches) or a plain callable on float32 numpy arrays.
-* :class:`FaissSide` -- one side of the mixed gallery: a faiss index built from a
-  factory string, in squared Euclidean distance (``METRIC_L2``), with the ids of
-  the items it holds.
+* :func:`merge_topk` -- the two sides' lists merged by (distance, id);
+* :func:`transform_state`, :func:`transform_from_state`, :func:`read_index_file`
+  -- the transforms and the archive of a saved index.
 
-How a side keeps ids (faiss indexes differ in what they can remove):
+One side of the gallery (a faiss index and its ids) is
+:class:`backfill_utils.serve_side.FaissSide`.
 
-========================  =========================================================
-factory family            ids and removal
-========================  =========================================================
-``Flat``, ``PQ``, ``SQ``  vectors are numbered by position; a numpy array maps
-                          position -> id; ``remove_ids`` (a bitmap of positions)
-                          keeps the order of the other vectors, and so does the map
-``IVF...``                the IVF index's own ids (``add_with_ids``) with a hash-table
-                          direct map, so removal does not scan the lists (an
-                          ``IndexIDMap`` around an IVF index maps ids wrongly after
-                          a removal)
-``HNSW...``               position -> id as for Flat; HNSW graphs cannot remove
-                          nodes, so removed items are tombstones that a bitmap
-                          selector keeps out of every search; when they outnumber
-                          the live items the graph is rebuilt from the live vectors
-========================  =========================================================
-
-The position -> id map plays the part of ``faiss.IndexIDMap`` / ``IndexIDMap2``
-without their cost: ``IndexIDMap.search`` translates labels in an OpenMP
-region of its own, which on a loaded machine can stall a one-query search for
-milliseconds, and ``IndexIDMap2`` rebuilds a hash table on every removal.
 """
 from __future__ import annotations
 
+import json
 import threading
+import zipfile
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import faiss
 import numpy as np
 import torch
 
-__all__ = ["RWLock", "as_matrix", "as_ids", "Transform", "FaissSide", "merge_topk"]
+from .compat import build_module
+
+__all__ = ["RWLock", "as_matrix", "as_ids", "contains_sorted", "insert_sorted", "delete_sorted", "Transform",
+           "merge_topk", "transform_state", "transform_from_state", "read_index_file"]
 
 _INT64_MAX = np.iinfo(np.int64).max
 
@@ -179,12 +165,14 @@ def contains_sorted(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return sorted_ids[np.minimum(pos, len(sorted_ids) - 1)] == ids
 
 
-def _insert_sorted(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+def insert_sorted(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """``sorted_ids`` with ``ids`` (not in it) inserted, still sorted; O(n + m)."""
     ids = np.sort(ids)
     return np.insert(sorted_ids, np.searchsorted(sorted_ids, ids), ids)
 
 
-def _delete_sorted(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+def delete_sorted(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """``sorted_ids`` without the sorted ``ids`` (all in it); O(n + m)."""
     return np.delete(sorted_ids, np.searchsorted(sorted_ids, ids))
 
 
@@ -263,224 +251,6 @@ class Transform:
         return out
 
 
-# ---------------------------------------------------------------------------
-# One side of the mixed gallery
-# ---------------------------------------------------------------------------
-_PARAM_KINDS = {"nprobe": "ivf", "efSearch": "hnsw"}
-
-
-def _family(index: Any) -> str | None:
-    """How a side keeps ids in ``index``: ``"ivf"``, ``"hnsw"``, ``"flat"``, or None (unsupported)."""
-    for cls, mode in ((faiss.IndexIVF, "ivf"), (faiss.IndexHNSW, "hnsw"), (faiss.IndexFlatCodes, "flat")):
-        if isinstance(index, cls):
-            return mode
-    return None
-
-
-def _new_index(d: int, factory: str) -> tuple[Any, str]:
-    try:
-        index = faiss.index_factory(int(d), str(factory), faiss.METRIC_L2)
-    except RuntimeError as exc:
-        msg = str(exc).strip().splitlines()[-1]
-        raise ValueError(f"factory {factory!r} is not a faiss index_factory string faiss can build "
-                         f"for dimension {d} ({msg}); e.g. 'Flat', 'IVF1024,Flat', 'HNSW32'") from None
-    mode = _family(index)
-    if mode == "ivf":
-        index.set_direct_map_type(faiss.DirectMap.Hashtable)
-    if mode is not None:
-        return index, mode
-    raise ValueError(
-        f"factory {factory!r} builds a faiss {type(index).__name__}, which this index cannot serve "
-        "(it needs removal by id); use 'Flat' (exact), 'PQ<m>', 'SQ8', 'IVF<nlist>,<codes>' or 'HNSW<M>[,<codes>]' "
-        "(no 'IDMap': ids are handled by the index)")
-
-
-def check_search_params(params: dict | None, mode: str, factory: str) -> dict:
-    """Validated search parameters of a side: ``nprobe`` (IVF), ``efSearch`` (HNSW)."""
-    out = {}
-    for key, value in dict(params or {}).items():
-        if key not in _PARAM_KINDS:
-            raise ValueError(f"unknown search parameter {key!r}; known: {sorted(_PARAM_KINDS)}")
-        if _PARAM_KINDS[key] != mode:
-            raise ValueError(f"search parameter {key!r} applies to {_PARAM_KINDS[key].upper()} indexes, "
-                             f"not to factory {factory!r}")
-        if int(value) != value or int(value) < 1:
-            raise ValueError(f"search parameter {key} must be a positive integer, got {value!r}")
-        out[key] = int(value)
-    return out
-
-
-def _bitmap_selector(mask: np.ndarray) -> tuple:
-    """A faiss selector of the positions where ``mask`` is True (with the bitmap it reads)."""
-    bits = np.packbits(mask, bitorder="little")
-    return bits, faiss.IDSelectorBitmap(bits)
-
-
-class FaissSide:
-    """One side (old or new) of the mixed gallery. Not thread-safe by itself:
-    :class:`~backfill_utils.serve.OnlineBackfillIndex` calls it under its lock.
-
-    ``ids`` (sorted int64) are the live items. Flat and HNSW indexes number their
-    vectors by position; ``labels[position]`` is the id there, and for HNSW
-    ``live[position]`` says whether it is still in the gallery (tombstones).
-    """
-
-    def __init__(self, d: int, factory: str, name: str, search_params: dict | None = None) -> None:
-        self.d, self.factory, self.name = int(d), str(factory), name
-        self.index, self.mode = _new_index(self.d, self.factory)
-        self.search_params = check_search_params(search_params, self.mode, self.factory)
-        self.ids = np.empty(0, np.int64)
-        self.labels = np.empty(0, np.int64)
-        self.live = np.empty(0, bool)
-        self._selector: tuple | None = None
-        self._peak = 0  # most items held since the last copy (see remove)
-
-    # -- state --------------------------------------------------------------
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @property
-    def n_dead(self) -> int:
-        """HNSW tombstones: removed items whose vectors are still in the graph."""
-        return int(len(self.live) - self.live.sum())
-
-    @property
-    def is_trained(self) -> bool:
-        return bool(self.index.is_trained)
-
-    def trained_index(self, x: np.ndarray) -> Any:
-        """A fresh index of this side's factory trained on float32 vectors ``x`` (IVF, PQ, SQ).
-
-        Built without touching the side; :meth:`install` puts it in place (the
-        side must be empty: faiss cannot retrain a filled index).
-        """
-        if len(self.ids) or self.index.ntotal:
-            raise ValueError(f"the {self.name} side already holds {len(self.ids)} items; faiss cannot "
-                             "retrain a filled index (train before adding)")
-        fresh, _ = _new_index(self.d, self.factory)
-        try:
-            fresh.train(x)
-        except RuntimeError as exc:
-            msg = str(exc).strip().splitlines()[-1]
-            raise ValueError(
-                f"could not train the {self.name} side ({self.factory!r}) on {len(x)} vectors ({msg}); give "
-                "a representative sample of at least nlist items (faiss recommends 39 x nlist) to "
-                "OnlineBackfillIndex.train") from None
-        return fresh
-
-    # -- mutations (caller holds the write lock; ids are checked by the caller) --
-    def add(self, ids: np.ndarray, x: np.ndarray) -> None:
-        if len(ids) == 0:
-            return
-        if not self.is_trained:
-            raise RuntimeError(f"the {self.name} side must be trained before adding (trained_index, install)")
-        if self.mode == "ivf":
-            self.index.add_with_ids(x, ids)
-        else:
-            self.index.add(x)
-            self.labels = np.concatenate([self.labels, ids])
-            self.live = np.concatenate([self.live, np.ones(len(ids), bool)])
-            if self._selector is not None:
-                self._selector = _bitmap_selector(self.live)
-        self.ids = _insert_sorted(self.ids, ids)
-        self._peak = max(self._peak, len(self.ids))
-
-    def remove(self, ids: np.ndarray) -> None:
-        if len(ids) == 0:
-            return
-        if self.mode == "ivf":
-            removed = self.index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64))
-            if removed != len(ids):
-                raise RuntimeError(f"faiss removed {removed} of {len(ids)} items from the {self.name} side")
-        else:
-            hit = contains_sorted(np.sort(ids), self.labels) & self.live
-            if self.mode == "flat":  # IndexFlatCodes.remove_ids keeps the order of the other vectors
-                bits, selector = _bitmap_selector(hit)  # bits must outlive the call
-                self.index.remove_ids(selector)
-                self.labels, self.live = self.labels[~hit], self.live[~hit]
-            else:
-                self.live = self.live & ~hit
-                self._selector = _bitmap_selector(self.live)
-        self.ids = _delete_sorted(self.ids, np.sort(ids))
-
-    # -- maintenance: built without the write lock (readers go on), installed under it --
-    def maintenance(self, force: bool = False) -> Any | None:
-        """A compacted copy of the index if one is due (or ``force``), else ``None``.
-
-        HNSW: a fresh graph of the live vectors once tombstones outnumber live
-        items (or none is left). Flat / IVF: a copy once the side holds fewer than
-        half the items it held at its largest, because faiss keeps the capacity of
-        its code vectors when they shrink (the old side empties during a
-        backfill); amortised O(1) per removed item. Only reads the index, so
-        searches may run meanwhile; the caller must keep other writers out.
-        """
-        if self.mode == "hnsw":
-            if self.n_dead and (force or len(self.ids) == 0 or self.n_dead > len(self.ids)):
-                return self._live_graph()
-        elif force or 2 * len(self.ids) < self._peak:
-            return faiss.clone_index(self.index)
-        return None
-
-    def _live_graph(self, chunk: int = 65536) -> Any:
-        fresh, _ = _new_index(self.d, self.factory)
-        for start in range(0, len(self.labels), chunk):
-            keep = self.live[start:start + chunk]
-            if keep.any():
-                vecs = self.index.reconstruct_n(start, len(keep))
-                fresh.add(np.ascontiguousarray(vecs[keep]))
-        return fresh
-
-    def install(self, index: Any) -> None:
-        """Put a trained index (empty side) or a :meth:`maintenance` copy in place (write lock held)."""
-        if self.mode == "hnsw" and len(self.labels):
-            self.labels, self.live, self._selector = self.labels[self.live], np.ones(len(self.ids), bool), None
-        self.index, self._peak = index, len(self.ids)
-
-    def set_search_params(self, params: dict) -> None:
-        self.search_params = check_search_params({**self.search_params, **params}, self.mode, self.factory)
-
-    # -- search (caller holds the read lock) ----------------------------------
-    def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """Top-``min(k, len(self))`` of the live items as ``(D, ids)``, or ``None`` if empty."""
-        if len(self.ids) == 0:
-            return None
-        kk = min(int(k), len(self.ids))
-        if self.mode == "ivf":
-            return self.index.search(x, kk, params=faiss.SearchParametersIVF(**self.search_params))
-        if self.mode == "hnsw":
-            params = faiss.SearchParametersHNSW(**self.search_params)
-            if self._selector is not None:
-                params.sel = self._selector[1]
-            D, P = self.index.search(x, kk, params=params)
-        else:
-            D, P = self.index.search(x, kk)
-        return D, np.where(P >= 0, self.labels[np.maximum(P, 0)], -1)
-
-    # -- persistence -------------------------------------------------------------
-    def state(self) -> dict[str, Any]:
-        return {"index": faiss.serialize_index(self.index), "ids": self.ids, "labels": self.labels,
-                "live": self.live}
-
-    def restore(self, state: dict[str, np.ndarray], where: str) -> None:
-        """Replace the index by a serialized one, checked against the saved ids."""
-        index = faiss.deserialize_index(np.ascontiguousarray(state["index"], dtype=np.uint8))
-        if _family(index) != self.mode or index.d != self.d:
-            raise ValueError(f"{where}: the {self.name} side's faiss index is a {type(index).__name__} of "
-                             f"dimension {index.d}, not the {self.mode} index of dimension {self.d} "
-                             f"that factory {self.factory!r} builds")
-        ids = np.asarray(state["ids"], np.int64)
-        labels, live = np.asarray(state["labels"], np.int64), np.asarray(state["live"], bool)
-        consistent = (np.diff(ids) > 0).all() and (
-            index.ntotal == len(ids) if self.mode == "ivf" else
-            index.ntotal == len(labels) == len(live) and np.array_equal(np.sort(labels[live]), ids))
-        if not consistent:
-            raise ValueError(f"{where}: the {self.name} side holds {index.ntotal} vectors, which do not match the "
-                             f"{len(ids)} ids saved with it; the file is inconsistent")
-        self.index, self.ids, self.labels, self.live = index, ids, labels, live
-        self._peak = len(ids)
-        self._selector = _bitmap_selector(live) if self.n_dead else None
-
-
 def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Merge per-side ``(D, I)`` lists into the top ``k`` by ``(distance, id)``.
 
@@ -510,3 +280,63 @@ def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], nq: int, k: int) -> t
         pad = ((0, 0), (0, k - D.shape[1]))
         D, I = np.pad(D, pad, constant_values=np.inf), np.pad(I, pad, constant_values=-1)
     return np.ascontiguousarray(D, dtype=np.float32), np.ascontiguousarray(I, dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------
+# Persistence helpers
+# ---------------------------------------------------------------------------
+def transform_state(t: Transform | None, slot: str, skip: bool, arrays: dict) -> dict | None:
+    """Meta entry of one transform; its ``state_dict`` goes into ``arrays``."""
+    if t is None:
+        return None
+    fn = t.fn
+    config = getattr(fn, "config", None) if t.is_module else None
+    why = None
+    if not isinstance(config, dict):
+        why = "it is not a torch module with a .config" if not t.is_module else "the module has no .config dict"
+    else:
+        try:
+            build_module(config).load_state_dict(fn.state_dict())
+        except Exception as exc:  # noqa: BLE001 - any failure means: cannot be rebuilt
+            why = f"backfill_utils.compat.build_module cannot rebuild it from its .config ({exc})"
+    if why is not None:
+        if skip:
+            return {"kind": "unsaved", "type": type(fn).__name__}
+        raise ValueError(
+            f"cannot save the {slot}_transform ({type(fn).__name__}): {why}. Pass skip_transforms=True to save "
+            f"the index without it, and give it again to OnlineBackfillIndex.load(path, {slot}_transform=...)")
+    keys = []
+    for key, value in fn.state_dict().items():
+        arrays[f"transform.{slot}.{key}"] = value.detach().cpu().numpy()
+        keys.append(key)
+    return {"kind": "module", "config": config, "keys": keys}
+
+
+def transform_from_state(state: dict | None, slot: str, data: dict, path: Path) -> torch.nn.Module | None:
+    if state is None:
+        return None
+    if state.get("kind") == "unsaved":
+        raise ValueError(f"{path}: the {slot}_transform ({state.get('type')}) was not saved "
+                         f"(skip_transforms=True); pass it: OnlineBackfillIndex.load(path, {slot}_transform=...)")
+    module = build_module(state["config"])
+    sd = {key: torch.from_numpy(np.array(data[f"transform.{slot}.{key}"])) for key in state["keys"]}
+    module.load_state_dict(sd)
+    return module.eval()
+
+
+def read_index_file(path: Path, fmt: str, version: int) -> tuple[dict, dict]:
+    """Every array of a saved index (CRC-checked by zipfile) and its metadata."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {key: z[key] for key in z.files}
+        meta = json.loads(bytes(data["meta"]).decode())
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable OnlineBackfillIndex file (corrupt or truncated?): "
+                         f"{type(exc).__name__}: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise ValueError(f"{path}: not an OnlineBackfillIndex file (format field "
+                         f"{meta.get('format') if isinstance(meta, dict) else None!r})")
+    if meta.get("version") != version:
+        raise ValueError(f"{path}: saved in format version {meta.get('version')!r}; this code reads version "
+                         f"{version} (use the backfill_utils version that wrote it)")
+    return data, meta

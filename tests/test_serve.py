@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from backfill_utils import backfill as bf
-from backfill_utils import compat, metrics, serve, serve_parts
+from backfill_utils import compat, metrics, serve, serve_parts, serve_side
 from backfill_utils.serve import OnlineBackfillIndex
 
 U = 2.0 ** -24
@@ -432,7 +432,7 @@ def test_corrupt_truncated_or_foreign_files_are_clear_errors(tmp_path):
 
 
 def test_doctests():
-    for module in (serve, serve_parts):
+    for module in (serve, serve_parts, serve_side):
         res = doctest.testmod(module)
         assert res.failed == 0 and res.attempted > 0
 
@@ -444,7 +444,8 @@ def test_bench_serve_runs_and_writes_json(tmp_path):
     res = bench_serve.main(["--sizes", "1500", "--psi-train", "300", "--psi-epochs", "1", "--min-queries", "2",
                             "--max-queries", "4", "--min-batches", "1", "--max-batches", "1", "--batch-size", "32",
                             "--max-seconds", "0", "--train-size", "1500", "--nprobe-sweep", "8", "2",
-                            "--ef-sweep", "16", "--nprobe", "1", "--ef-search", "1500", "--out", str(out), "--no-progress"])
+                            "--ef-sweep", "16", "--nprobe", "1", "--ef-search", "1500", "--out", str(out),
+                            "--no-progress"])
     assert out.exists() and res["environment"]["faiss_threads"] == 2
     table = res["table"]
     assert {(r["factory"], r["ratio"]) for r in table} == {(f, r) for f in ("Flat", "IVF128,Flat", "HNSW32")
@@ -463,14 +464,14 @@ def test_searches_go_on_while_an_hnsw_graph_is_rebuilt(monkeypatch):
     index = OnlineBackfillIndex(8, 8, factory="HNSW8", search_params={"efSearch": 2 * n})
     index.add_old(np.arange(n), old)
     started, release = threading.Event(), threading.Event()
-    live_graph = serve_parts.FaissSide._live_graph
+    live_graph = serve_side.FaissSide._live_graph
 
     def slow_live_graph(self, *args, **kwargs):
         started.set()
         release.wait(10)
         return live_graph(self, *args, **kwargs)
 
-    monkeypatch.setattr(serve_parts.FaissSide, "_live_graph", slow_live_graph)
+    monkeypatch.setattr(serve_side.FaissSide, "_live_graph", slow_live_graph)
     worker = threading.Thread(target=index.backfill, args=(np.arange(120), new[:120]))
     worker.start()  # 120 tombstones > 80 live items: the old side's graph is rebuilt
     assert started.wait(10)
