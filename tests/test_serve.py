@@ -450,6 +450,7 @@ def test_bench_serve_runs_and_writes_json(tmp_path):
     table = res["table"]
     assert {(r["factory"], r["ratio"]) for r in table} == {(f, r) for f in ("Flat", "IVF128,Flat", "HNSW32")
                                                           for r in (0.0, 0.5, 1.0)}
+    assert all(r["index_ratio_b1"] > 0 for r in table if r["factory"] == "Flat")
     for r in table:  # timed runs: IVF probes every list, HNSW's beam is as wide as the gallery
         assert r["factory"] == "Flat" or r["recall_at_10_merged"] >= (0.99 if r["factory"].startswith("IVF") else 0.9)
     sweep = res["goals"]["approximate_at_target"]["IVF"]
