@@ -43,14 +43,18 @@ def _unreadable(path: str, err: BaseException) -> DatasetError:
 def load_rgb(path: str | os.PathLike):
     """The image file ``path`` as an RGB PIL image (fully decoded).
 
-    Any mode is converted (``L``/``LA``/``P``/``CMYK`` -> ``RGB``; alpha is dropped).
+    Any mode is converted (``L``/``LA``/``P``/``CMYK`` -> ``RGB``; alpha is dropped;
+    16-bit grey is scaled to 8 bits rather than clipped).
     Raises :class:`DatasetError` naming the file when it cannot be decoded.
     """
     from PIL import Image
 
     try:
         with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")  # convert() decodes the pixels inside the with-block
+            img = Image.open(f)
+            if img.mode.startswith("I;16"):  # 16-bit grey: PIL would clip it to 8 bits (white)
+                img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().astype(np.uint8))
+            return img.convert("RGB")  # convert() decodes the pixels inside the with-block
     except (*_DECODE_ERRORS, Image.DecompressionBombError) as err:
         raise _unreadable(str(path), err) from None
 
