@@ -84,6 +84,8 @@ class Recipe:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if not self.name:
+            raise TypeError(f"Recipe is the shared base; use one of {sorted(RECIPES)}")
         self._validate()
 
     # -- validation helpers: coerce in place (frozen), name the field on error -------- #

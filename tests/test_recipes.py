@@ -109,6 +109,13 @@ def test_recipes_round_trip_through_json(name):
         r.lr = 1.0
 
 
+def test_base_recipe_is_not_a_recipe():
+    from backfill_utils.recipes import Recipe
+
+    with pytest.raises(TypeError, match="use one of"):
+        Recipe()
+
+
 def test_recipe_from_dict_errors():
     with pytest.raises(ValueError, match="recipe 'nope' is not one of"):
         recipe_from_dict({"recipe": "nope"})
