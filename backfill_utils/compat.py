@@ -380,7 +380,7 @@ def train_fastfill(
     optimizer: str = "adam", normalize: bool = True, seed: int = 0, disable: bool = False,
 ) -> tuple[nn.Module, pd.DataFrame]:
     """Flag interface of ``COMPAT_VERSION`` 1: FastFill **without** its classification
-    term (``FastFillRecipe(mu=0, regression="sum")``), as this package trained it before;
+    term (``FastFillRecipe(mu=0)``), as this package trained it before;
     use :func:`backfill_utils.compat_train.fit_fastfill` with a default
     :class:`~backfill_utils.recipes.FastFillRecipe` for the authors' loss."""
     from .compat_train import fit_fastfill

@@ -392,7 +392,7 @@ def fastfill_loss(
     mu: float = 1.0,
     label_smoothing: float = 0.1,
     mu_uncertainty: float = 0.5,
-    regression: str = "mean",
+    regression: str = "sum",
 ) -> torch.Tensor:
     """FastFill's training loss (Jaeckle et al., ICLR 2023, as in its authors' code):
 
@@ -402,7 +402,9 @@ def fastfill_loss(
     ``target = phi_new(x)``), ``ce_i`` the label-smoothed cross-entropy of ``logits`` (the
     frozen new model's classifier applied to ``emb``) and ``s_i = log_sigma[i]`` the
     predicted log-variance. ``mu = 0`` drops the classification term (``logits`` and
-    ``labels`` may then be ``None``).
+    ``labels`` may then be ``None``). The authors average the squared error over the
+    dimensions (``regression="mean"``) of unnormalised features; see
+    :class:`backfill_utils.recipes.FastFillRecipe` for why the default here is ``"sum"``.
     """
     per_sample = feature_regression(emb, target, regression)
     if mu != 0:

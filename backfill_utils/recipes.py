@@ -218,9 +218,13 @@ class FastFillRecipe(Recipe):
     ``regression + mu * CE(classifier_new(h(phi_old(x))), y)`` weighted by the predicted
     uncertainty, ``0.5 exp(-s) (...) + mu_uncertainty * s``.
 
-    Authors' defaults: ``mu = 1`` (``mu_disc``), ``label_smoothing = 0.1``,
-    ``mu_uncertainty = 0.5``, ``regression = "mean"`` (element-wise MSE averaged over the
-    dimensions). ``mu = 0`` with ``regression = "sum"`` is this package's FastFill before
+    Authors' values: ``mu = 1`` (``mu_disc``), ``label_smoothing = 0.1``,
+    ``mu_uncertainty = 0.5``. Their regression is the element-wise MSE averaged over the
+    dimensions of unnormalised features whose norm is of order ``sqrt(d)``; on our unit-length
+    embeddings that definition (``regression = "mean"``) is ``d`` times smaller and leaves the
+    cross-entropy alone in charge, so the default is ``regression = "sum"``
+    (``||h(phi_old) - phi_new||^2``, FCT's term), which keeps the authors' balance of the two
+    terms up to a factor of order 1. ``mu = 0`` is this package's FastFill before
     ``COMPAT_VERSION`` 2 (no classification term).
     """
 
@@ -228,7 +232,7 @@ class FastFillRecipe(Recipe):
     mu: float = 1.0
     label_smoothing: float = 0.1
     mu_uncertainty: float = 0.5
-    regression: str = "mean"
+    regression: str = "sum"
 
     def _validate(self) -> None:
         super()._validate()

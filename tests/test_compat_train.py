@@ -204,7 +204,7 @@ def test_fastfill_classification_term_improves_accuracy(data):
 @pytest.mark.parametrize("recipe", [FastFillRecipe(epochs=60, batch_size=48, lr=1e-2),
                                     FastFillRecipe(mu=0.0, regression="sum", epochs=60,
                                                    batch_size=48, lr=1e-2)],
-                         ids=["authors", "no_ce"])
+                         ids=["default", "no_ce"])
 def test_fastfill_uncertainty_ranks_what_old_cannot_tell_apart(recipe):
     """The old model merges classes 3-5 into one cluster: neither the regression nor the
     classification of those samples can be learned, so on held-out samples the

@@ -275,7 +275,8 @@ def test_classification_loss_matches_loop(eps):
 
 
 @pytest.mark.parametrize("mu,eps,mu_unc,reduction", [
-    (1.0, 0.1, 0.5, "mean"),  # the authors' defaults
+    (1.0, 0.1, 0.5, "sum"),   # the defaults (the authors' weights)
+    (1.0, 0.1, 0.5, "mean"),  # the authors' reduction over dimensions
     (0.7, 0.0, 0.25, "sum"),
     (0.0, 0.1, 0.5, "sum"),   # COMPAT_VERSION 1: no classification term
 ])
