@@ -89,6 +89,10 @@ def _canonical_split(split: str) -> str:
 # gradient, distractor objects that wear the identities of random classes (some in
 # front of the object, partially occluding it), and pixel noise.
 
+# Bump when a change of the generator changes its output (tests/test_versions.py holds a
+# golden hash of a small sample and fails until the bump and the new hash are recorded):
+# the training specs, and so every cached model and artifact, carry this version.
+SYNTHETIC_VERSION = 1
 _SHAPES = ("ellipse", "polygon", "star", "ring", "blob")
 _TEXTURES = ("stripes", "checker", "rings", "dots", "waves")
 _SPLIT_CODES = {"train": 1, "test": 2}
