@@ -36,6 +36,27 @@ DATA_ENV = "BACKFILL_DATA_ROOT"
 RESULTS_ENV = "BACKFILL_RESULTS"
 THREADS_ENV = "BACKFILL_THREADS"  # torch CPU threads (e.g. 1 on a machine shared with other jobs)
 
+# One CPU code path for the math libraries on every x86-64 CPU with AVX2 (README
+# "Reproducibility"): torch's own kernels, MKL (torch's BLAS) and oneDNN (convolutions)
+# on their AVX2 branches, numpy's SIMD dispatch without AVX-512. The libraries read
+# these when they load, so they must be in the environment before python starts
+# (``python -m backfill_utils.run --pin`` and ``make reproduce PIN=1`` set them).
+PINNED_ENV = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_CBWR": "AVX2,STRICT",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR",
+}
+
+
+def code_path() -> str:
+    """The CPU code path of this process: torch's kernel level and whether the
+    math libraries are pinned (:data:`PINNED_ENV` in the environment)."""
+    import torch
+
+    pinned = all(os.environ.get(k) == v for k, v in PINNED_ENV.items())
+    return f"{torch.backends.cpu.get_cpu_capability()}, {'pinned' if pinned else 'not pinned'}"
+
 
 def cache_dir() -> Path:
     """Root of the artifact cache (``$BACKFILL_CACHE`` or ``<repo>/.cache``)."""

@@ -148,7 +148,7 @@ def missing(kind: str, what: str, path: Path) -> MissingArtifactError:
     """The error of a render notebook that lacks ``what`` (of ``kind``) at ``path``."""
     hint = f" {_STATE['hint']}" if _STATE["hint"] else ""
     return MissingArtifactError(
-        f"{what} is not in the artifact cache ({path}). This notebook only renders and never "
+        f"missing input: {what} (not in the artifact cache: {path}). This notebook only renders and never "
         f"trains or evaluates: run notebooks/{producer(kind)}.ipynb first{hint}, or the whole "
         "series with `make reproduce` / `python -m backfill_utils.run`."
     )

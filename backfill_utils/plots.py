@@ -603,6 +603,20 @@ def save_animation(anim, path: Path | str, *, fps: int = 2, dpi: int | None = No
     return path
 
 
+def jpeg_image(fig, *, quality: int = 85, dpi: int | None = None):
+    """``fig`` as an ``IPython.display.Image`` in JPEG (for inline display of photo-like figures)."""
+    import io as _io
+
+    from IPython.display import Image
+    from PIL import Image as PILImage
+
+    buf = _io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi or plt.rcParams["figure.dpi"], bbox_inches="tight")
+    out = _io.BytesIO()
+    PILImage.open(buf).convert("RGB").save(out, format="JPEG", quality=quality)
+    return Image(data=out.getvalue(), format="jpeg")
+
+
 def show_animation(anim, *, fps: int = 2, dpi: int | None = None, close: bool = True):
     """``anim`` as an inline GIF for a notebook (``IPython.display.Image``).
 

@@ -16,9 +16,9 @@ collapsed to their last state, so the copies stay small), with a runtime table
 folder, the runtimes, and every claim of the paper that does not hold on this
 run (from ``tables/claims.csv`` and the notebooks' claim lines).
 
-The math libraries' CPU code path is pinned for the notebooks' kernels
-(:data:`PINNED_ENV`, README "Reproducibility"); ``--no-pin`` leaves it to the
-libraries.
+``--pin`` pins the math libraries' CPU code path for the notebooks' kernels
+(:data:`config.PINNED_ENV`): the same numbers on any x86-64 CPU with AVX2, at
+about 40% more CPU time in training (README "Reproducibility"); off by default.
 """
 from __future__ import annotations
 
@@ -35,16 +35,7 @@ from . import config as C
 from . import io
 from .session import CLAIM_MARK
 
-# The same code path on every x86-64 CPU with AVX2 (README "Reproducibility"): torch's
-# own kernels, MKL (BLAS of torch) and oneDNN (convolutions) on their AVX2 branches,
-# numpy's SIMD dispatch without AVX-512. Read by the libraries when they load, so they
-# must be in the environment before python starts (the runner sets them for its kernels).
-PINNED_ENV = {
-    "ATEN_CPU_CAPABILITY": "avx2",
-    "MKL_CBWR": "AVX2,STRICT",
-    "ONEDNN_MAX_CPU_ISA": "AVX2",
-    "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR",
-}
+PINNED_ENV = C.PINNED_ENV
 PARAMETERS = ("profile", "dataset", "data_root", "seed", "overrides", "download")
 
 
@@ -115,17 +106,31 @@ def collapse_progress(text: str) -> str:
 
 
 def clean_outputs(nb) -> None:
-    """Shrink stored outputs in place: progress bars collapsed to their last state."""
-    for cell in nb.cells:
+    """Shrink stored outputs in place: consecutive stream outputs of one name (stdout,
+    stderr) merged, progress bars collapsed to their last state."""
+    for cell in nb.get("cells", []):
+        merged = []
         for out in cell.get("outputs", []):
             if out.get("output_type") == "stream":
+                text = "".join(out["text"]) if isinstance(out["text"], list) else out["text"]
+                prev = merged[-1] if merged else None
+                if prev is not None and prev.get("output_type") == "stream" and prev["name"] == out["name"]:
+                    prev["text"] += text
+                    continue
+                out["text"] = text
+            merged.append(out)
+        for out in merged:
+            if out.get("output_type") == "stream":
                 out["text"] = collapse_progress(out["text"])
+        if "outputs" in cell:
+            cell["outputs"] = merged
 
 
 def _execute(book: Path, target: Path, params: dict, kernel: str | None) -> None:
     import nbformat
     import papermill as pm
 
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{book.stem}.{os.getpid()}.tmp.ipynb")
     try:
         nb = pm.execute_notebook(str(book), str(tmp), parameters=params, cwd=str(C.NOTEBOOKS_DIR),
@@ -144,7 +149,7 @@ def _execute(book: Path, target: Path, params: dict, kernel: str | None) -> None
 
 
 def run_series(profile: str = "default", params: dict | None = None, select: list[str] | None = None,
-               out_dir: Path | None = None, kernel: str | None = None, pin: bool = True) -> pd.DataFrame:
+               out_dir: Path | None = None, kernel: str | None = None, pin: bool = False) -> pd.DataFrame:
     """Execute the series (or ``select``) with ``params``; returns the runtime table.
 
     Checks first, before any notebook runs: parameter names against every
@@ -259,8 +264,9 @@ def main(argv=None) -> None:
                              "or -p overrides '{train: {epochs: 5}}'")
     parser.add_argument("--only", nargs="*", default=None, help="run only notebooks whose name starts with these prefixes")
     parser.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebook's)")
-    parser.add_argument("--no-pin", action="store_true",
-                        help="do not pin the math libraries' CPU code path (README: Reproducibility)")
+    parser.add_argument("--pin", action="store_true",
+                        help="pin the math libraries' CPU code path: the same numbers on any x86-64 CPU "
+                             "with AVX2, about 40%% slower training (README: Reproducibility)")
     args = parser.parse_args(argv)
     if args.profile not in C.available_profiles():
         parser.error(f"unknown profile {args.profile!r}; available: {C.available_profiles()}")
@@ -269,7 +275,7 @@ def main(argv=None) -> None:
         _, cfg = prepare(args.profile, params, args.only)
     except (KeyError, ValueError) as exc:  # rejected before anything ran
         parser.error(exc.args[0] if exc.args else str(exc))
-    run_series(args.profile, params, args.only, kernel=args.kernel, pin=not args.no_pin)
+    run_series(args.profile, params, args.only, kernel=args.kernel, pin=args.pin)
     if cfg["run_name"] == "default" and not args.only and not os.environ.get(C.RESULTS_ENV):
         update_readme()
         print("README.md results block updated from results/")

@@ -45,13 +45,27 @@ class Run:
     kind: str
     failed_claims: list = dataclasses.field(default_factory=list)
 
-    def figure(self, fig, name: str) -> None:
+    def figure(self, fig, name: str, *, inline: str = "png") -> None:
         """Save ``fig`` as ``<out>/figures/<name>.{png,pdf}`` (deterministic files) and
-        print where. The figure stays open, so Jupyter's inline backend shows it under
-        the cell (in JupyterLab and in the executed copy)."""
+        print where.
+
+        ``inline="png"``: the figure stays open, so Jupyter's inline backend shows it
+        under the cell (in JupyterLab and in the executed copy). ``inline="jpeg"``:
+        shown now as a JPEG and closed (photo-like grids whose PNG would make the
+        executed notebook large; the files are unchanged).
+        """
         from . import plots
 
+        if inline not in ("png", "jpeg"):
+            raise ValueError(f"inline must be 'png' or 'jpeg', got {inline!r}")
         self._saved(plots.save_figure(fig, self.out / "figures", name))
+        if inline == "jpeg":
+            from IPython.display import display
+
+            display(plots.jpeg_image(fig))
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
 
     def table(self, df: pd.DataFrame, name: str, **kwargs) -> None:
         """Save ``df`` as ``<out>/tables/<name>.{csv,md,tex}`` (``plots.save_table``) and print where."""
@@ -140,5 +154,5 @@ def setup(profile: str | None = None, dataset: str | None = None, data_root: str
 
         plots.style()
     policy = "claims asserted" if strict else "claims reported, not asserted"
-    print(f"{describe(cfg, out)} ({kind} notebook; {policy})")
+    print(f"{describe(cfg, out)} ({kind} notebook; {policy}; CPU code path {C.code_path()})")
     return Run(cfg=cfg, out=out, strict=strict, kind=kind)

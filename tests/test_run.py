@@ -89,11 +89,14 @@ def test_output_dir_per_run():
 def test_progress_bars_are_collapsed_in_stored_outputs():
     nb = nbformat.v4.new_notebook()
     cell = nbformat.v4.new_code_cell("x")
-    bar = "".join(f"\rtrain: {i:3d}%|{'#' * (i // 10):10s}| {i}/100" for i in range(0, 101, 5)) + "\n"
-    cell.outputs = [nbformat.v4.new_output("stream", name="stderr", text="start\n" + bar + "end\n")]
+    pieces = ["start\n"] + [f"\rtrain: {i:3d}%|{'#' * (i // 10):10s}| {i}/100" for i in range(0, 101, 5)] + ["\n"]
+    cell.outputs = [nbformat.v4.new_output("stream", name="stderr", text=t) for t in pieces]
+    cell.outputs += [nbformat.v4.new_output("stream", name="stdout", text="x\n"),
+                     nbformat.v4.new_output("stream", name="stderr", text="end\n")]
     nb.cells.append(cell)
     R.clean_outputs(nb)
-    assert cell.outputs[0]["text"] == "start\ntrain: 100%|##########| 100/100\nend\n"
+    assert [o["name"] for o in cell.outputs] == ["stderr", "stdout", "stderr"]
+    assert cell.outputs[0]["text"] == "start\ntrain: 100%|##########| 100/100\n"
 
 
 def test_summary_lists_the_claims_that_do_not_hold(tmp_path):
@@ -132,3 +135,12 @@ def test_update_readme_fills_only_the_marked_block(tmp_path):
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="RESULTS"):
         R.update_readme(res, readme)
+
+
+def test_makefile_pins_what_the_runner_pins():
+    import shlex
+
+    text = (C.REPO_ROOT / "Makefile").read_text().replace("\\\n", " ")
+    line = next(l for l in text.splitlines() if l.startswith("PINNED_ENV :="))
+    pairs = dict(tok.split("=", 1) for tok in shlex.split(line.split(":=", 1)[1]))
+    assert pairs == C.PINNED_ENV == R.PINNED_ENV
