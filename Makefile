@@ -13,7 +13,7 @@ THREADS ?= 1
 # "Reproducibility"). The variables must be set before python starts: the runner sets them for
 # its kernels, `make lab PIN=1` for JupyterLab's.
 PIN ?=
-PINNED_ENV := ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2,STRICT ONEDNN_MAX_CPU_ISA=AVX2 \
+PINNED_ENV := ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=COMPATIBLE ONEDNN_MAX_CPU_ISA=AVX2 \
 	NPY_DISABLE_CPU_FEATURES="X86_V4 AVX512_ICL AVX512_SPR"
 # extra runner arguments, e.g. make reproduce PROFILE=smoke ARGS="-p overrides '{train: {epochs: 1}}'"
 ARGS ?=

@@ -4,7 +4,8 @@ Every path is resolved from the location of this package, never from the
 working directory, so notebooks, tests and the batch runner agree on where the
 cache and the results live wherever they are started from.
 
-Profiles live in ``params/<name>.yaml``:
+Profiles live in ``params/<name>.yaml`` (a run changes them with ``overrides``,
+checked as strictly as the profiles; :func:`load_profile`):
 
 * ``smoke``   -- tiny sizes for CI and nbval (the whole series in minutes);
 * ``default`` -- the embedded offline run on the synthetic dataset (CPU);
@@ -37,13 +38,15 @@ RESULTS_ENV = "BACKFILL_RESULTS"
 THREADS_ENV = "BACKFILL_THREADS"  # torch CPU threads (e.g. 1 on a machine shared with other jobs)
 
 # One CPU code path for the math libraries on every x86-64 CPU with AVX2 (README
-# "Reproducibility"): torch's own kernels, MKL (torch's BLAS) and oneDNN (convolutions)
-# on their AVX2 branches, numpy's SIMD dispatch without AVX-512. The libraries read
+# "Reproducibility"): torch's own kernels and oneDNN (convolutions) on their AVX2
+# branches, MKL (torch's BLAS) on its COMPATIBLE branch (its only branch, besides AUTO,
+# that is the same on Intel and other vendors' CPUs), numpy's SIMD dispatch without
+# AVX-512. The libraries read
 # these when they load, so they must be in the environment before python starts
 # (``python -m backfill_utils.run --pin`` and ``make reproduce PIN=1`` set them).
 PINNED_ENV = {
     "ATEN_CPU_CAPABILITY": "avx2",
-    "MKL_CBWR": "AVX2,STRICT",
+    "MKL_CBWR": "COMPATIBLE",
     "ONEDNN_MAX_CPU_ISA": "AVX2",
     "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR",
 }
@@ -138,7 +141,7 @@ def _changes(base: Mapping, new: Mapping) -> dict:
     """The leaves of ``new`` that differ from ``base`` (nested mappings recursed)."""
     out = {}
     for key, value in new.items():
-        old = base.get(key, None) if isinstance(base, Mapping) else None
+        old = base.get(key)
         if isinstance(value, Mapping) and isinstance(old, Mapping):
             sub = _changes(old, value)
             if sub:

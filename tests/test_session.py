@@ -123,3 +123,26 @@ def test_no_backend_is_forced_at_import():
     importlib.reload(plots)
     assert matplotlib.get_backend() == before
     assert "matplotlib.use(" not in (C.REPO_ROOT / "backfill_utils" / "plots.py").read_text()
+
+
+def test_download_reaches_every_dataset_loader(monkeypatch):
+    from backfill_utils import data as D
+    from backfill_utils import embed as E
+    from backfill_utils import train as T
+
+    seen = []
+    real = D.get_dataset
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("download"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(D, "get_dataset", spy)
+    cfg = C.load_profile("smoke", download=True,
+                         overrides={"dataset_options": {"num_classes": 4, "train_per_class": 4, "test_per_class": 2}})
+    assert cfg["download"] is True
+    assert C.load_profile("smoke", download=True)["run_name"] == "smoke"  # where data comes from: no new run
+    E._split_dataset(cfg, "test", [0, 1], augment=False)
+    T.build_train_dataset(T.model_spec(cfg, "extended", "old"), None, cfg["download"])
+    assert seen == [True, True]
+    assert C.load_profile("smoke")["download"] is False
