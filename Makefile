@@ -9,7 +9,7 @@ PROFILE ?= default
 # count changes the last bits of training); `make reproduce THREADS=2` is faster on an idle machine.
 THREADS ?= 1
 # PIN=1: one CPU code path for torch, MKL, oneDNN and numpy (AVX2), so that the same seed gives
-# the same numbers on any x86-64 CPU with AVX2; about 40% more CPU time in training (README,
+# the same numbers on any x86-64 CPU with AVX2; about 35% more CPU time in training (README,
 # "Reproducibility"). The variables must be set before python starts: the runner sets them for
 # its kernels, `make lab PIN=1` for JupyterLab's.
 PIN ?=

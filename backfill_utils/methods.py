@@ -790,7 +790,7 @@ def table1(summary: pd.DataFrame, methods=None, *, layout: str = "long") -> pd.D
         settings = list(dict.fromkeys(t["setting"]))
         cols = ["AUC_mAP", "AUC_top1", "gain_mAP_%", "gain_top1_%"]
         wide = t.pivot_table(index=["dataset", "method"], columns="setting", values=cols, sort=False,
-                           dropna=False)  # keep an undefined gain (NaN) of one setting
+                             dropna=False)  # keep an undefined gain (NaN) of one setting
         wide.columns = [f"{s} {c}" for c, s in wide.columns]
         wide = wide[[f"{s} {c}" for s in settings for c in cols]].reset_index()
         wide["_o"] = wide["method"].map({m: i for i, m in enumerate(methods)})

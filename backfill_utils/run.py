@@ -18,7 +18,7 @@ run (from ``tables/claims.csv`` and the notebooks' claim lines).
 
 ``--pin`` pins the math libraries' CPU code path for the notebooks' kernels
 (:data:`config.PINNED_ENV`): the same numbers on any x86-64 CPU with AVX2, at
-about 40% more CPU time in training (README "Reproducibility"); off by default.
+about 35% more CPU time in training (README "Reproducibility"); off by default.
 """
 from __future__ import annotations
 
@@ -266,7 +266,7 @@ def main(argv=None) -> None:
     parser.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebook's)")
     parser.add_argument("--pin", action="store_true",
                         help="pin the math libraries' CPU code path: the same numbers on any x86-64 CPU "
-                             "with AVX2, about 40%% slower training (README: Reproducibility)")
+                             "with AVX2, about 35%% more CPU time in training (README: Reproducibility)")
     args = parser.parse_args(argv)
     if args.profile not in C.available_profiles():
         parser.error(f"unknown profile {args.profile!r}; available: {C.available_profiles()}")
