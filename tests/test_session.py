@@ -8,12 +8,6 @@ from backfill_utils import io
 from backfill_utils import session
 
 
-@pytest.fixture(autouse=True)
-def _compute_mode():
-    yield
-    io.set_mode("compute")
-
-
 def test_parse_overrides_accepts_mappings_and_yaml_strings():
     assert C.parse_overrides("{train: {epochs: 5}}") == {"train": {"epochs": 5}}
     assert C.parse_overrides('{"train": {"epochs": 5}}') == {"train": {"epochs": 5}}
