@@ -8,6 +8,15 @@ PROFILE ?= default
 # torch CPU threads for the reproduction: the committed results were made with 1 (the thread
 # count changes the last bits of training); `make reproduce THREADS=2` is faster on an idle machine.
 THREADS ?= 1
+# PIN=1: one CPU code path for torch, MKL, oneDNN and numpy (AVX2), so that the same seed gives
+# the same numbers on any x86-64 CPU with AVX2; about 35% more CPU time in training (README,
+# "Reproducibility"). The variables must be set before python starts: the runner sets them for
+# its kernels, `make lab PIN=1` for JupyterLab's.
+PIN ?=
+PINNED_ENV := ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=COMPATIBLE ONEDNN_MAX_CPU_ISA=AVX2 \
+	NPY_DISABLE_CPU_FEATURES="X86_V4 AVX512_ICL AVX512_SPR"
+# extra runner arguments, e.g. make reproduce PROFILE=smoke ARGS="-p overrides '{train: {epochs: 1}}'"
+ARGS ?=
 STAMP := $(VENV)/.installed
 
 .PHONY: install reproduce test lab bench clean clean-cache
@@ -21,7 +30,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 reproduce: install
-	BACKFILL_THREADS=$(THREADS) $(PY) -m backfill_utils.run --profile $(PROFILE)
+	BACKFILL_THREADS=$(THREADS) $(PY) -m backfill_utils.run --profile $(PROFILE) $(if $(PIN),--pin) $(ARGS)
 
 # nbval runs every notebook of the series (smoke profile, selected through the environment
 # because nbval cannot inject papermill parameters); --nbval-lax: notebooks are stored
@@ -30,14 +39,14 @@ test: install
 	BACKFILL_PROFILE=smoke $(PY) -m pytest tests notebooks --nbval-lax --nbval-sanitize-with notebooks/nbval_sanitize.cfg
 
 lab: install
-	$(VENV)/bin/jupyter lab notebooks
+	$(if $(PIN),env $(PINNED_ENV)) $(VENV)/bin/jupyter lab notebooks
 
 bench: install
 	$(PY) -m backfill_utils.bench
 
-# Removes executed notebooks only; never the cache of trained models or results/.
+# Removes executed notebooks only (of every run); never the cache of trained models or results.
 clean:
-	rm -rf results/executed
+	rm -rf results/executed results/*/executed
 
 # Expensive: deletes every trained model and cached embedding.
 clean-cache:

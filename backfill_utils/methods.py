@@ -42,6 +42,7 @@ import torch
 from . import backfill as B
 from . import compat as K
 from . import embed as E
+from . import io
 from . import metrics as MT
 from . import models as M
 from . import train as T
@@ -65,6 +66,14 @@ REVERSE_RECIPES = {
     "CMCL w/o L_rev": dict(use_cmcl=True, variant="joint", lambda_rev=0.0),
 }
 QUERY_PASSES = {"RM": 2}
+
+# Code versions of the artifacts computed here (io.KINDS; README "Cache versions"). Bump
+# COMPAT_VERSION when compat.py or losses.py change what the modules learn (until compat.py
+# carries its own), CURVES_VERSION when the engine (metrics.py, backfill.py) or the curve
+# code below changes a number, EXPERIMENTS_VERSION for the order study and the query cost.
+COMPAT_VERSION = 1
+CURVES_VERSION = 1
+EXPERIMENTS_VERSION = 1
 
 
 def ratios(cfg: dict) -> np.ndarray:
@@ -144,7 +153,8 @@ def compat_outputs(cfg: dict, setting: str, method: str, *, emb: dict | None = N
         out.update({f"history::{k}": v for k, v in _frame_to_arrays(hist).items()})
         return out
 
-    return E.cached_arrays("compat", _compat_key(cfg, setting, method), compute)
+    return io.cached_arrays("compat", _compat_key(cfg, setting, method), compute,
+                            what=f"the compatibility module of {method} ({setting} setting)")
 
 
 def history_frame(outputs: dict) -> pd.DataFrame:
@@ -231,7 +241,7 @@ def evaluate_setting(cfg: dict, setting: str, methods=None, *, progress: bool = 
         out.update({f"summary::{k}": v for k, v in _frame_to_arrays(summary).items()})
         return out
 
-    arrays = E.cached_arrays("curves", key, compute)
+    arrays = io.cached_arrays("curves", key, compute, what=f"the backfilling curves of the {setting} setting")
     split = lambda p: _arrays_to_frame({k[len(p):]: v for k, v in arrays.items() if k.startswith(p)})  # noqa: E731
     return split("curves::"), split("summary::")
 
@@ -644,6 +654,21 @@ def time_query_forward(passes, images, *, repeats: int = 5, warmup: int = 1) -> 
 
 def query_cost(cfg: dict, setting: str, methods=None, *, batch_size: int = 64, repeats: int = 5,
                warmup: int = 2) -> pd.DataFrame:
+    """:func:`measure_query_cost`, measured once and cached (kind ``"experiments"``):
+    a render notebook reads the times measured by the compute notebook."""
+    methods = list(methods or ALL_METHODS)
+    key = {"study": "query_cost", "setting": setting, "methods": methods, "batch_size": int(batch_size),
+           "repeats": int(repeats), "warmup": int(warmup), "seed": int(cfg["seed"]),
+           "models": {r: T.model_spec(cfg, setting, r) for r in ("old", "new", "bct")}}
+    arrays = io.cached_arrays(
+        "experiments", key, lambda: _frame_to_arrays(measure_query_cost(
+            cfg, setting, methods, batch_size=batch_size, repeats=repeats, warmup=warmup)),
+        what=f"the measured query cost of the {setting} setting")
+    return _arrays_to_frame(arrays)
+
+
+def measure_query_cost(cfg: dict, setting: str, methods=None, *, batch_size: int = 64, repeats: int = 5,
+                       warmup: int = 2) -> pd.DataFrame:
     """The cost columns of Table 2, per method: forward passes per query, extra
     parameters, and measured time per query.
 
@@ -700,8 +725,26 @@ def order_comparison(cfg: dict, setting: str, methods=("RM", "Ours"), *,
     Curves of FCT (random order), FastFill (its own order), FastFill with the
     random order, and each of ``methods`` under both orders (names ``"<m>"`` and
     ``"<m> (sigma order)"``). Returns ``(curves, summary)`` like
-    :func:`evaluate_setting` (not cached: the engine is fast at these sizes).
+    :func:`evaluate_setting`; cached (kind ``"experiments"``).
     """
+    methods = list(methods)
+    key = {"study": "order", "setting": setting, "methods": methods, "eval": cfg["eval"],
+           "compat": [_compat_key(cfg, setting, m) for m in ("FCT", "FastFill", *methods)
+                      if m in REVERSE_RECIPES or m in ("FCT", "FastFill")]}
+
+    def compute():
+        curves, summary = _order_comparison(cfg, setting, methods, progress=progress)
+        out = {f"curves::{k}": v for k, v in _frame_to_arrays(curves).items()}
+        out.update({f"summary::{k}": v for k, v in _frame_to_arrays(summary).items()})
+        return out
+
+    arrays = io.cached_arrays("experiments", key, compute,
+                              what=f"the backfill-order study of the {setting} setting")
+    split = lambda p: _arrays_to_frame({k[len(p):]: v for k, v in arrays.items() if k.startswith(p)})  # noqa: E731
+    return split("curves::"), split("summary::")
+
+
+def _order_comparison(cfg: dict, setting: str, methods, *, progress: bool = False):
     systems, refs = build_systems(cfg, setting, ["FCT", "FastFill", *methods], progress=progress)
     labels = refs["labels"]
     sigma_order = systems["FastFill"].order
@@ -746,7 +789,8 @@ def table1(summary: pd.DataFrame, methods=None, *, layout: str = "long") -> pd.D
         t = table1(summary, methods)
         settings = list(dict.fromkeys(t["setting"]))
         cols = ["AUC_mAP", "AUC_top1", "gain_mAP_%", "gain_top1_%"]
-        wide = t.pivot_table(index=["dataset", "method"], columns="setting", values=cols, sort=False)
+        wide = t.pivot_table(index=["dataset", "method"], columns="setting", values=cols, sort=False,
+                             dropna=False)  # keep an undefined gain (NaN) of one setting
         wide.columns = [f"{s} {c}" for c, s in wide.columns]
         wide = wide[[f"{s} {c}" for s in settings for c in cols]].reset_index()
         wide["_o"] = wide["method"].map({m: i for i, m in enumerate(methods)})

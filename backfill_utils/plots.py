@@ -2,20 +2,22 @@
 
 Every figure is saved as PNG and PDF with the metadata that would change from
 run to run (software version, creation date) removed, and every table as CSV,
-Markdown and LaTeX, all written to a temporary name and moved into place.
+Markdown and LaTeX, all written atomically (:func:`io.atomic_write`).
+
+No matplotlib backend is forced: in Jupyter (JupyterLab, papermill, nbval) the
+inline backend shows every figure under the cell that makes it; a headless
+script gets a non-interactive backend by matplotlib's own choice.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+from .io import atomic_write
 
 METHOD_STYLE = {
     "old": dict(color="#7f7f7f", ls=":"),
@@ -43,23 +45,13 @@ def style() -> None:
     })
 
 
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_figure(fig, out_dir: Path | str, name: str, formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
     """Save ``fig`` as ``out_dir/name.{png,pdf}`` with deterministic metadata."""
     paths = []
     for fmt in formats:
         meta = {"Software": None} if fmt == "png" else {"Creator": None, "Producer": None, "CreationDate": None}
         path = Path(out_dir) / f"{name}.{fmt}"
-        _atomic(path, lambda p, fmt=fmt, meta=meta: fig.savefig(p, format=fmt, metadata=meta, bbox_inches="tight"))
+        atomic_write(path, lambda p, fmt=fmt, meta=meta: fig.savefig(p, format=fmt, metadata=meta, bbox_inches="tight"))
         paths.append(path)
     return paths
 
@@ -69,10 +61,10 @@ def save_table(df: pd.DataFrame, out_dir: Path | str, name: str, *, floatfmt: st
     """Save ``df`` as CSV (full precision), Markdown and LaTeX (rounded)."""
     out_dir = Path(out_dir)
     paths = [out_dir / f"{name}.csv", out_dir / f"{name}.md", out_dir / f"{name}.tex"]
-    _atomic(paths[0], lambda p: df.to_csv(p, index=False))
-    _atomic(paths[1], lambda p: p.write_text(df.to_markdown(index=False, floatfmt=floatfmt) + "\n"))
+    atomic_write(paths[0], lambda p: df.to_csv(p, index=False))
+    atomic_write(paths[1], lambda p: p.write_text(df.to_markdown(index=False, floatfmt=floatfmt) + "\n"))
     fmt = "{:" + floatfmt + "}"
-    _atomic(paths[2], lambda p: p.write_text(
+    atomic_write(paths[2], lambda p: p.write_text(
         df.to_latex(index=False, float_format=fmt.format, caption=caption, escape=True)))
     return paths
 
@@ -607,5 +599,38 @@ def save_animation(anim, path: Path | str, *, fps: int = 2, dpi: int | None = No
     from matplotlib.animation import PillowWriter
 
     path = Path(path)
-    _atomic(path, lambda p: anim.save(p, writer=PillowWriter(fps=fps), dpi=dpi or anim._fig.dpi))
+    atomic_write(path, lambda p: anim.save(p, writer=PillowWriter(fps=fps), dpi=dpi or anim._fig.dpi))
     return path
+
+
+def jpeg_image(fig, *, quality: int = 85, dpi: int | None = None):
+    """``fig`` as an ``IPython.display.Image`` in JPEG (for inline display of photo-like figures)."""
+    import io as _io
+
+    from IPython.display import Image
+    from PIL import Image as PILImage
+
+    buf = _io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi or plt.rcParams["figure.dpi"], bbox_inches="tight")
+    out = _io.BytesIO()
+    PILImage.open(buf).convert("RGB").save(out, format="JPEG", quality=quality)
+    return Image(data=out.getvalue(), format="jpeg")
+
+
+def show_animation(anim, *, fps: int = 2, dpi: int | None = None, close: bool = True):
+    """``anim`` as an inline GIF for a notebook (``IPython.display.Image``).
+
+    The GIF is rendered at ``dpi`` (default: the figure's) into memory, so the
+    executed notebook stores one small GIF instead of every frame as HTML/PNG.
+    ``close``: close the figure, so Jupyter does not show its last frame again
+    as a still image.
+    """
+    import tempfile
+
+    from IPython.display import Image
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = save_animation(anim, Path(tmp) / "inline.gif", fps=fps, dpi=dpi).read_bytes()
+    if close:
+        plt.close(anim._fig)
+    return Image(data=data, format="gif")

@@ -35,10 +35,14 @@ from tqdm import tqdm
 
 from . import config as C
 from . import data as D
+from . import io
 from .models import EmbeddingNet, build_model
 
 ROLES = ("old", "new", "bct")
 SETTINGS = ("extended", "heterogeneous", "open")
+# Bump when a change of this module, models.py or the BCT loss changes the trained
+# weights: the model folders (model_dir) and every artifact computed from them change.
+TRAIN_VERSION = 1
 
 
 # --------------------------------------------------------------------------- specs
@@ -50,6 +54,7 @@ def _dataset_part(cfg: dict) -> dict:
     part = {"name": cfg["dataset"], "options": options}
     if cfg["dataset"] == "synthetic":
         part["generator"] = {**D.synthetic_defaults(), **options}
+        part["generator_version"] = int(D.SYNTHETIC_VERSION)
     return part
 
 
@@ -91,20 +96,13 @@ def model_spec(cfg: dict, setting: str, role: str) -> dict:
 
 
 def model_dir(spec: dict) -> Path:
-    return C.cache_dir() / "models" / C.config_hash(spec)
+    """The cache folder of the model of ``spec``: a hash of the spec and of ``TRAIN_VERSION``
+    (the synthetic generator's version is in the spec's dataset part)."""
+    return C.cache_dir() / "models" / C.config_hash({"spec": spec, "train_version": TRAIN_VERSION})
 
 
-# --------------------------------------------------------------------------- I/O
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _describe(spec: dict) -> str:
+    return f"the backbone of setting {spec['setting']!r} with {spec['num_classes']} classes (seed {spec['seed']})"
 
 
 def is_trained(spec: dict) -> bool:
@@ -115,10 +113,7 @@ def load_model(spec: dict, device: str | torch.device = "cpu") -> EmbeddingNet:
     """Load a finished model from the cache (error if it was never trained)."""
     folder = model_dir(spec)
     if not (folder / "model.pt").is_file():
-        raise FileNotFoundError(
-            f"no trained model for this spec in {folder}; train it first with "
-            "backfill_utils.train.train(spec) (or get_model)"
-        )
+        raise io.missing("models", _describe(spec), folder / "model.pt")
     meta = json.loads((folder / "model.json").read_text())
     model = build_model(meta["config"])
     model.load_state_dict(torch.load(folder / "model.pt", map_location=device, weights_only=True))
@@ -150,11 +145,13 @@ def _default_device() -> torch.device:
 
 
 # --------------------------------------------------------------------------- training
-def build_train_dataset(spec: dict, data_root=None):
+def build_train_dataset(spec: dict, data_root=None, download: bool = False):
+    """The training split of ``spec``'s dataset (its classes, the training augmentation);
+    ``download``: torchvision datasets may be fetched into ``data_root``."""
     ds = spec["dataset"]
     info = D.dataset_info(ds["name"], root=data_root, **ds["options"])
     full = D.get_dataset(
-        ds["name"], "train", root=data_root,
+        ds["name"], "train", root=data_root, download=download,
         transform=D.train_transform(ds["name"], info["image_size"], mean=info["mean"], std=info["std"]),
         **ds["options"],
     )
@@ -168,16 +165,20 @@ def train(
     device=None,
     progress: bool = True,
     callback: Callable[[int, dict], None] | None = None,
+    download: bool = False,
 ) -> EmbeddingNet:
     """Train (or resume, or load) the model of ``spec``; returns it in eval mode.
 
     ``callback(epoch, row)`` is called after each epoch's checkpoint is written
-    (used by the tests to simulate an interruption).
+    (used by the tests to simulate an interruption). In render mode
+    (:func:`io.set_mode`) a model that is not trained is an error
+    (:class:`io.MissingArtifactError`), never a training run.
     """
     folder = model_dir(spec)
     device = torch.device(device) if device is not None else _default_device()
     if (folder / "model.pt").is_file():
         return load_model(spec, device)
+    io.require_compute("models", _describe(spec), folder / "model.pt")
     rank, world, ddp = _dist_setup(device)
     recipe = spec["recipe"]
     seed = int(spec["seed"])
@@ -187,13 +188,14 @@ def train(
     if spec.get("bct"):
         from .losses import bct_influence_loss
 
-        old = train(spec["bct"]["old"], data_root=data_root, device=device, progress=progress)
+        old = train(spec["bct"]["old"], data_root=data_root, device=device, progress=progress,
+                    download=download)
         old_classifier = old.classifier.eval()
         for p in old_classifier.parameters():
             p.requires_grad_(False)
         n_old_classes = spec["bct"]["old"]["num_classes"]
 
-    dataset = build_train_dataset(spec, data_root)
+    dataset = build_train_dataset(spec, data_root, download)
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
     per_proc_batch = max(1, recipe["batch_size"] // world)
     loader = DataLoader(
@@ -267,7 +269,7 @@ def train(
         history.append(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['train_acc']:.1f}")
         if rank == 0:
-            _atomic_torch_save({
+            io.atomic_torch_save({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "epoch": epoch, "history": json.dumps(history),
@@ -277,9 +279,10 @@ def train(
         if callback is not None:
             callback(epoch, row)
     if rank == 0:
-        _atomic_write_text(pd.DataFrame(history).to_csv(index=False), folder / "history.csv")
-        _atomic_write_text(json.dumps({"config": model.config, "spec": spec}, indent=1), folder / "model.json")
-        _atomic_torch_save(model.state_dict(), folder / "model.pt")
+        io.atomic_write_text(folder / "history.csv", pd.DataFrame(history).to_csv(index=False))
+        io.atomic_write_text(folder / "model.json", json.dumps(
+            {"config": model.config, "spec": spec, "train_version": TRAIN_VERSION}, indent=1))
+        io.atomic_torch_save(model.state_dict(), folder / "model.pt")
         ckpt_path.unlink(missing_ok=True)
     if ddp:
         dist.barrier()
@@ -289,7 +292,7 @@ def train(
 def get_model(cfg: dict, setting: str, role: str, *, device=None, progress=True) -> EmbeddingNet:
     """Train or load the model ``role`` of ``setting`` for profile ``cfg``."""
     return train(model_spec(cfg, setting, role), data_root=cfg.get("data_root"),
-                 device=device, progress=progress)
+                 device=device, progress=progress, download=bool(cfg.get("download")))
 
 
 def main(argv=None) -> None:

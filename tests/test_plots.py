@@ -158,3 +158,21 @@ def test_save_table_writes_csv_md_tex(tmp_path):
     assert "| RM " in paths[1].read_text() and "30.12" in paths[1].read_text()
     tex = paths[2].read_text()
     assert "\\begin{tabular}" in tex and "Ours\\_x" in tex and "cap" in tex
+
+
+def test_inline_display_helpers_are_small_and_close_the_figure():
+    import matplotlib.pyplot as plt
+
+    curves, _ = fake_results(settings=("extended",))
+    n, q, k = 20, 1, 3
+    rng = np.random.default_rng(2)
+    topk = {"indices": rng.integers(0, n, (11, q, k)), "from_new": rng.random((11, q, k)) < 0.5}
+    anim = P.backfill_animation(curves, rng.permutation(n), topk,
+                                rng.integers(0, 255, (n, 8, 8, 3), dtype=np.uint8), np.arange(n) % 4, [0],
+                                hold=1, dpi=30)
+    img = P.show_animation(anim, fps=4)
+    assert img.data[:6] in (b"GIF87a", b"GIF89a")
+    assert not plt.fignum_exists(anim._fig.number), "the figure is closed: Jupyter shows only the GIF"
+    fig, ax = plt.subplots()
+    ax.imshow(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    assert P.jpeg_image(fig).data[:3] == b"\xff\xd8\xff"
