@@ -1,4 +1,4 @@
-"""Tests of backfill_utils.data: the synthetic set, the registry, transforms, class splits."""
+"""Tests of backfill_utils.data: the synthetic set, the dataset registry, transforms, class splits."""
 from __future__ import annotations
 
 import pickle
