@@ -109,7 +109,7 @@ def test_synthetic_classes_distinguishable_but_not_trivially():
     assert 0.025 < acc < 0.6
 
 
-# ----------------------------------------------------------------------------- registry
+# ----------------------------------------------------------------------------- dataset registry
 
 
 def test_get_dataset_synthetic_items_and_info():
