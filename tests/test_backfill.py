@@ -78,8 +78,10 @@ def float_setup():
 
 # ---------------------------------------------------------------- orders and counts
 def test_doctests():
-    res = doctest.testmod(bf)
-    assert res.attempted >= 3 and res.failed == 0
+    from backfill_utils import orders
+
+    results = [doctest.testmod(m) for m in (bf, orders)]
+    assert sum(r.attempted for r in results) >= 4 and not any(r.failed for r in results)
 
 
 def test_backfilled_count_is_robust_to_float_error():
