@@ -69,7 +69,7 @@ from .recipes import (BiCTRecipe, CMCLPsiRecipe, CMCLPsiRhoRecipe, FastFillRecip
                       RevPsiRecipe)
 
 __all__ = ["Method", "Trained", "GROUPS", "SLOTS", "register", "unregister", "get", "names",
-           "style", "query_side", "components", "recipe_from_profile", "recipe_key"]
+           "style", "query_side", "ends_at_new", "components", "recipe_from_profile", "recipe_key"]
 
 #: Groups a method can belong to, and what enumerates each.
 GROUPS: dict[str, str] = {
@@ -248,6 +248,18 @@ def query_side(name: str) -> list[tuple[str, list[str]]]:
     m = get(name)
     side = [("old", [])] if m.two_pass else []
     return side + [(m.backbone, [s for s in ("psi", "rho") if s in m.slots])]
+
+
+def ends_at_new(name: str) -> bool:
+    """Whether the curve of ``name`` ends exactly at new/new: its backfilled items and
+    queries are plain phi_new (backbone ``"new"``, no rho, not a reference). BCT and
+    BiCT end at BCT/BCT, the paper's method at rho/rho.
+
+    >>> [n for n in names("main") if ends_at_new(n)]
+    ['naive', 'FCT', 'FastFill', 'RM', 'RM+psi', 'RM+psi+CMCL']
+    """
+    m = get(name)
+    return m.reference is None and m.backbone == "new" and "rho" not in m.slots
 
 
 def components(name: str, cfg: dict) -> dict[str, bool]:
