@@ -269,7 +269,7 @@ def distance_histograms(pairs: pd.DataFrame, methods=None, calibration: pd.DataF
     """Histograms (densities) of positive and negative pair distances of the backward
     and the new system of each method (one panel per method, shared axes).
 
-    ``pairs``: :func:`methods.system_pair_distances` output; ``calibration``:
+    ``pairs``: :func:`illustrate.system_pair_distances` output; ``calibration``:
     :func:`methods.calibration_summary` (AUCs in the panel titles)."""
     methods = list(methods) if methods is not None else list(dict.fromkeys(pairs["method"]))
     fig, axes = plt.subplots(1, len(methods), figsize=(3.7 * len(methods), 3.3), sharex=True, sharey=True,
