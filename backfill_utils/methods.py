@@ -115,13 +115,24 @@ class Trained:
         return int(sum(p.numel() for m in self.modules().values() for p in m.parameters()))
 
 
-def _components_rm(recipe: Any) -> dict[str, bool]:
-    return dict(psi=False, CMCL=False, L_rev=False, rho=False)
-
-
 @dataclass(frozen=True)
 class Method:
-    """One online-backfilling method (see the module docstring for every field)."""
+    """One online-backfilling method: a registration (see the module docstring).
+
+    ``name``, ``style`` (matplotlib line keywords), ``description``, ``groups`` (keys of
+    :data:`GROUPS`); ``backbone`` (the new side's model: ``"new"``, ``"bct"``, or
+    ``"old"`` for the old references), ``two_pass`` (rank merge: the query is also
+    embedded by phi_old); ``slots`` (the trained modules among :data:`SLOTS`),
+    ``fit(data, recipe) -> Trained`` with ``data`` an
+    :class:`~backfill_utils.experiments.SettingData` restricted to ``train_roles``,
+    ``recipe(cfg)`` the default recipe from the profile; ``order(trained, old_gallery)
+    -> permutation`` and its ``order_name`` if the method defines its backfill order;
+    ``system(method, old, new, trained, random_order) -> BackfillSystem`` to replace the
+    generic :func:`~backfill_utils.experiments.make_system`; ``components(recipe) ->
+    {psi, CMCL, L_rev, rho}`` for the ablation; ``reference`` (``"old"``, ``"new"``,
+    ``"offline"``) for a reference curve; ``version`` (in its cache keys: bump it when
+    its training or system changes). Inconsistent fields are an error naming the method.
+    """
 
     name: str
     style: Mapping[str, Any]
@@ -330,6 +341,10 @@ def _fit_bict(data, recipe) -> Trained:
 
 def _fastfill_order(trained: Trained, old_gallery: np.ndarray) -> np.ndarray:
     return K.fastfill_order(trained.h, old_gallery)
+
+
+def _components_rm(recipe: Any) -> dict[str, bool]:
+    return dict(psi=False, CMCL=False, L_rev=False, rho=False)
 
 
 def _reverse_components(recipe: Recipe) -> dict[str, bool]:
