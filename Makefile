@@ -35,8 +35,9 @@ reproduce: install
 # nbval runs every notebook of the series (smoke profile, selected through the environment
 # because nbval cannot inject papermill parameters); --nbval-lax: notebooks are stored
 # without outputs, so what is checked is that every cell runs and every assertion holds.
+# --doctest-modules backfill_utils: the examples in every module's docstrings run too.
 test: install
-	BACKFILL_PROFILE=smoke $(PY) -m pytest tests notebooks --nbval-lax --nbval-sanitize-with notebooks/nbval_sanitize.cfg
+	BACKFILL_PROFILE=smoke $(PY) -m pytest tests notebooks --doctest-modules backfill_utils --nbval-lax --nbval-sanitize-with notebooks/nbval_sanitize.cfg
 
 lab: install
 	$(if $(PIN),env $(PINNED_ENV)) $(VENV)/bin/jupyter lab notebooks

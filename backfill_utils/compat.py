@@ -23,9 +23,14 @@ that config (``.json``). :func:`apply` runs a module on embeddings (numpy out);
 :func:`fastfill_order` is FastFill's backfill order.
 
 Training: one recipe object per way of training (:mod:`backfill_utils.recipes`) and
-the ``fit_*`` functions of :mod:`backfill_utils.compat_train`. The flag interface
-:func:`train_reverse` / :func:`train_fct` / :func:`train_fastfill` of
-``COMPAT_VERSION`` 1 is kept as thin wrappers over them (same modules, bit for bit).
+the ``fit_*`` functions of :mod:`backfill_utils.compat_train`. (The flag interface
+``train_reverse`` / ``train_fct`` / ``train_fastfill`` of ``COMPAT_VERSION`` 1 is gone;
+that the recipes train bit-identical modules to it was checked against a frozen copy
+of the old code when the recipes were introduced, commit 8a7b616.)
+
+A module type of your own (a method that is not in the paper) joins the types that
+:func:`build_module` rebuilds with :func:`register_module`; the method registry caches
+trained modules through their ``config`` and ``state_dict``.
 
 ``COMPAT_VERSION`` goes into cache keys; it is 2 since FastFill gained its
 classification term, depth became a parameter and BiCT was added.
@@ -36,17 +41,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .compat_inputs import class_balanced_batches, random_batches, to_tensor
-from .losses import CMCL_VARIANTS
-from .recipes import CMCLPsiRecipe, CMCLPsiRhoRecipe, FastFillRecipe, FCTRecipe, RevPsiRecipe
+from .io import atomic_write
 
 __all__ = [
     "COMPAT_VERSION",
@@ -55,15 +58,13 @@ __all__ = [
     "ForwardTransform",
     "FastFillTransform",
     "build_module",
+    "register_module",
     "save_module",
     "load_module",
     "apply",
     "fastfill_order",
     "class_balanced_batches",
     "random_batches",
-    "train_reverse",
-    "train_fct",
-    "train_fastfill",
 ]
 
 COMPAT_VERSION = 2
@@ -209,6 +210,35 @@ _REGISTRY: dict[str, type[_CompatModule]] = {
 }
 
 
+def register_module(cls: type[nn.Module]) -> type[nn.Module]:
+    """Let :func:`build_module` rebuild modules of type ``cls`` (usable as a decorator).
+
+    ``cls`` must be a ``torch.nn.Module`` whose instances have a ``config`` dict
+    ``{"type": cls.__name__, **constructor keyword arguments}``. A class defined again
+    (a notebook cell run twice) replaces itself; another class under a name already
+    taken is an error.
+
+    >>> class Scale(nn.Module):
+    ...     def __init__(self, d: int):
+    ...         super().__init__()
+    ...         self.w = nn.Parameter(torch.ones(d))
+    ...         self.config = {"type": "Scale", "d": d}
+    ...     def forward(self, z):
+    ...         return z * self.w
+    >>> _ = register_module(Scale)
+    >>> type(build_module({"type": "Scale", "d": 3})).__name__
+    'Scale'
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"register_module takes a torch.nn.Module subclass, got {cls!r}")
+    name = cls.__name__
+    known = _REGISTRY.get(name)
+    if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(f"a module type named {name!r} is already registered ({known}); rename {cls}")
+    _REGISTRY[name] = cls
+    return cls
+
+
 def build_module(config: dict[str, Any]) -> nn.Module:
     """Rebuild a (freshly initialised) module from its ``module.config`` dict.
 
@@ -226,24 +256,14 @@ def build_module(config: dict[str, Any]) -> nn.Module:
         raise ValueError(f"bad arguments for {kind} in config {config}: {exc}") from None
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_module(module: nn.Module, path: str | os.PathLike) -> tuple[Path, Path]:
     """Write ``module.state_dict()`` to ``<path>.pt`` and ``module.config`` to
     ``<path>.json`` (each atomically); returns the two paths."""
     path = Path(path)
     pt, js = path.with_suffix(".pt"), path.with_suffix(".json")
     pt.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(js, lambda p: p.write_text(json.dumps(module.config, indent=2, sort_keys=True)))
-    _atomic_write(pt, lambda p: torch.save(module.state_dict(), p))
+    atomic_write(js, lambda p: p.write_text(json.dumps(module.config, indent=2, sort_keys=True)))
+    atomic_write(pt, lambda p: torch.save(module.state_dict(), p))
     return pt, js
 
 
@@ -304,88 +324,3 @@ def fastfill_order(model: nn.Module, old_gallery_emb: Any, batch_size: int = 409
         raise ValueError(f"{type(model).__name__} has no uncertainty output; use a FastFillTransform")
     log_sigma = out[1].reshape(-1)
     return np.argsort(-log_sigma, kind="stable").astype(np.int64)
-
-
-# --------------------------------------------------------------------------- #
-# the flag interface of COMPAT_VERSION 1, as thin wrappers over the recipes
-# --------------------------------------------------------------------------- #
-def _reverse_recipe_from_flags(use_cmcl: bool, variant: str, learn_new: bool, lambda_rev: float,
-                               rho_given: bool, common: dict, cmcl: dict):
-    """The recipe that the old flags of :func:`train_reverse` describe (old error messages)."""
-    if variant not in CMCL_VARIANTS:
-        raise ValueError(f"variant={variant!r} is not one of {CMCL_VARIANTS}")
-    if not use_cmcl and lambda_rev == 0:
-        raise ValueError("use_cmcl=False and lambda_rev=0 leave nothing to train")
-    if learn_new and not use_cmcl:
-        raise ValueError("learn_new=True needs use_cmcl=True: rho is trained by L_CMCL only")
-    if learn_new and variant == "single":
-        raise ValueError("learn_new=True with variant='single': the single-system loss "
-                         "does not involve the new system, so rho would not be trained")
-    if rho_given and not learn_new:
-        raise ValueError("a rho module was given but learn_new=False; pass learn_new=True")
-    if not use_cmcl:
-        return RevPsiRecipe(**common)
-    if learn_new:
-        return CMCLPsiRhoRecipe(**common, **cmcl, variant=variant, lambda_rev=lambda_rev,
-                                rho_hidden=common["hidden"])
-    return CMCLPsiRecipe(**common, **cmcl, variant=variant, lambda_rev=lambda_rev)
-
-
-def train_reverse(
-    new_emb: Any, old_emb: Any, labels: Any = None, *,
-    epochs: int = 30, batch_size: int = 256, lr: float = 1e-3, lambda_rev: float = 1.0,
-    use_cmcl: bool = False, variant: str = "joint", hard_negatives: int | None = None,
-    tau: float = 0.1, distance: str = "euclidean", learn_new: bool = False,
-    samples_per_class: int = 4, hidden: int | None = None, psi: nn.Module | None = None,
-    rho: nn.Module | None = None, weight_decay: float = 0.0, optimizer: str = "adam",
-    normalize: bool = True, seed: int = 0, disable: bool = False,
-) -> tuple[nn.Module, nn.Module | None, pd.DataFrame]:
-    """Flag interface of ``COMPAT_VERSION`` 1 (kept until every caller uses recipes):
-    ``use_cmcl=False`` -> :class:`~backfill_utils.recipes.RevPsiRecipe`;
-    ``use_cmcl=True`` -> :class:`~backfill_utils.recipes.CMCLPsiRecipe`, or
-    :class:`~backfill_utils.recipes.CMCLPsiRhoRecipe` with ``learn_new=True``; trained by
-    :func:`backfill_utils.compat_train.fit_reverse`. Returns ``(psi, rho or None, history)``.
-    """
-    from .compat_train import fit_reverse  # compat_train imports this module
-
-    common = dict(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
-                  weight_decay=weight_decay, hidden=hidden, normalize=normalize, seed=seed)
-    cmcl = dict(tau=tau, hard_negatives=hard_negatives, samples_per_class=samples_per_class,
-                distance=distance)
-    if use_cmcl and not learn_new and variant == "separate":
-        raise ValueError("variant='separate' without rho gives psi exactly the gradient of "
-                         "variant='single'; use variant='single', or learn_new=True")
-    recipe = _reverse_recipe_from_flags(use_cmcl, variant, learn_new, lambda_rev,
-                                        rho is not None, common, cmcl)
-    return fit_reverse(recipe, new_emb, old_emb, labels, psi=psi, rho=rho, disable=disable)
-
-
-def train_fct(
-    old_emb: Any, new_emb: Any, *, epochs: int = 30, batch_size: int = 256, lr: float = 1e-3,
-    hidden: int | None = None, h: nn.Module | None = None, weight_decay: float = 0.0,
-    optimizer: str = "adam", normalize: bool = True, seed: int = 0, disable: bool = False,
-) -> tuple[nn.Module, pd.DataFrame]:
-    """Flag interface of ``COMPAT_VERSION`` 1: :func:`backfill_utils.compat_train.fit_fct`
-    with a :class:`~backfill_utils.recipes.FCTRecipe`. Returns ``(h, history)``."""
-    from .compat_train import fit_fct
-
-    recipe = FCTRecipe(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
-                       weight_decay=weight_decay, hidden=hidden, normalize=normalize, seed=seed)
-    return fit_fct(recipe, old_emb, new_emb, h=h, disable=disable)
-
-
-def train_fastfill(
-    old_emb: Any, new_emb: Any, *, epochs: int = 30, batch_size: int = 256, lr: float = 1e-3,
-    hidden: int | None = None, model: nn.Module | None = None, weight_decay: float = 0.0,
-    optimizer: str = "adam", normalize: bool = True, seed: int = 0, disable: bool = False,
-) -> tuple[nn.Module, pd.DataFrame]:
-    """Flag interface of ``COMPAT_VERSION`` 1: FastFill **without** its classification
-    term (``FastFillRecipe(mu=0)``), as this package trained it before;
-    use :func:`backfill_utils.compat_train.fit_fastfill` with a default
-    :class:`~backfill_utils.recipes.FastFillRecipe` for the authors' loss."""
-    from .compat_train import fit_fastfill
-
-    recipe = FastFillRecipe(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
-                            weight_decay=weight_decay, hidden=hidden, normalize=normalize,
-                            seed=seed, mu=0.0, regression="sum")
-    return fit_fastfill(recipe, old_emb, new_emb, model=model, disable=disable)

@@ -9,7 +9,7 @@ The concepts live in their own modules; their public names are importable from h
 
 * :mod:`~backfill_utils.synthetic` -- :func:`make_synthetic`, the offline generator
   (:data:`SYNTHETIC_VERSION`, :func:`synthetic_defaults`);
-* :mod:`~backfill_utils.registry` -- names, split names, :class:`DatasetError`;
+* :mod:`~backfill_utils.dataset_registry` -- names, split names, :class:`DatasetError`;
 * :mod:`~backfill_utils.layouts` -- the on-disk layouts and their edge cases;
 * :mod:`~backfill_utils.datasets` -- the Dataset classes, :func:`sample_grid`, :func:`tile_grid`;
 * :mod:`~backfill_utils.transforms` -- :func:`train_transform`, :func:`test_transform`,
@@ -36,7 +36,7 @@ from . import layouts
 from .datasets import (ArrayDataset, FolderDataset, SyntheticDataset, TorchvisionDataset, sample_grid,
                        tile_grid)
 from .layouts import IMG_EXTENSIONS, EmptyClassFolderWarning
-from .registry import (FOLDER_DATASETS, IMAGENET_MEAN, IMAGENET_STD, TORCHVISION_DATASETS, DatasetError,
+from .dataset_registry import (FOLDER_DATASETS, IMAGENET_MEAN, IMAGENET_STD, TORCHVISION_DATASETS, DatasetError,
                        available_datasets, canonical_split, check_name, resolve_root)
 from .splits import ClassSubset, class_splits, describe_splits, subset_by_classes
 from .synthetic import SYNTHETIC_VERSION, make_synthetic, split_options, synthetic_defaults

@@ -8,7 +8,7 @@ them.
 
 Images read from files are decoded by :func:`load_rgb`: every PIL mode (greyscale
 ``L``, ``LA``, palette ``P``, ``CMYK``, ...) becomes RGB, and a file that cannot be
-decoded (truncated, not an image) raises :class:`~backfill_utils.registry.DatasetError`
+decoded (truncated, not an image) raises :class:`~backfill_utils.dataset_registry.DatasetError`
 naming the file.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .registry import DatasetError
+from .dataset_registry import DatasetError
 
 __all__ = ["load_rgb", "to_rgb_array", "raw_image", "ArrayDataset", "SyntheticDataset", "FolderDataset",
            "TorchvisionDataset", "sample_grid", "tile_grid"]

@@ -15,11 +15,10 @@ full key is stored beside the arrays (``<hash>.json``) for provenance.
 **Code versions.** Each producing module has an integer constant that is bumped
 when a change of its code changes its output (README, "Cache versions"):
 ``data.SYNTHETIC_VERSION``, ``train.TRAIN_VERSION``, ``embed.EMBED_VERSION``,
-and ``methods.COMPAT_VERSION``, ``methods.CURVES_VERSION``,
-``methods.EXPERIMENTS_VERSION`` (kept in methods.py until compat.py and the
-engine carry their own). A kind's key holds the versions of its whole lineage
-(:data:`KINDS`): curves are invalid when the embeddings they were computed from
-are.
+``compat.COMPAT_VERSION``, ``experiments.CURVES_VERSION`` and
+``experiments.EXPERIMENTS_VERSION``. A kind's key holds the versions of its whole
+lineage (:data:`KINDS`): curves are invalid when the embeddings they were computed
+from are. DataFrames are stored as arrays (:func:`frame_to_arrays`).
 
 **Read-only (render) mode.** A render notebook calls ``set_mode("render")``
 (through :func:`backfill_utils.session.setup`). From then on a cache miss, or a
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
 import numpy as np
+import pandas as pd
 
 from . import config as C
 
@@ -52,9 +52,9 @@ VERSION_SOURCES: dict[str, tuple[str, str]] = {
     "synthetic": ("data", "SYNTHETIC_VERSION"),
     "train": ("train", "TRAIN_VERSION"),
     "embed": ("embed", "EMBED_VERSION"),
-    "compat": ("methods", "COMPAT_VERSION"),
-    "curves": ("methods", "CURVES_VERSION"),
-    "experiments": ("methods", "EXPERIMENTS_VERSION"),
+    "compat": ("compat", "COMPAT_VERSION"),
+    "curves": ("experiments", "CURVES_VERSION"),
+    "experiments": ("experiments", "EXPERIMENTS_VERSION"),
 }
 MODES = ("compute", "render")
 
@@ -208,3 +208,27 @@ def cached_arrays(
     atomic_write_text(path.with_suffix(".json"),
                       json.dumps(full_key(kind, key), indent=1, sort_keys=True, default=str))
     return arrays
+
+
+# --------------------------------------------------------------------------- tables in the cache
+def frame_to_arrays(df: pd.DataFrame, prefix: str = "") -> dict[str, np.ndarray]:
+    """A DataFrame as arrays that :func:`cached_arrays` can store (no pickle): one per
+    column (text columns as ``str``), names prefixed by ``prefix``;
+    :func:`arrays_to_frame` inverts it.
+
+    >>> arrays_to_frame(frame_to_arrays(pd.DataFrame({"m": ["a", "b"], "x": [1.5, 2.0]}), "t::"), "t::")
+       m    x
+    0  a  1.5
+    1  b  2.0
+    """
+    out = {}
+    for c in df.columns:
+        v = df[c].to_numpy()
+        out[f"{prefix}col::{c}"] = v.astype(str) if v.dtype == object else v
+    out[f"{prefix}columns"] = np.array([str(c) for c in df.columns])
+    return out
+
+
+def arrays_to_frame(arrays: Mapping[str, np.ndarray], prefix: str = "") -> pd.DataFrame:
+    """The DataFrame stored by :func:`frame_to_arrays` under ``prefix``."""
+    return pd.DataFrame({str(c): arrays[f"{prefix}col::{c}"] for c in arrays[f"{prefix}columns"]})

@@ -13,7 +13,7 @@ Readers (``root`` is an absolute folder, ``split`` is ``"train"`` or ``"test"``)
   ``torchvision.datasets.ImageNet``.
 * :func:`places365` -- ImageFolder ``train/`` + ``val/``, else torchvision's
   Places365 layout (category and file-list text files, image folders).
-* :func:`torchvision_dataset` -- the other sets of ``registry.TORCHVISION_DATASETS``.
+* :func:`torchvision_dataset` -- the other sets of ``dataset_registry.TORCHVISION_DATASETS``.
 
 CIFAR-100 and Places-365 files are read here rather than by torchvision's classes,
 which check the md5 of the official files and so refuse any other copy in the same
@@ -38,7 +38,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .datasets import ArrayDataset, FolderDataset, TorchvisionDataset
-from .registry import TORCHVISION_DATASETS, DatasetError
+from .dataset_registry import TORCHVISION_DATASETS, DatasetError
 
 __all__ = ["IMG_EXTENSIONS", "EmptyClassFolderWarning", "class_folders", "scan_image_folder", "imagefolder",
            "tinyimagenet", "cifar100", "imagenet", "places365", "torchvision_dataset", "num_classes_on_disk"]
@@ -315,7 +315,7 @@ def _torchvision_targets(base: Dataset, tv_name: str) -> np.ndarray:
 
 
 def torchvision_dataset(key: str, split: str, root: Path, download: bool, transform, options) -> TorchvisionDataset:
-    """A set of ``registry.TORCHVISION_DATASETS`` through its torchvision class."""
+    """A set of ``dataset_registry.TORCHVISION_DATASETS`` through its torchvision class."""
     import torchvision.datasets as tvd
 
     tv_name, split_kwargs, *_rest, downloadable = TORCHVISION_DATASETS[key]

@@ -1,7 +1,8 @@
 """Losses for compatible training: CMCL and its variants, L_rev, BCT, FastFill, BiCT.
 
 Small composable functions in the spirit of pytorch-metric-learning: a distance
-(:func:`pairwise_distance`), a loss over a batch of two retrieval systems
+(:func:`~backfill_utils.distances.pairwise_distance`, from
+:mod:`backfill_utils.distances`), a loss over a batch of two retrieval systems
 (:func:`cmcl_loss`, also wrapped as the module :class:`CMCLLoss`) and the plain
 regression / classification terms the baselines need (:func:`feature_regression`,
 :func:`classification_loss`), composed into FastFill's uncertainty-weighted loss
@@ -42,6 +43,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .distances import DISTANCES, pairwise_distance
+
 __all__ = [
     "DISTANCES",
     "CMCL_VARIANTS",
@@ -58,41 +61,8 @@ __all__ = [
     "bict_loss",
 ]
 
-DISTANCES = ("euclidean", "squared")
 CMCL_VARIANTS = ("joint", "separate", "single")
 REGRESSIONS = ("sum", "mean")
-
-_DIST_EPS = 1e-8
-
-
-# --------------------------------------------------------------------------- #
-# distances
-# --------------------------------------------------------------------------- #
-def pairwise_distance(
-    a: torch.Tensor, b: torch.Tensor, distance: str = "euclidean", eps: float = _DIST_EPS
-) -> torch.Tensor:
-    """All-pairs distance matrix ``D[i, j] = d(a_i, b_j)`` of shape ``(len(a), len(b))``.
-
-    ``distance="euclidean"``: ``sqrt(||a_i - b_j||^2 + eps)`` (the eps keeps the
-    gradient finite when two embeddings coincide); ``"squared"``: ``||a_i - b_j||^2``.
-
-    >>> a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    >>> pairwise_distance(a, a, "squared")
-    tensor([[0., 2.],
-            [2., 0.]])
-    """
-    if distance not in DISTANCES:
-        raise ValueError(f"distance={distance!r} is not one of {DISTANCES}")
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(
-            f"pairwise_distance needs two 2-D tensors with the same dimension, got "
-            f"{tuple(a.shape)} and {tuple(b.shape)}"
-        )
-    sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
-    sq = sq.clamp_min(0.0)
-    if distance == "squared":
-        return sq
-    return torch.sqrt(sq + eps)
 
 
 # --------------------------------------------------------------------------- #

@@ -28,8 +28,9 @@ or ``sgd`` with momentum 0.9), ``weight_decay``, ``hidden`` (hidden width of the
 MLP, ``None`` = twice its input dimension), ``depth`` (number of hidden layers, each
 ``Linear -> BatchNorm1d -> ReLU``), ``normalize`` (L2-normalise the cached embeddings
 first) and ``seed``. The defaults are the package's defaults before recipes existed
-(``COMPAT_VERSION`` 1), so ``CMCLPsiRhoRecipe()`` trains exactly what
-``compat.train_reverse(use_cmcl=True, learn_new=True)`` trained.
+(``COMPAT_VERSION`` 1), so ``CMCLPsiRhoRecipe()`` trains exactly what the old flag
+interface ``train_reverse(use_cmcl=True, learn_new=True)`` trained (checked when the
+recipes were introduced, commit 8a7b616; the flag interface is gone).
 
 >>> r = CMCLPsiRhoRecipe(tau=0.05)
 >>> r.to_dict()["recipe"], r.to_dict()["tau"]

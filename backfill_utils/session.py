@@ -98,7 +98,7 @@ class Run:
         return holds
 
     def check_claims(self, claims: pd.DataFrame, asserted=None) -> pd.DataFrame:
-        """Report every checked claim of a claims table (``methods.claims``) that does
+        """Report every checked claim of a claims table (``tables.claims``) that does
         not hold; when ``strict``, assert those selected by the boolean mask
         ``asserted`` (default: all). Returns the failed rows."""
         failed = claims[claims["checked"].astype(bool) & ~claims["holds"].astype(bool)]

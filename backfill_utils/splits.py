@@ -14,7 +14,7 @@ import pandas as pd
 from torch.utils.data import Dataset
 
 from .datasets import raw_image
-from .registry import DatasetError
+from .dataset_registry import DatasetError
 
 __all__ = ["ClassSubset", "class_splits", "subset_by_classes", "describe_splits"]
 

@@ -38,7 +38,7 @@ import os
 
 import numpy as np
 
-from .registry import DatasetError, canonical_split
+from .dataset_registry import DatasetError, canonical_split
 from .synthetic_objects import (TEXTURES, class_identities, hsv_to_rgb, identity_colours, object_params,
                                 render_object, texture)
 

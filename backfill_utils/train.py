@@ -36,6 +36,7 @@ from tqdm import tqdm
 from . import config as C
 from . import data as D
 from . import io
+from .losses import bct_influence_loss
 from .models import EmbeddingNet, build_model
 
 ROLES = ("old", "new", "bct")
@@ -158,6 +159,78 @@ def build_train_dataset(spec: dict, data_root=None, download: bool = False):
     return D.subset_by_classes(full, list(range(spec["num_classes"])))
 
 
+def _bct_teacher(spec: dict, data_root, device, progress: bool, download: bool):
+    """The frozen old classifier of a BCT spec and its number of classes (or ``(None, 0)``)."""
+    if not spec.get("bct"):
+        return None, 0
+    old = train(spec["bct"]["old"], data_root=data_root, device=device, progress=progress, download=download)
+    old_classifier = old.classifier.eval()
+    for p in old_classifier.parameters():
+        p.requires_grad_(False)
+    return old_classifier, int(spec["bct"]["old"]["num_classes"])
+
+
+def _loader(spec: dict, dataset, world: int, rank: int, device: torch.device):
+    """The distributed sampler and the loader of one process (drop_last batches)."""
+    recipe = spec["recipe"]
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=int(spec["seed"]))
+    per_proc_batch = max(1, recipe["batch_size"] // world)
+    loader = DataLoader(
+        dataset, batch_size=per_proc_batch, sampler=sampler, drop_last=True,
+        num_workers=recipe.get("num_workers", 0), pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+    if len(loader) == 0:
+        raise ValueError(
+            f"training set has {len(dataset)} samples, fewer than one batch of {per_proc_batch}; "
+            "lower train.batch_size or use more data"
+        )
+    return sampler, loader
+
+
+def _resume(ckpt_path: Path, parts: dict, device) -> tuple[int, list]:
+    """Load a checkpoint into ``parts`` (model, optimizer, scheduler, scaler) if there is one;
+    returns the first epoch to run and the history so far."""
+    if not ckpt_path.is_file():
+        return 0, []
+    state = torch.load(ckpt_path, map_location=device, weights_only=True)
+    for name, obj in parts.items():
+        obj.load_state_dict(state[name])
+    return int(state["epoch"]) + 1, json.loads(state["history"])
+
+
+def _epoch(net, loader, parts: dict, spec: dict, teacher, device, use_amp: bool) -> tuple[float, float, float]:
+    """One pass over ``loader``; returns the summed loss, correct count and sample count."""
+    optimizer, scheduler, scaler = parts["optimizer"], parts["scheduler"], parts["scaler"]
+    old_classifier, n_old_classes = teacher
+    tot_loss = tot_correct = tot_n = 0.0
+    for x, y in loader:
+        x = x.to(device, non_blocking=True)
+        y = torch.as_tensor(y).to(device, non_blocking=True)
+        with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
+            z, logits = net(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=spec["recipe"]["label_smoothing"])
+            if old_classifier is not None:
+                loss = loss + spec["bct"]["weight"] * bct_influence_loss(z.float(), y, old_classifier, n_old_classes)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        tot_loss += loss.item() * len(y)
+        tot_correct += (logits.argmax(1) == y).sum().item()
+        tot_n += len(y)
+    return tot_loss, tot_correct, tot_n
+
+
+def _save_final(folder: Path, model: EmbeddingNet, spec: dict, history: list) -> None:
+    io.atomic_write_text(folder / "history.csv", pd.DataFrame(history).to_csv(index=False))
+    io.atomic_write_text(folder / "model.json", json.dumps(
+        {"config": model.config, "spec": spec, "train_version": TRAIN_VERSION}, indent=1))
+    io.atomic_torch_save(model.state_dict(), folder / "model.pt")
+    (folder / "checkpoint.pt").unlink(missing_ok=True)
+
+
 def train(
     spec: dict,
     *,
@@ -180,53 +253,21 @@ def train(
         return load_model(spec, device)
     io.require_compute("models", _describe(spec), folder / "model.pt")
     rank, world, ddp = _dist_setup(device)
-    recipe = spec["recipe"]
-    seed = int(spec["seed"])
+    recipe, seed = spec["recipe"], int(spec["seed"])
     torch.manual_seed(seed)
     model = EmbeddingNet(num_classes=spec["num_classes"], **spec["model"]).to(device)
-    old_classifier = None
-    if spec.get("bct"):
-        from .losses import bct_influence_loss
-
-        old = train(spec["bct"]["old"], data_root=data_root, device=device, progress=progress,
-                    download=download)
-        old_classifier = old.classifier.eval()
-        for p in old_classifier.parameters():
-            p.requires_grad_(False)
-        n_old_classes = spec["bct"]["old"]["num_classes"]
-
-    dataset = build_train_dataset(spec, data_root, download)
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
-    per_proc_batch = max(1, recipe["batch_size"] // world)
-    loader = DataLoader(
-        dataset, batch_size=per_proc_batch, sampler=sampler, drop_last=True,
-        num_workers=recipe.get("num_workers", 0), pin_memory=device.type == "cuda",
-        persistent_workers=False,
-    )
-    steps = len(loader) * recipe["epochs"]
-    if len(loader) == 0:
-        raise ValueError(
-            f"training set has {len(dataset)} samples, fewer than one batch of {per_proc_batch}; "
-            "lower train.batch_size or use more data"
-        )
+    teacher = _bct_teacher(spec, data_root, device, progress, download)
+    sampler, loader = _loader(spec, build_train_dataset(spec, data_root, download), world, rank, device)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=recipe["lr"], momentum=recipe["momentum"],
         weight_decay=recipe["weight_decay"], nesterov=True,
     )
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     use_amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    history: list[dict] = []
-    start_epoch = 0
+    parts = {"model": model, "optimizer": optimizer,
+             "scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=len(loader) * recipe["epochs"]),
+             "scaler": torch.amp.GradScaler("cuda", enabled=use_amp)}
     ckpt_path = folder / "checkpoint.pt"
-    if ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch = int(state["epoch"]) + 1
-        history = json.loads(state["history"])
+    start_epoch, history = _resume(ckpt_path, parts, device)
     net = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
@@ -239,51 +280,27 @@ def train(
         sampler.set_epoch(epoch)
         torch.manual_seed(seed * 100_003 + epoch * 1_009 + rank)  # augmentation stream
         t0 = time.perf_counter()
-        tot_loss = tot_correct = tot_n = 0.0
-        for x, y in loader:
-            x = x.to(device, non_blocking=True)
-            y = torch.as_tensor(y).to(device, non_blocking=True)
-            with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
-                z, logits = net(x)
-                loss = F.cross_entropy(logits, y, label_smoothing=recipe["label_smoothing"])
-                if old_classifier is not None:
-                    loss = loss + spec["bct"]["weight"] * bct_influence_loss(
-                        z.float(), y, old_classifier, n_old_classes
-                    )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            tot_loss += loss.item() * len(y)
-            tot_correct += (logits.argmax(1) == y).sum().item()
-            tot_n += len(y)
+        totals = _epoch(net, loader, parts, spec, teacher, device, use_amp)
         if ddp:
-            t = torch.tensor([tot_loss, tot_correct, tot_n], dtype=torch.float64, device=device)
+            t = torch.tensor(totals, dtype=torch.float64, device=device)
             dist.all_reduce(t)
-            tot_loss, tot_correct, tot_n = t.tolist()
+            totals = t.tolist()
+        tot_loss, tot_correct, tot_n = totals
         row = {
             "epoch": epoch + 1, "loss": tot_loss / tot_n, "train_acc": 100.0 * tot_correct / tot_n,
-            "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0,
+            "lr": parts["scheduler"].get_last_lr()[0], "seconds": time.perf_counter() - t0,
         }
         history.append(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['train_acc']:.1f}")
         if rank == 0:
-            io.atomic_torch_save({
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": epoch, "history": json.dumps(history),
-            }, ckpt_path)
+            io.atomic_torch_save({**{k: v.state_dict() for k, v in parts.items()}, "epoch": epoch,
+                                  "history": json.dumps(history)}, ckpt_path)
         if ddp:
             dist.barrier()
         if callback is not None:
             callback(epoch, row)
     if rank == 0:
-        io.atomic_write_text(folder / "history.csv", pd.DataFrame(history).to_csv(index=False))
-        io.atomic_write_text(folder / "model.json", json.dumps(
-            {"config": model.config, "spec": spec, "train_version": TRAIN_VERSION}, indent=1))
-        io.atomic_torch_save(model.state_dict(), folder / "model.pt")
-        ckpt_path.unlink(missing_ok=True)
+        _save_final(folder, model, spec, history)
     if ddp:
         dist.barrier()
     return model.eval()

@@ -18,7 +18,7 @@ import functools
 import numpy as np
 import torch
 
-from .registry import FOLDER_DATASETS, TORCHVISION_DATASETS, check_name
+from .dataset_registry import FOLDER_DATASETS, TORCHVISION_DATASETS, check_name
 from .synthetic import make_synthetic, split_options, synthetic_defaults
 
 __all__ = ["TensorAugment", "nominal_stats", "train_transform", "test_transform"]

@@ -78,8 +78,10 @@ def float_setup():
 
 # ---------------------------------------------------------------- orders and counts
 def test_doctests():
-    res = doctest.testmod(bf)
-    assert res.attempted >= 3 and res.failed == 0
+    from backfill_utils import orders
+
+    results = [doctest.testmod(m) for m in (bf, orders)]
+    assert sum(r.attempted for r in results) >= 4 and not any(r.failed for r in results)
 
 
 def test_backfilled_count_is_robust_to_float_error():
@@ -356,31 +358,24 @@ def test_summary_of_real_curve_endpoints(float_setup):
     assert s["auc_map"] == pytest.approx(np.trapezoid(curve["mAP"], curve["ratio"]))
 
 
-# ---------------------------------------------------------------- faiss search and the merged list
-def test_knn_search_matches_brute_force(float_setup):
-    _, go, _ = float_setup
-    D, I = bf.knn_search(go[:10], go, 5)
-    d, bound = sq(go[:10], go), f32_error_bound(go[:10], go)
-    assert_ranking_is_robust(d, bound)
-    assert (I == np.argsort(d, 1)[:, :5]).all()
-    # faiss computes in float32: within the rounding bound of the exact (float64) distances
-    assert (np.abs(D - np.sort(d, 1)[:, :5]) <= np.take_along_axis(bound, I, 1)).all()
-    D, I = bf.knn_search(go, go, 3, exclude_self=True)
-    assert I.shape == (80, 3) and (I != np.arange(80)[:, None]).all()
-    D, I = bf.knn_search(go[:2], go[:2], 4)
-    assert (I[:, 2:] == -1).all() and np.isinf(D[:, 2:]).all()
-
-
-def test_merged_search_is_the_top_of_the_mixed_ranking(float_setup):
-    labels, go, gn = float_setup
-    rng = np.random.default_rng(4)
-    qo, qn = rng.normal(size=(6, 8)).astype(np.float32), rng.normal(size=(6, 12)).astype(np.float32)
-    system = bf.BackfillSystem.merge("rm", qo, go, qn, gn, order=bf.random_order(80, 2))
-    res = bf.merged_search(system, 0.3, 7)
-    m = bf.backfilled_count(0.3, 80)
-    new = np.zeros(80, bool)
-    new[system.order[:m]] = True
-    d = np.where(new[None], sq(qn, gn), sq(qo, go))
-    assert_ranking_is_robust(d, np.where(new[None], f32_error_bound(qn, gn), f32_error_bound(qo, go)))
-    assert (res["indices"] == np.argsort(d, 1, kind="stable")[:, :7]).all()
-    assert (res["from_new"] == new[res["indices"]]).all()
+# ---------------------------------------------------------------- the backfilled rule
+def test_backfilled_and_segments_are_one_rule():
+    """backfilled(r) at every ratio is the mask that segments() encodes, and it counts
+    backfilled_count(r, N) items, first in the order."""
+    n = 37
+    order = bf.random_order(n, 5)
+    system = bf.BackfillSystem.mixed("s", np.eye(n), np.eye(n), np.eye(n), order=order)
+    ratios = np.array([0.0, 0.1, 0.29, 0.5, 0.999, 1.0])
+    seg = system.segments(ratios)
+    for i, r in enumerate(ratios):
+        mask = system.backfilled(r)
+        assert mask.sum() == bf.backfilled_count(r, n)
+        assert mask[order[:bf.backfilled_count(r, n)]].all()
+        assert (mask == (seg <= i)).all()
+    # without an order: the seeded random order, as backfill_curve uses it
+    free = bf.BackfillSystem.mixed("free", np.eye(n), np.eye(n), np.eye(n))
+    assert (free.resolved_order(3) == bf.random_order(n, 3)).all()
+    assert (free.backfilled(0.5, seed=3) == bf.BackfillSystem.mixed(
+        "x", np.eye(n), np.eye(n), np.eye(n), order=bf.random_order(n, 3)).backfilled(0.5)).all()
+    with pytest.raises(ValueError, match="ratio must be in"):
+        system.backfilled(1.5)

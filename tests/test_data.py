@@ -1,4 +1,4 @@
-"""Tests of backfill_utils.data: the synthetic set, the registry, transforms, class splits."""
+"""Tests of backfill_utils.data: the synthetic set, the dataset registry, transforms, class splits."""
 from __future__ import annotations
 
 import pickle
@@ -109,7 +109,7 @@ def test_synthetic_classes_distinguishable_but_not_trivially():
     assert 0.025 < acc < 0.6
 
 
-# ----------------------------------------------------------------------------- registry
+# ----------------------------------------------------------------------------- dataset registry
 
 
 def test_get_dataset_synthetic_items_and_info():

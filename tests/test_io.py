@@ -4,10 +4,13 @@ import time
 import numpy as np
 import pytest
 
+from backfill_utils import compat as K
 from backfill_utils import data as D
 from backfill_utils import embed as E
+from backfill_utils import experiments as X
 from backfill_utils import io
-from backfill_utils import methods as MM
+from backfill_utils import order_study as OS
+from backfill_utils import query_cost as QC
 from backfill_utils import session
 from backfill_utils import train as T
 from conftest import tiny_profile
@@ -49,8 +52,8 @@ def test_cache_hit_and_miss(tmp_cache):
 
 @pytest.mark.parametrize("kind, module, constant", [
     ("embeddings", T, "TRAIN_VERSION"), ("embeddings", E, "EMBED_VERSION"),
-    ("compat", MM, "COMPAT_VERSION"), ("curves", MM, "CURVES_VERSION"),
-    ("experiments", MM, "EXPERIMENTS_VERSION"), ("experiments", E, "EMBED_VERSION"),
+    ("compat", K, "COMPAT_VERSION"), ("curves", X, "CURVES_VERSION"),
+    ("experiments", X, "EXPERIMENTS_VERSION"), ("experiments", E, "EMBED_VERSION"),
 ])
 def test_a_version_bump_is_a_cache_miss(tmp_cache, monkeypatch, kind, module, constant):
     calls = []
@@ -114,17 +117,18 @@ def test_render_mode_names_the_producer_and_computes_nothing(tmp_cache):
 
 
 def test_render_notebook_on_an_empty_cache_stops_at_once(tmp_cache, monkeypatch, capsys):
-    """What notebooks 40-51 do first: evaluate_all / build_systems / the cached studies."""
+    """What notebooks 40-51 do first: evaluate_all / build_systems / trained modules / the cached studies."""
     for name in ("build_train_dataset", "load_model"):
         monkeypatch.setattr(T, name, lambda *a, **k: pytest.fail("a render notebook trained or loaded a model"))
     monkeypatch.setattr(E, "extract", lambda *a, **k: pytest.fail("a render notebook embedded"))
     run = session.setup("smoke", kind="render", style=False)
     try:
         t0 = time.perf_counter()
-        for call, producer in ((lambda: MM.evaluate_all(run.cfg), "31_backfill"),
-                               (lambda: MM.build_systems(run.cfg, "extended", ["RM"]), "20_galleries"),
-                               (lambda: MM.order_comparison(run.cfg, "extended"), "32_experiments"),
-                               (lambda: MM.query_cost(run.cfg, "extended"), "32_experiments")):
+        for call, producer in ((lambda: X.evaluate_all(run.cfg), "31_backfill"),
+                               (lambda: X.build_systems(run.cfg, "extended", ["RM"]), "20_galleries"),
+                               (lambda: X.train_method(run.cfg, "extended", "Ours"), "30_compat"),
+                               (lambda: OS.order_comparison(run.cfg, "extended"), "32_experiments"),
+                               (lambda: QC.query_cost(run.cfg, "extended"), "32_experiments")):
             with pytest.raises(io.MissingArtifactError, match=f"notebooks/{producer}.ipynb"):
                 call()
         assert time.perf_counter() - t0 < 60  # seconds, not a training run (measured: well under 10)
