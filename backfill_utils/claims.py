@@ -31,7 +31,7 @@ from . import seeds as SD
 from . import tables as T
 
 __all__ = ["HOLDS", "WITHIN_NOISE", "FAILS", "VERDICTS", "ASSERTED", "verdict", "over_seeds",
-           "claims_table", "asserted_mask"]
+           "claims_from", "claims_table", "asserted_mask"]
 
 HOLDS, WITHIN_NOISE, FAILS = "holds (> 2 sd)", "holds within noise", "fails"
 VERDICTS = (HOLDS, WITHIN_NOISE, FAILS)
@@ -101,13 +101,17 @@ def over_seeds(per_seed: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def claims_table(cfg: dict, names=None, *, progress: bool = False) -> pd.DataFrame:
-    """The claims of every setting over its seeds (:func:`over_seeds` of the cached curves,
-    :func:`backfill_utils.seeds.evaluate_seeds`)."""
-    curves, summary = SD.evaluate_seeds(cfg, names, progress=progress)
+def claims_from(curves: dict, summary: pd.DataFrame) -> pd.DataFrame:
+    """:func:`over_seeds` of the claims of every ``(setting, seed)`` of
+    :func:`backfill_utils.seeds.evaluate_seeds`'s ``curves`` and ``summary``."""
     parts = [T.claims(c, summary[(summary.setting == s) & (summary.seed == seed)]).assign(setting=s, seed=seed)
              for (s, seed), c in curves.items()]
     return over_seeds(pd.concat(parts, ignore_index=True))
+
+
+def claims_table(cfg: dict, names=None, *, progress: bool = False) -> pd.DataFrame:
+    """The claims of every setting over its seeds, from the cached curves (:func:`claims_from`)."""
+    return claims_from(*SD.evaluate_seeds(cfg, names, progress=progress))
 
 
 def asserted_mask(table: pd.DataFrame, strict: bool) -> pd.Series:

@@ -82,7 +82,7 @@ def profile_name(name: str | None = None) -> str:
     return name or os.environ.get(PROFILE_ENV) or "default"
 
 
-OPEN_KEYS = ("dataset_options",)  # free-form: each dataset has its own options
+OPEN_KEYS = ("dataset_options", "variants")  # free-form: each dataset has its own options; regime names
 
 
 def deep_update(base: dict, updates: Mapping, *, strict: bool = True) -> dict:
