@@ -74,30 +74,33 @@ def _job_cost(cfg: dict, name: str, recipe: Any) -> float:
     return weight * float(getattr(recipe, "epochs", 1))
 
 
-def train_jobs(cfg: dict, jobs: Iterable[tuple[str, str, Any, int | None]], *, progress: bool = True,
+def train_jobs(cfg: dict | None, jobs: Iterable[tuple], *, progress: bool = True,
                n_workers: int | None = None) -> None:
     """Train (or find in the cache) every ``(setting, method, recipe, seed)`` of ``jobs``
-    (``recipe=None``: the method's default), ``$BACKFILL_WORKERS`` at a time.
+    (``recipe=None``: the method's default) for the profile ``cfg``, ``$BACKFILL_WORKERS``
+    at a time; a job may also be ``(profile, setting, method, recipe, seed)`` with its own
+    profile (``cfg=None``: every job names its profile; the regime map).
 
     Each training runs alone in its process and is cached by
     :func:`backfill_utils.experiments.train_method`, so the modules equal a serial run's.
     A method whose registration is not one of the package's (registered in a notebook)
     is trained here, in the calling process. Jobs already in the cache cost nothing.
     """
-    jobs = [tuple(j) for j in jobs]
+    full = [tuple(j) if len(j) == 5 else (cfg, *j) for j in jobs]
+    if any(j[0] is None for j in full):
+        raise ValueError("train_jobs: a job without its own profile needs cfg")
     remote, local = [], []
-    for job in jobs:
-        setting, name, recipe, seed = job
-        path = io.cache_path("compat", X.compat_key(cfg, setting, name, recipe, seed))
-        if path.is_file():
+    for job in full:
+        c, setting, name, recipe, seed = job
+        if io.cache_path("compat", X.compat_key(c, setting, name, recipe, seed)).is_file():
             continue
         (remote if MM.is_builtin(name) else local).append(job)
     if remote:
-        parallel.run_jobs(_train_job, [(cfg, *j) for j in remote], cost=[_job_cost(cfg, j[1], j[2]) for j in remote],
+        parallel.run_jobs(_train_job, remote, cost=[_job_cost(j[0], j[2], j[3]) for j in remote],
                           n_workers=n_workers, desc="train modules", progress=progress,
-                          labels=[f"{s}/{n}/seed {sd}" for s, n, _, sd in remote])
-    for setting, name, recipe, seed in local:
-        X.train_method(cfg, setting, name, recipe=recipe, seed=seed, progress=progress)
+                          labels=[f"{s}/{n}/seed {sd}" for _, s, n, _, sd in remote])
+    for c, setting, name, recipe, seed in local:
+        X.train_method(c, setting, name, recipe=recipe, seed=seed, progress=progress)
 
 
 def train_seeded(cfg: dict, names=None, *, progress: bool = True) -> list[tuple]:

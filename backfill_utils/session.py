@@ -98,6 +98,19 @@ class Run:
             print(line)
         return holds
 
+    def optional(self, load):
+        """``load()``, or ``None`` when it raises :class:`~backfill_utils.io.MissingArtifactError`
+        on a run other than the reference run (the message is printed: what is missing and
+        the target that makes it). On the reference run of the default profile the error
+        is raised: its outputs are committed."""
+        try:
+            return load()
+        except io.MissingArtifactError as exc:
+            if self.strict:
+                raise
+            print(f"NOT RENDERED on this run: {exc}")
+            return None
+
     def check_claims(self, claims: pd.DataFrame, asserted=None) -> pd.DataFrame:
         """Report every checked claim of a claims table (``tables.claims``, or
         ``claims.over_seeds`` with a ``verdict`` over seeds) that does not hold; when
