@@ -36,15 +36,32 @@ __all__ = ["HOLDS", "WITHIN_NOISE", "FAILS", "VERDICTS", "ASSERTED", "verdict", 
 HOLDS, WITHIN_NOISE, FAILS = "holds (> 2 sd)", "holds within noise", "fails"
 VERDICTS = (HOLDS, WITHIN_NOISE, FAILS)
 
-#: ``(setting, claim)`` asserted on the reference run of the default profile: the claims
-#: that held by more than two standard deviations on it (README, "What holds, and where").
-ASSERTED: frozenset[tuple[str, str]] = frozenset({
-    ("extended", "RM rises: no step down by more than 0.5 mAP"),
-    ("extended", "RM endpoints equal old/old and new/new (mAP, within 1e-6)"),
-    ("extended", "RM+psi+CMCL > RM+psi on AUC_mAP"),
-    ("extended", "Ours > RM on auc_map"),
-    ("extended", "Ours > BCT on auc_map"),
-})
+#: ``(setting, claim)`` asserted on the reference run of the default profile: the checked claims
+#: of the extended setting, each of which held by more than two standard deviations over the three
+#: seeds of the default run measured when the rule was introduced (margins: ``diff`` and ``diff_sd``
+#: of ``results/tables/claims.csv``). The heterogeneous and open settings have one seed: reported,
+#: never asserted.
+ASSERTED: frozenset[tuple[str, str]] = frozenset(("extended", c) for c in (
+    "RM rises: no step down by more than 0.5 mAP",
+    "RM endpoints equal old/old and new/new (mAP, within 1e-6)",
+    "RM+psi >= RM on AUC_mAP",
+    "RM+psi+CMCL > RM+psi on AUC_mAP",
+    "Ours > RM+psi+CMCL on AUC_mAP",
+    "Ours > RM on auc_map",
+    "Ours > RM on auc_top1",
+    "Ours > BCT on auc_map",
+    "Ours > BCT on auc_top1",
+    "Ours > FCT on auc_map",
+    "Ours > FCT on auc_top1",
+    "Ours > FastFill on auc_map",
+    "Ours > FastFill on auc_top1",
+    "Ours > BiCT on auc_map",
+    "Ours > BiCT on auc_top1",
+    "Ours final mAP >= new/new - 0.5",
+    "joint CMCL (Ours) > CMCL-single on AUC_mAP",
+    "joint CMCL (Ours) > CMCL-separate on AUC_mAP",
+    "joint CMCL (Ours) flips less than separate: mean negative flips vs old/old",
+))
 
 
 def verdict(diffs, relation: str, deterministic: bool = False) -> tuple[float, float, str]:

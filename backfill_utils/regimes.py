@@ -230,6 +230,11 @@ def main(argv=None) -> None:
     print(pd.read_csv(d / "winners.csv").round(2).to_string(index=False))
     print(pd.read_csv(d / "crossover.csv").round(3).to_string(index=False))
     print(f"regimes done in {seconds:.0f} s")
+    if cfg["run_name"] == "default" and not os.environ.get(C.RESULTS_ENV):
+        from . import report
+
+        report.update_readme()
+        print("README.md 'What holds, and where' updated from results/")
 
 
 if __name__ == "__main__":

@@ -295,6 +295,11 @@ def main(argv=None) -> None:
     io.atomic_write(d / "runtime.csv", lambda p: runtime.to_csv(p, index=False))
     print(runtime.to_string(index=False))
     print(pd.read_csv(d / "tuned_vs_default.csv").round(2).to_string(index=False))
+    if cfg["run_name"] == "default" and not os.environ.get(C.RESULTS_ENV):
+        from . import report
+
+        report.update_readme()
+        print("README.md 'What holds, and where' updated from results/")
 
 
 if __name__ == "__main__":
