@@ -41,14 +41,16 @@ import pandas as pd
 import yaml
 
 from . import config as C
+from . import embed as E
 from . import experiments as X
 from . import io
 from . import methods as MM
 from . import parallel
 from . import seeds as SD
+from . import train as T
 from .recipes import recipe_from_dict
 
-__all__ = ["tune_config", "out_dir", "suggest", "default_params", "search", "select", "evaluate_test",
+__all__ = ["tune_config", "out_dir", "suggest", "default_params", "prepare", "search", "select", "evaluate_test",
            "tuned_vs_default", "read_outputs", "missing_outputs", "write_outputs", "main"]
 
 TARGET = "make tune"
@@ -133,6 +135,17 @@ def suggest(trial, cfg: dict, name: str) -> Any:
         f.update(ce_weight=trial.suggest_float("ce_weight", 0.1, 10.0, log=True),
                  feature_weight=trial.suggest_float("feature_weight", 0.1, 10.0, log=True))
     return base.replace(**f)
+
+
+def prepare(cfg: dict, *, progress: bool = True) -> None:
+    """The backbones of the tuning setting (in worker processes), their train-split and
+    validation embeddings (here, before the searches share them)."""
+    setting = tune_config(cfg)["setting"]
+    T.train_many([T.model_spec(cfg, setting, r) for r in MM.BACKBONES], data_root=cfg.get("data_root"),
+                  download=bool(cfg.get("download")), progress=progress)
+    X.cache_train_embeddings(cfg, setting, progress=progress)
+    for role in MM.BACKBONES:
+        E.get_embeddings(cfg, setting, role, "val", progress=progress)
 
 
 def _score(cfg: dict, setting: str, name: str, recipe: Any, seed: int) -> dict:
@@ -275,7 +288,7 @@ def main(argv=None) -> None:
     print(f"tuning: profile {cfg['profile']}, {tune_config(cfg)['trials']} trials per method, "
           f"{parallel.workers()} worker(s) -> {out_dir(cfg)}", flush=True)
     t0 = time.perf_counter()
-    X.cache_train_embeddings(cfg, tune_config(cfg)["setting"], progress=progress)
+    prepare(cfg, progress=progress)
     stages.append(("backbones and embeddings", time.perf_counter() - t0))
     t0 = time.perf_counter()
     trials = search(cfg, progress=progress)
