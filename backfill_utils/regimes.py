@@ -52,6 +52,9 @@ __all__ = ["REVERSE", "FORWARD", "regime_config", "variant_cfgs", "run", "summar
 REVERSE = ("Ours",)
 FORWARD = ("FCT", "FastFill", "BiCT")
 FILES = ("regimes.csv", "summary.csv", "winners.csv", "crossover.csv")
+#: What a variant may change: the old model, or the synthetic data (a data family: the new model
+#: changes with it; variants with the same data form one family of the map).
+VARIANT_KEYS = ("old_fraction", "old_backbone", "old_train", "dataset_options")
 
 
 def regime_config(cfg: dict) -> dict:
@@ -61,10 +64,10 @@ def regime_config(cfg: dict) -> dict:
     if missing:
         raise ValueError(f"profile key regimes lacks {missing}; see params/default.yaml")
     for name, keys in r["variants"].items():
-        bad = sorted(set(keys or {}) - {"old_fraction", "old_backbone", "old_train"})
+        bad = sorted(set(keys or {}) - set(VARIANT_KEYS))
         if bad:
             raise ValueError(f"regimes.variants[{name!r}] may change only the old model (old_fraction, "
-                             f"old_backbone, old_train), got {bad}")
+                             f"old_backbone, old_train) or the data (dataset_options), got {bad}")
     for m in r["methods"]:
         MM.get(m)
     return r
@@ -122,8 +125,10 @@ def run(cfg: dict, *, progress: bool = True) -> pd.DataFrame:
             m_old, m_new = float(s.loc["old", "final_map"]), float(s.loc["new", "final_map"])
             fct = curves[curves.method == "FCT"].sort_values("ratio")
             fct_r0 = float(fct["mAP"].iloc[0]) if len(fct) else float("nan")
+            data = json.dumps((r["variants"][name] or {}).get("dataset_options") or {}, sort_keys=True)
             for m in methods:
                 rows.append({"variant": name, "changes": json.dumps(r["variants"][name] or {}, sort_keys=True),
+                             "data": "profile's" if data == "{}" else data,
                              "method": m, "seed": seed, **{k: float(s.loc[m, k]) for k in SD.SUMMARY_METRICS},
                              "m_old": m_old, "m_new": m_new, "old_over_new": m_old / m_new,
                              "fct_r0_map": fct_r0, "fct_r0_over_new": fct_r0 / m_new})
@@ -136,7 +141,9 @@ def summarize(raw: pd.DataFrame) -> pd.DataFrame:
                           by=("variant", "method"))
     axes = raw.groupby("variant", sort=False)[["m_old", "m_new", "old_over_new", "fct_r0_map",
                                                "fct_r0_over_new"]].mean().reset_index()
-    return stats.merge(axes, on="variant")
+    data = raw.groupby("variant", sort=False)["data"].first().reset_index() if "data" in raw else None
+    out = stats.merge(axes, on="variant")
+    return out.merge(data, on="variant") if data is not None else out
 
 
 def winners(raw: pd.DataFrame) -> pd.DataFrame:

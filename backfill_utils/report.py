@@ -176,6 +176,9 @@ def section(results: Path | None = None) -> str:
     claims, t1 = _read(results, "tables/claims.csv"), _read(results, "tables/table1.csv")
     if claims is None or t1 is None:
         return "Not computed yet: run `make reproduce` (then `make tune` and `make regimes`).\n"
+    if "verdict" not in claims.columns or "gain_mAP_%_sd" not in t1.columns:
+        return ("`results/tables/claims.csv` and `table1.csv` predate the verdicts over seeds: run "
+                "`make reproduce`.\n")
     setting = "extended" if (claims.setting == "extended").any() else claims.setting.iloc[0]
     test = _read(results, "tuning/test_seeds.csv")
     lines = [f"Verdict rule (`backfill_utils/claims.py`): per seed of the compatibility stage the difference "

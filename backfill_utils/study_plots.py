@@ -88,18 +88,23 @@ def sensitivity(summary: pd.DataFrame, knobs=("tau", "hard_negatives", "lambda_r
 def regime_map(summary: pd.DataFrame, crossover: pd.DataFrame | None = None, title: str | None = None):
     """Relative gain (mAP, %) of each method against M_old / M_new (left) and against FCT's
     quality at ratio 0 relative to new/new (right), one point per variant with seed error
-    bars; dotted verticals where the reverse direction and the best forward
+    bars (a family of variants with other data, column ``data``: dotted lines, other
+    markers); dotted verticals where the reverse direction and the best forward
     transformation cross."""
     axes_def = (("old_over_new", "M_old / M_new (old/old over new/new mAP)"),
                 ("fct_r0_over_new", "FCT mAP at ratio 0 / M_new"))
     fig, axes = plt.subplots(1, 2, figsize=(11.0, 4.2), squeeze=False)
+    families = list(dict.fromkeys(summary["data"])) if "data" in summary else [None]
+    markers = "osD^v"
     for ax, (axis, xlabel) in zip(axes[0], axes_def):
-        for m in dict.fromkeys(summary["method"]):
-            g = summary[summary.method == m].sort_values(axis)
-            st = method_style(m)
-            ax.errorbar(g[axis], 100 * g["rel_gain_map"], yerr=100 * g["rel_gain_map_sd"].fillna(0),
-                        color=st.get("color"), ls=st.get("ls", "-"), lw=st.get("lw", 1.5), marker="o",
-                        capsize=3, label=m)
+        for k, fam in enumerate(families):
+            part = summary if fam is None else summary[summary["data"] == fam]
+            for m in dict.fromkeys(part["method"]):
+                g = part[part.method == m].sort_values(axis)
+                st = method_style(m)
+                ax.errorbar(g[axis], 100 * g["rel_gain_map"], yerr=100 * g["rel_gain_map_sd"].fillna(0),
+                            color=st.get("color"), ls=st.get("ls", "-") if k == 0 else ":", lw=st.get("lw", 1.5),
+                            marker=markers[k % len(markers)], capsize=3, label=m if k == 0 else None)
         if crossover is not None:
             for at in crossover[crossover["axis"] == axis]["at"]:
                 ax.axvline(at, color="k", ls=":", lw=1)
