@@ -88,6 +88,10 @@ def variant_cfgs(cfg: dict) -> dict[str, dict]:
         changes["settings"] = [r["setting"]]
         out[name] = C.load_profile(cfg["profile"], overrides=changes, data_root=cfg.get("data_root"),
                                    download=cfg.get("download", False))
+        n_old = T.model_spec(out[name], r["setting"], "old")["num_classes"]
+        if n_old < 2:
+            raise ValueError(f"regimes.variants[{name!r}]: the old model would train on {n_old} class(es); "
+                             "raise its old_fraction (at least 2 classes)")
     return out
 
 

@@ -195,3 +195,17 @@ def test_gallery_transform_time_is_measured_per_million_items():
     assert 0 < s < 1e4
     with pytest.raises(ValueError, match="items"):
         QC.time_gallery_transform(h, 8, items=0)
+
+
+def test_variants_are_replaced_whole_by_an_override_and_checked():
+    cfg = C.load_profile("default", overrides={"regimes": {"variants": {"only": {"old_fraction": 0.3}}}})
+    assert list(cfg["regimes"]["variants"]) == ["only"]
+    few = C.load_profile("default", overrides={"regimes": {"variants": {"one class": {
+        "old_fraction": 0.1, "dataset_options": {"num_classes": 10}}}}})
+    with pytest.raises(ValueError, match="one class.*1 class"):
+        RG.variant_cfgs(few)
+    # a data family: the new model changes with the data, the variant names its data
+    fam = C.load_profile("default", overrides={"regimes": {"variants": {
+        "a": {}, "b": {"dataset_options": {"num_classes": 10}}}}})
+    cfgs = RG.variant_cfgs(fam)
+    assert T.model_spec(cfgs["a"], "extended", "new") != T.model_spec(cfgs["b"], "extended", "new")
