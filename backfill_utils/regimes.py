@@ -5,8 +5,9 @@ as it is, so during backfilling it is bounded by what the old embeddings hold; a
 forward transformation (FCT, FastFill, BiCT) maps the old *gallery* into the new space,
 which works as well as the old embeddings carry the information the new model uses.
 Which one wins therefore depends on how much the old model knows. Each **variant**
-of the profile's ``regimes.variants`` changes only the old model (profile keys
-``old_fraction``, ``old_backbone``, ``old_train``; the new model is shared), and for
+of the profile's ``regimes.variants`` changes the old model (profile keys
+``old_fraction``, ``old_backbone``, ``old_train``; the new model is shared) or the
+data (see below), and for
 each the methods of ``regimes.methods`` are trained over every seed of the
 compatibility stage and evaluated on the test split of ``regimes.setting``.
 
@@ -20,8 +21,15 @@ committed; rendered by ``notebooks/53_regimes.ipynb``):
 * ``summary.{csv,md}`` -- mean and sd over the seeds;
 * ``winners.{csv,md}`` -- per variant, the gain of the reverse direction (Ours) minus
   the best forward transformation's, paired over the seeds, with the verdict of
-  :func:`backfill_utils.claims.verdict`; and ``crossover.csv``, where that difference
-  changes sign along M_old / M_new (linear interpolation between neighbouring variants).
+  :func:`backfill_utils.claims.verdict`, and the two terms that decide it: the forward
+  method's head start at ratio 0 (FCT's mAP minus Ours' backward system's) and Ours'
+  end above new/new (rho), both in % of M_new - M_old; ``crossover.csv``: where that
+  difference changes sign along M_old / M_new and FCT's quality at ratio 0, within a
+  family of variants of the same data (linear interpolation between neighbours).
+
+A variant may also change the synthetic data (``dataset_options``): a **family** of
+variants with their own new model (e.g. 10 classes with 1,000 training images each, the
+shape of the held-out real dataset of issue 10), drawn apart in the figure.
 
 ``python -m backfill_utils.regimes --profile default`` runs it.
 """
@@ -129,13 +137,15 @@ def run(cfg: dict, *, progress: bool = True) -> pd.DataFrame:
             m_old, m_new = float(s.loc["old", "final_map"]), float(s.loc["new", "final_map"])
             fct = curves[curves.method == "FCT"].sort_values("ratio")
             fct_r0 = float(fct["mAP"].iloc[0]) if len(fct) else float("nan")
+            ours = curves[curves.method == "Ours"].sort_values("ratio")
+            ours_r0 = float(ours["mAP"].iloc[0]) if len(ours) else float("nan")
             data = json.dumps((r["variants"][name] or {}).get("dataset_options") or {}, sort_keys=True)
             for m in methods:
                 rows.append({"variant": name, "changes": json.dumps(r["variants"][name] or {}, sort_keys=True),
                              "data": "profile's" if data == "{}" else data,
                              "method": m, "seed": seed, **{k: float(s.loc[m, k]) for k in SD.SUMMARY_METRICS},
                              "m_old": m_old, "m_new": m_new, "old_over_new": m_old / m_new,
-                             "fct_r0_map": fct_r0, "fct_r0_over_new": fct_r0 / m_new})
+                             "fct_r0_map": fct_r0, "fct_r0_over_new": fct_r0 / m_new, "ours_r0_map": ours_r0})
     return pd.DataFrame(rows)
 
 
@@ -167,33 +177,47 @@ def winners(raw: pd.DataFrame) -> pd.DataFrame:
             winner = "forward" + ("" if CL.verdict(-d.to_numpy(), ">")[2] == CL.HOLDS else " (within noise)")
         else:
             winner = "reverse" + ("" if verdict == CL.HOLDS else " (within noise)")
-        rows.append({"variant": name, "old_over_new": g["old_over_new"].mean(),
+        ours = g[g.method == rev[0]]
+        gap = g["m_new"].mean() - g["m_old"].mean()
+        rows.append({"variant": name, "data": g["data"].iloc[0] if "data" in g else "profile's",
+                     "old_over_new": g["old_over_new"].mean(),
                      "fct_r0_over_new": g["fct_r0_over_new"].mean(), "seeds": len(d),
                      "reverse_gain_%": 100 * gains[rev].max(axis=1).mean(),
                      "best_forward": gains[fwd].mean().idxmax(),
                      "best_forward_gain_%": 100 * gains[fwd].max(axis=1).mean(),
-                     "reverse_minus_forward": mean, "sd": sd, "winner": winner})
-    return pd.DataFrame(rows).sort_values("old_over_new", kind="stable").reset_index(drop=True)
+                     "reverse_minus_forward": mean, "sd": sd, "winner": winner,
+                     # why: a forward transformation's head start at ratio 0 over Ours' backward system, and
+                     # Ours' end above new/new (rho), both in % of the upgrade's gap M_new - M_old
+                     "start_gap_%": 100 * (g["fct_r0_map"].mean() - ours["ours_r0_map"].mean()) / gap
+                     if "ours_r0_map" in g else float("nan"),
+                     "end_bonus_%": 100 * (ours["final_map"].mean() - g["m_new"].mean()) / gap})
+    out = pd.DataFrame(rows)
+    out["start_gap_minus_end_bonus"] = out["start_gap_%"] - out["end_bonus_%"]
+    return out.sort_values("old_over_new", kind="stable").reset_index(drop=True)
 
 
-def crossover(win: pd.DataFrame, axis: str = "old_over_new") -> pd.DataFrame:
-    """Where the reverse-minus-forward difference changes sign along ``axis``: linear
-    interpolation between neighbouring variants (sorted by ``axis``); no row if it keeps
-    its sign over the range.
+def crossover(win: pd.DataFrame, axis: str = "old_over_new", by_family: bool = True) -> pd.DataFrame:
+    """Where the reverse-minus-forward difference changes sign along ``axis``, within each data
+    family (column ``data``; variants of other data are not neighbours): linear
+    interpolation between neighbouring variants sorted by ``axis``; no row where it keeps its
+    sign over the family's range. ``by_family=False``: all variants on one axis (for an axis
+    that places every family, such as ``start_gap_minus_end_bonus``).
 
     >>> w = pd.DataFrame({"old_over_new": [0.2, 0.4, 0.6], "reverse_minus_forward": [10.0, 2.0, -6.0]})
     >>> crossover(w)[["axis", "at"]].round(3).to_dict("records")
     [{'axis': 'old_over_new', 'at': 0.45}]
     """
-    w = win.sort_values(axis, kind="stable")
-    x, d = w[axis].to_numpy(float), w["reverse_minus_forward"].to_numpy(float)
     rows = []
-    for i in range(len(x) - 1):
-        if d[i] == 0 or np.sign(d[i]) != np.sign(d[i + 1]):
-            at = x[i] if d[i] == 0 else x[i] + (x[i + 1] - x[i]) * d[i] / (d[i] - d[i + 1])
-            rows.append({"axis": axis, "at": float(at), "from": "reverse" if d[i] > 0 else "forward",
-                         "to": "forward" if d[i] > 0 else "reverse"})
-    return pd.DataFrame(rows, columns=["axis", "at", "from", "to"])
+    fams = win.groupby("data", sort=False) if "data" in win and by_family else [("all", win)]
+    for fam, w in fams:
+        w = w.sort_values(axis, kind="stable")
+        x, d = w[axis].to_numpy(float), w["reverse_minus_forward"].to_numpy(float)
+        for i in range(len(x) - 1):
+            if d[i] == 0 or np.sign(d[i]) != np.sign(d[i + 1]):
+                at = x[i] if d[i] == 0 else x[i] + (x[i + 1] - x[i]) * d[i] / (d[i] - d[i + 1])
+                rows.append({"axis": axis, "data": fam, "at": float(at), "from": "reverse" if d[i] > 0 else "forward",
+                             "to": "forward" if d[i] > 0 else "reverse"})
+    return pd.DataFrame(rows, columns=["axis", "data", "at", "from", "to"])
 
 
 def write_outputs(cfg: dict, raw: pd.DataFrame) -> Path:
@@ -207,7 +231,8 @@ def write_outputs(cfg: dict, raw: pd.DataFrame) -> Path:
     win = winners(raw)
     plots.save_table(win, d, "winners", caption="Reverse (Ours) minus the best forward transformation, relative "
                      "gain in points, paired over the seeds.")
-    cross = pd.concat([crossover(win, "old_over_new"), crossover(win, "fct_r0_over_new")], ignore_index=True)
+    cross = pd.concat([crossover(win, "old_over_new"), crossover(win, "fct_r0_over_new"),
+                       crossover(win, "start_gap_minus_end_bonus", by_family=False)], ignore_index=True)
     io.atomic_write(d / "crossover.csv", lambda p: cross.to_csv(p, index=False))
     return d
 

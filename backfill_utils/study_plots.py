@@ -15,7 +15,7 @@ import pandas as pd
 
 from .plots import method_style
 
-__all__ = ["tuning_trials", "sensitivity", "regime_map"]
+__all__ = ["tuning_trials", "sensitivity", "regime_map", "regime_decider"]
 
 
 def tuning_trials(trials: pd.DataFrame, title: str | None = None):
@@ -117,5 +117,33 @@ def regime_map(summary: pd.DataFrame, crossover: pd.DataFrame | None = None, tit
     axes[0][0].legend(ncol=2)
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def regime_decider(winners: pd.DataFrame, crossover: pd.DataFrame | None = None, title: str | None = None):
+    """Ours minus the best forward transformation (relative gain, points, seed error bars)
+    against the forward method's head start at ratio 0 minus Ours' end above new/new (both in
+    % of M_new - M_old), one point per variant, labelled; zero lines and the crossover."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    families = list(dict.fromkeys(winners["data"])) if "data" in winners else [None]
+    for k, fam in enumerate(families):
+        w = winners if fam is None else winners[winners["data"] == fam]
+        ax.errorbar(w["start_gap_minus_end_bonus"], w["reverse_minus_forward"], yerr=w["sd"].fillna(0),
+                    fmt="osD^v"[k % 5], color=f"C{k}", capsize=3,
+                    label="profile's data" if fam in (None, "profile's") else f"data {fam}")
+        for _, r in w.iterrows():
+            ax.annotate(r["variant"], (r["start_gap_minus_end_bonus"], r["reverse_minus_forward"]),
+                        textcoords="offset points", xytext=(4, 3), fontsize=7, color="0.35")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.axvline(0, color="k", lw=0.8, ls="--")
+    if crossover is not None:
+        for at in crossover[crossover["axis"] == "start_gap_minus_end_bonus"]["at"]:
+            ax.axvline(at, color="k", ls=":", lw=1)
+    ax.set_xlabel("forward head start at ratio 0 - Ours' end above new/new (% of the gap)")
+    ax.set_ylabel("Ours - best forward: relative gain (points)")
+    ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title)
     fig.tight_layout()
     return fig

@@ -132,13 +132,19 @@ def test_sensitivity_points_add_the_tuned_value():
 
 
 # --------------------------------------------------------------------------- regimes
-def test_variants_change_only_the_old_model():
+def test_variants_change_only_the_old_model_or_the_data():
     cfg = C.load_profile("default")
     cfgs = RG.variant_cfgs(cfg)
     assert set(cfgs) == set(cfg["regimes"]["variants"])
-    news = {json.dumps(T.model_spec(c, "extended", "new"), sort_keys=True) for c in cfgs.values()}
-    olds = {json.dumps(T.model_spec(c, "extended", "old"), sort_keys=True) for c in cfgs.values()}
-    assert len(news) == 1 and len(olds) == len(cfgs)
+    families = {}
+    for name, c in cfgs.items():
+        data = json.dumps((cfg["regimes"]["variants"][name] or {}).get("dataset_options") or {}, sort_keys=True)
+        families.setdefault(data, []).append(c)
+    for members in families.values():  # one new model per data family, one old model per variant
+        news = {json.dumps(T.model_spec(c, "extended", "new"), sort_keys=True) for c in members}
+        olds = {json.dumps(T.model_spec(c, "extended", "old"), sort_keys=True) for c in members}
+        assert len(news) == 1 and len(olds) == len(members)
+    assert len(families) == 2
     assert all(c["settings"] == ["extended"] for c in cfgs.values())
     assert T.model_spec(cfgs["50% of classes (default)"], "extended", "old") == T.model_spec(cfg, "extended", "old")
     cfg["regimes"]["variants"]["bigger new"] = {"new_backbone": {"width": 64}}
@@ -153,7 +159,9 @@ def test_winners_pair_the_seeds():
         for seed in (0, 1):
             for m, g in (("Ours", ours), ("FCT", fct), ("FastFill", ff)):
                 rows.append({"variant": v, "method": m, "seed": seed, "rel_gain_map": g[seed],
-                             "old_over_new": x, "fct_r0_over_new": x})
+                             "old_over_new": x, "fct_r0_over_new": x, "m_old": 10.0, "m_new": 30.0,
+                             "fct_r0_map": 20.0 if v == "strong" else 12.0, "ours_r0_map": 11.0,
+                             "final_map": 34.0 if v == "weak" else 30.0})
     win = RG.winners(pd.DataFrame(rows)).set_index("variant")
     # weak: Ours - best forward per seed = [0.3, 0.3] points x 100; strong: [0.6 - 0.95, 0.58 - 0.93]
     assert win.loc["weak", "reverse_minus_forward"] == pytest.approx(30.0)
@@ -161,6 +169,12 @@ def test_winners_pair_the_seeds():
     assert win.loc["strong", "reverse_minus_forward"] == pytest.approx(-35.0)
     cross = RG.crossover(win.reset_index())
     assert cross["at"].tolist() == pytest.approx([0.3 + 0.6 * 30 / 65])
+    # what decides it: the forward head start at ratio 0 and Ours' end above new/new, in % of the gap of 20
+    assert win.loc["strong", "start_gap_%"] == pytest.approx(100 * 9 / 20) and win.loc["strong", "end_bonus_%"] == 0
+    assert win.loc["weak", "start_gap_%"] == pytest.approx(5.0) and win.loc["weak", "end_bonus_%"] == pytest.approx(20.0)
+    # two data families are not neighbours on the axes of the map, but one on the decider's axis
+    fam = win.reset_index().assign(data=["a", "b"])
+    assert RG.crossover(fam).empty and len(RG.crossover(fam, "start_gap_minus_end_bonus", by_family=False)) == 1
 
 
 # --------------------------------------------------------------------------- runner, rendering, costs
