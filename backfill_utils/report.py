@@ -94,14 +94,16 @@ def _regimes(win: pd.DataFrame | None, cross: pd.DataFrame | None) -> list[str]:
         return ["- **Where the reverse direction wins (regime map).** Not run yet: `make regimes`."]
     parts = [f"{r.variant} (M_old/M_new {r.old_over_new:.2f}, FCT at ratio 0 / M_new {r.fct_r0_over_new:.2f}): "
              f"{r.winner}, Ours {r['reverse_gain_%']:.1f} % vs {r.best_forward} {r['best_forward_gain_%']:.1f} %"
+             + (f", forward head start {r['start_gap_%']:.1f} % vs Ours' end bonus {r['end_bonus_%']:.1f} %"
+                if "start_gap_%" in win else "")
              for _, r in win.iterrows()]
-    c = cross[cross["axis"] == "old_over_new"] if cross is not None else pd.DataFrame()
-    where = ("the two cross at M_old/M_new = " + ", ".join(f"{a:.2f} ({f} wins below, {t} above)"
-                                                         for a, f, t in zip(c["at"], c["from"], c["to"]))
-             if len(c) else "they do not cross within the range of these variants")
+    c = cross[cross["axis"] == "start_gap_minus_end_bonus"] if cross is not None and "axis" in cross else pd.DataFrame()
+    where = ("the winner changes where the forward head start minus Ours' end bonus crosses "
+             + ", ".join(f"{a:.1f} points ({f} wins below, {t} above)" for a, f, t in zip(c["at"], c["from"], c["to"]))
+             if len(c) else "no crossover along the forward head start minus Ours' end bonus")
     return ["- **Where the reverse direction wins (the regime map, `regimes/winners.csv`).** Relative gain of "
             "AUC_mAP of Ours against the best forward transformation of the gallery (FCT, FastFill, BiCT) as "
-            "the old model knows more: " + "; ".join(parts) + f"; {where} (`regimes/crossover.csv`)."]
+            "the old model, or the data, changes: " + "; ".join(parts) + f"; {where} (`regimes/crossover.csv`)."]
 
 
 def _sensitivity(sens: pd.DataFrame | None) -> list[str]:

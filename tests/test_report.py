@@ -54,12 +54,14 @@ def test_section_reads_the_studies(results):
                   {"variant": "strong", "old_over_new": 0.8, "fct_r0_over_new": 0.9, "winner": "forward",
                    "reverse_gain_%": 60.0, "best_forward": "FastFill", "best_forward_gain_%": 90.0}]).to_csv(
         results / "regimes" / "winners.csv", index=False)
-    pd.DataFrame([{"axis": "old_over_new", "at": 0.55, "from": "reverse", "to": "forward"}]).to_csv(
-        results / "regimes" / "crossover.csv", index=False)
+    pd.DataFrame([{"axis": "old_over_new", "data": "profile's", "at": 0.55, "from": "reverse", "to": "forward"},
+                  {"axis": "start_gap_minus_end_bonus", "data": "all", "at": 0.4, "from": "reverse",
+                   "to": "forward"}]).to_csv(results / "regimes" / "crossover.csv", index=False)
     text = report.section(results)
     # Ours - FCT = 1.0 on every seed: sd 0, holds beyond noise
     assert "tuned with equal budgets **holds (> 2 sd)** (difference +1.00 +- 0.00" in text
-    assert "the two cross at M_old/M_new = 0.55 (reverse wins below, forward above)" in text
+    assert "crosses 0.4 points (reverse wins below, forward above)" in text
+    assert "weak (M_old/M_new 0.30, FCT at ratio 0 / M_new 0.40): reverse, Ours 80.0 % vs FCT 50.0 %" in text
     assert "forward winning in 1 of 2 regimes (strong)" in text
 
 
