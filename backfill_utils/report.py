@@ -60,6 +60,7 @@ def _components(claims, t1, setting) -> list[str]:
         "of the upgrade's gain (relative gain of AUC_mAP, `tables/table1.csv`); the paper reports 36-45 %.",
         f"- **Each component adds (the ablation, Table 2).** psi trained with L_rev over rank merge: "
         f"{c('RM+psi >= RM on AUC_mAP')}; CMCL over L_rev alone: {c('RM+psi+CMCL > RM+psi on AUC_mAP')}; "
+        f"L_rev inside the CMCL objective (lambda_rev 1 against 0): {c('RM+psi+CMCL > CMCL w/o L_rev on AUC_mAP')}; "
         f"the learnable new embedding rho over psi + CMCL: {c('Ours > RM+psi+CMCL on AUC_mAP')}; Ours ends at "
         f"new/new or above: {c('Ours final mAP >= new/new - 0.5')} (`tables/claims.csv`).",
         f"- **Joint CMCL beats its variants.** Over single-system CMCL: "
