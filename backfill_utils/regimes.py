@@ -227,7 +227,7 @@ def write_outputs(cfg: dict, raw: pd.DataFrame) -> Path:
     d = out_dir(cfg)
     io.atomic_write(d / "regimes.csv", lambda p: raw.to_csv(p, index=False))
     plots.save_table(summarize(raw), d, "summary", caption="Relative gain per regime of the old model: mean and "
-                     "sd over the seeds of the compatibility stage.")
+                     "sd over the seeds of the compatibility stage (backbones fixed at the profile's seed).")
     win = winners(raw)
     plots.save_table(win, d, "winners", caption="Reverse (Ours) minus the best forward transformation, relative "
                      "gain in points, paired over the seeds.")

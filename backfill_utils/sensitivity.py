@@ -80,7 +80,7 @@ def write_outputs(cfg: dict, raw: pd.DataFrame) -> None:
     io.atomic_write(d / "sensitivity.csv", lambda p: raw.to_csv(p, index=False))
     plots.save_table(summarize(raw), d, "sensitivity_summary",
                      caption="Sensitivity of Ours to tau, hard negatives and lambda_rev around its tuned recipe: "
-                             "mean and sd over the seeds.")
+                             "mean and sd over the seeds (backbones fixed at the profile's seed).")
 
 
 def read_outputs(cfg: dict) -> tuple[pd.DataFrame, pd.DataFrame]:

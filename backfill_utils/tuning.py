@@ -269,7 +269,8 @@ def write_outputs(cfg: dict, trials: pd.DataFrame, chosen: dict, test: pd.DataFr
     io.atomic_write(d / "test_seeds.csv", lambda p: test.to_csv(p, index=False))
     plots.save_table(tuned_vs_default(test, chosen), d, "tuned_vs_default",
                      caption="Default recipe and tuned recipe (equal budget, chosen on the validation split), "
-                             "test split, mean and sd over the seeds of the compatibility stage.")
+                             "test split, mean and sd over the seeds of the compatibility stage (backbones fixed at "
+                             "the profile's seed).")
     return d
 
 
