@@ -16,7 +16,7 @@ relevant distance ``t*`` (so that ``#{d < t*} = #{d <= prev(t*)}``). Each
 gallery distance is placed once into its bin ``#{t in T : t < d}`` and the bins
 are histogrammed separately for each *backfill segment* (the items that become
 backfilled between two consecutive ratios), by
-:func:`backfill_utils.binning.bin_histograms` (a compiled numba loop on the CPU
+:func:`backfill_utils.counting.bin_histograms` (a compiled numba loop on the CPU
 with an exact bucketing shortcut, ``torch.searchsorted`` + ``bincount`` on
 other devices). The mixed gallery at every ratio is a sum of per-segment
 histograms, and a cumulative sum gives the counts. Cost per query: ``O(N)``
@@ -43,7 +43,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import binning
+from . import counting
+from .phases import phase
 
 __all__ = ["retrieval_statistics", "auto_chunk_size", "memory_budget_for", "DEFAULT_MEMORY_BUDGET"]
 
@@ -54,7 +55,6 @@ CUDA_MEMORY_SHARE = 0.5
 
 #: CPU binning method ("auto": numba when installed); tests switch it to "torch".
 CPU_METHOD = "auto"
-
 
 # ---------------------------------------------------------------------------
 # distances
@@ -114,7 +114,7 @@ def _row_bytes(n_gallery: int, n_thresholds: int, n_segments: int, n_ratios: int
 
 
 def _dense_bytes_per_item(device: torch.device) -> int:
-    if device.type == "cpu" and binning.numba_available() and CPU_METHOD != "torch":
+    if device.type == "cpu" and counting.numba_available() and CPU_METHOD != "torch":
         return 16  # two raw rows (up to float64); bins are never materialised
     return 40  # two distance rows + int64 bins and temporaries of the torch path
 
@@ -250,48 +250,12 @@ def _chunk_statistics(
     prev_best = torch.where(torch.isfinite(t_best), torch.nextafter(t_best, -inf), inf)
 
     T = torch.cat(vals + [prev_best], 1).sort(dim=1).values.contiguous()
-    nb = T.shape[1] + 1  # bins 0..len(T)
     excl = exclude_col if exclude_col is not None else torch.full((B,), -1, dtype=torch.int64, device=dev)
-    pos_w = pos_valid.to(torch.int32)
-    hists, pos_hists, k_own = [], [], []
-    for (raw, q_sq), v in zip(sides, vals):
-        hists.append(binning.bin_histograms(raw, q_sq, T, segment, n_seg, excl, method))
-        k_own.append(torch.searchsorted(T, v))  # bins of the relevant items themselves
-        ph = torch.zeros((B, n_seg * nb), dtype=torch.int32, device=dev)
-        ph.scatter_add_(1, pos_seg * nb + k_own[-1], pos_w)
-        pos_hists.append(ph.view(B, n_seg, nb))
-
-    if two:
-        # at ratio i the segments <= i hold the new side, the others the old side
-        def at_ratios(h_old, h_new):
-            pre_old = h_old.cumsum(1, dtype=torch.int32)
-            return h_new.cumsum(1, dtype=torch.int32)[:, :R] + (pre_old[:, -1:] - pre_old[:, :R])
-
-        comb = at_ratios(hists[0], hists[1])  # (B, R, nb)
-        comb_pos = at_ratios(pos_hists[0], pos_hists[1])
-        k = torch.where(is_new, k_own[1].unsqueeze(1), k_own[0].unsqueeze(1))  # (B, R, P)
-    else:
-        comb, comb_pos = hists[0], pos_hists[0]  # (B, 1, nb)
-        k = k_own[0].unsqueeze(1)
-    del hists, pos_hists
-
-    n_le = comb.cumsum(-1, dtype=torch.int32)  # n_le[..., k] = #items with distance <= T[k]
-    n_rel_le = comb_pos.cumsum(-1, dtype=torch.int32)
-
-    valid = pos_valid.unsqueeze(1).expand_as(k)
-    all_le = n_le.gather(2, k)
-    rel_le = n_rel_le.gather(2, k)
-    n_rel = pos_valid.sum(1)
-    prec = torch.where(valid, rel_le.double() / all_le.clamp(min=1).double(), 0.0)
-    ap = prec.sum(-1) / n_rel.double().unsqueeze(1)
-    has_rel = (n_rel > 0).unsqueeze(1)
-    ap = torch.where(has_rel, ap, torch.nan)
+    ap, n_lt, n_eq = counting.chunk_counts(sides, T, segment, n_seg, excl, vals, pos_seg, pos_valid,
+                                           t_best, prev_best, method)
+    has_rel = (pos_valid.sum(1) > 0).unsqueeze(1)
 
     # first relevant rank = #items closer than t* + #items tied with it at a lower index
-    k_lt = torch.searchsorted(T, prev_best.contiguous())  # bin of prev(t*)
-    k_le = torch.searchsorted(T, t_best.contiguous())  # bin of t* (first index of its run)
-    n_lt = n_le.gather(2, k_lt.unsqueeze(-1)).squeeze(-1).long()
-    n_eq = n_le.gather(2, k_le.unsqueeze(-1)).squeeze(-1).long() - n_lt
     rank = n_lt
     tie = has_rel & (n_eq > 1)
     if bool(tie.any()):
@@ -348,11 +312,20 @@ def retrieval_statistics(
     Returns ``ap`` (R, Q) float64, ``first_rank`` (R, Q) int64 and
     ``n_relevant`` (Q,) int64.
     """
+    dev = torch.device(device) if device is not None else query_old.device
+    with phase("total", dev):
+        return _retrieval_statistics(query_old, gallery_old, query_new, gallery_new, query_codes,
+                                     gallery_codes, segment, n_ratios, exclude_self, chunk_size,
+                                     dev, memory_budget, progress, desc)
+
+
+def _retrieval_statistics(query_old, gallery_old, query_new, gallery_new, query_codes, gallery_codes,
+                          segment, n_ratios, exclude_self, chunk_size, dev, memory_budget, progress,
+                          desc) -> dict[str, np.ndarray]:
     Q, N = query_old.shape[0], gallery_old.shape[0]
     two = query_new is not None
     if not two:
         n_ratios = 1
-    dev = torch.device(device) if device is not None else query_old.device
     names = (("query_old", "gallery_old"), ("query_new", "gallery_new")) if two else \
         (("query_embeddings", "gallery_embeddings"),)
     pairs = [(query_old, gallery_old)] + ([(query_new, gallery_new)] if two else [])
@@ -392,8 +365,9 @@ def retrieval_statistics(
         qidx = torch.arange(s, e)
         pidx, pval = positives.gather(codes[s:e], qidx if exclude_self else None)  # on CPU
         pidx, pval = pidx.to(dev), pval.to(dev)
-        sides = [raw_distances(q[s:e].to(dev, dt), g, g_sq)
-                 for (q, _), dt, (g, g_sq) in zip(pairs, side_dtypes, galleries)]
+        with phase("distances (matrix products)", dev):
+            sides = [raw_distances(q[s:e].to(dev, dt), g, g_sq)
+                     for (q, _), dt, (g, g_sq) in zip(pairs, side_dtypes, galleries)]
         excl = qidx.to(dev) if exclude_self else None
         a, r = _chunk_statistics(sides, dtype, pidx, pval, seg, n_ratios, excl, method)
         del sides

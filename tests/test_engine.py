@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from backfill_utils import backfill as bf
-from backfill_utils import binning, engine
+from backfill_utils import counting, engine
 from backfill_utils import metrics as mt
 from test_backfill import brute_curve, int_emb
 from test_metrics import brute_force, int_embeddings
 
-METHODS = ["numba", "torch"] if binning.numba_available() else ["torch"]
+METHODS = ["numba", "torch"] if counting.numba_available() else ["torch"]
 
 
 @pytest.fixture(params=METHODS)
@@ -47,7 +47,7 @@ def check_both(raw, qsq, T, seg, n_seg, excl):
     seg_t, excl_t = torch.as_tensor(seg), torch.as_tensor(excl)
     ref = direct_histograms(raw, qsq, T, np.asarray(seg), n_seg, np.asarray(excl))
     for method in METHODS:
-        h = binning.bin_histograms(raw, qsq, T, seg_t, n_seg, excl_t, method=method)
+        h = counting.bin_histograms(raw, qsq, T, seg_t, n_seg, excl_t, method=method)
         assert h.dtype == torch.int32 and h.shape == ref.shape
         np.testing.assert_array_equal(h.numpy(), ref, err_msg=method)
     return ref
@@ -62,7 +62,7 @@ def thresholds_from(d: torch.Tensor, cols: torch.Tensor, n_pad: int, dtype=None)
 
 # ---------------------------------------------------------------- the binning kernel
 def test_doctests():
-    res = doctest.testmod(binning)
+    res = doctest.testmod(counting)
     assert res.attempted >= 1 and res.failed == 0
 
 
@@ -144,7 +144,7 @@ def test_kernel_negative_raw_is_clamped_like_torch():
 def test_bin_histograms_errors():
     raw = torch.zeros(1, 3)
     with pytest.raises(ValueError, match="method"):
-        binning.bin_histograms(raw, torch.zeros(1), torch.ones(1, 1), torch.zeros(3, dtype=torch.long), 1,
+        counting.bin_histograms(raw, torch.zeros(1), torch.ones(1, 1), torch.zeros(3, dtype=torch.long), 1,
                                method="fast")
 
 
@@ -158,7 +158,7 @@ def test_threaded_searchsorted_matches_torch():
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        assert torch.equal(binning.searchsorted_rows(T, d), torch.searchsorted(T, d).int())
+        assert torch.equal(counting.searchsorted_rows(T, d), torch.searchsorted(T, d).int())
     finally:
         torch.set_num_threads(before)
 
@@ -168,11 +168,11 @@ def test_missing_numba_falls_back_to_torch_with_a_warning(monkeypatch):
     g = int_embeddings(rng, 30)
     gl = rng.integers(0, 3, 30)
     ref = mt.evaluate_retrieval(g, gl, g, gl, exclude_self=True, return_per_query=True)
-    monkeypatch.setattr(binning, "numba_available", lambda: False)
-    monkeypatch.setattr(binning, "_NUMBA_MISSING_WARNED", False)
+    monkeypatch.setattr(counting, "numba_available", lambda: False)
+    monkeypatch.setattr(counting, "_NUMBA_MISSING_WARNED", False)
     with pytest.warns(RuntimeWarning, match="numba is not installed"):
         alt = mt.evaluate_retrieval(g, gl, g, gl, exclude_self=True, return_per_query=True)
-    np.testing.assert_array_equal(alt["ap"], ref["ap"])
+    np.testing.assert_allclose(alt["ap"], ref["ap"], rtol=0, atol=1e-13)  # summation order only
     np.testing.assert_array_equal(alt["first_rank"], ref["first_rank"])
 
 
@@ -211,7 +211,7 @@ def test_backfill_curve_brute_force_on_each_path(cpu_method, exclude_self):
     assert (pq["first_rank"] == ranks).all()
 
 
-def test_paths_agree_on_float_data_bit_for_bit(monkeypatch):
+def test_paths_agree_on_float_data(monkeypatch):
     data = np.random.default_rng(7)
     go = data.normal(size=(300, 16)).astype(np.float32)
     gn = data.normal(size=(300, 24))  # float64 side: mixed precision
@@ -223,7 +223,8 @@ def test_paths_agree_on_float_data_bit_for_bit(monkeypatch):
         res[method] = bf.backfill_curve(system, gl, gl, exclude_self=True, chunk_size=64,
                                         return_per_query=True)[1]
     for method in METHODS[1:]:
-        np.testing.assert_array_equal(res[method]["ap"], res[METHODS[0]]["ap"])
+        # the counts are identical; AP sums its P terms in another order (|error| < P * 2**-53)
+        np.testing.assert_allclose(res[method]["ap"], res[METHODS[0]]["ap"], rtol=0, atol=1e-13)
         np.testing.assert_array_equal(res[method]["first_rank"], res[METHODS[0]]["first_rank"])
 
 
@@ -234,7 +235,7 @@ def test_scatter_fallback_and_float64_give_the_same_numbers(monkeypatch):
     ap, rank = brute_force(g, gl, g, gl, exclude_self=True)
     ref = mt.evaluate_retrieval(g, gl, g, gl, exclude_self=True, return_per_query=True)
     monkeypatch.setattr(engine, "CPU_METHOD", "torch")
-    monkeypatch.setattr(binning, "_FLAT_LIMIT", 0)  # histogram via scatter_add with int64 slots
+    monkeypatch.setattr(counting, "_FLAT_LIMIT", 0)  # histogram via scatter_add with int64 slots
     alt = mt.evaluate_retrieval(g.astype(np.float64), gl, g.astype(np.float64), gl,
                                 exclude_self=True, return_per_query=True)
     np.testing.assert_array_equal(alt["first_rank"], rank)
