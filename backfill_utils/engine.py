@@ -67,9 +67,15 @@ def common_dtype(*ts: torch.Tensor) -> torch.dtype:
     return dtype
 
 
-def raw_distances(q: torch.Tensor, g: torch.Tensor, g_sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(|g|^2 - 2 q.g, |q|^2)``: one ``addmm``; the distance is ``clamp(raw + q_sq, 0)``."""
-    raw = torch.addmm(g_sq.unsqueeze(0), q, g.T, beta=1.0, alpha=-2.0)
+def raw_distances(q: torch.Tensor, g: torch.Tensor, g_sq: torch.Tensor,
+                  out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(|g|^2 - 2 q.g, |q|^2)``: one ``addmm``; the distance is ``clamp(raw + q_sq, 0)``.
+
+    ``out``: a ``(len(q), len(g))`` buffer to write into (the engine reuses one
+    per side, which spares the operating system from mapping fresh pages for
+    every chunk).
+    """
+    raw = torch.addmm(g_sq.unsqueeze(0), q, g.T, beta=1.0, alpha=-2.0, out=out)
     return raw, (q * q).sum(1, keepdim=True)
 
 
@@ -359,6 +365,7 @@ def _retrieval_statistics(query_old, gallery_old, query_new, gallery_new, query_
 
     from tqdm import tqdm
 
+    buffers = [torch.empty((min(chunk_size, Q), N), dtype=dt, device=dev) for dt in side_dtypes]
     starts = range(0, Q, chunk_size)
     for s in tqdm(starts, desc=desc, disable=not progress, unit="chunk", leave=False):
         e = min(s + chunk_size, Q)
@@ -366,8 +373,8 @@ def _retrieval_statistics(query_old, gallery_old, query_new, gallery_new, query_
         pidx, pval = positives.gather(codes[s:e], qidx if exclude_self else None)  # on CPU
         pidx, pval = pidx.to(dev), pval.to(dev)
         with phase("distances (matrix products)", dev):
-            sides = [raw_distances(q[s:e].to(dev, dt), g, g_sq)
-                     for (q, _), dt, (g, g_sq) in zip(pairs, side_dtypes, galleries)]
+            sides = [raw_distances(q[s:e].to(dev, dt), g, g_sq, out=buf[: e - s])
+                     for (q, _), dt, (g, g_sq), buf in zip(pairs, side_dtypes, galleries, buffers)]
         excl = qidx.to(dev) if exclude_self else None
         a, r = _chunk_statistics(sides, dtype, pidx, pval, seg, n_ratios, excl, method)
         del sides
