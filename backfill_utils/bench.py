@@ -2,6 +2,7 @@
 
     python -m backfill_utils.bench [--threads 2] [--n 10000] [--large 50000]
                                    [--skip-baseline] [--out PATH] [--no-progress]
+                                   [--readme | --render-only]
 
 Everything is measured in one run, with ``torch.set_num_threads(threads)``:
 
@@ -19,14 +20,16 @@ Everything is measured in one run, with ``torch.set_num_threads(threads)``:
    ``addmm`` calls over the same chunks, nothing else): the lower bound of the
    arithmetic.
 3. **The torch path** (``torch.searchsorted`` + ``bincount``, the engine before
-   its compiled kernels, still used on GPUs) on ``--torch-sample`` queries of the
-   first large case, per phase, scaled to all queries.
+   its compiled kernels, still used on GPUs) on ``--torch-sample`` queries of
+   each large case, per phase, scaled to all queries.
 
 Data: class-structured random 128-d embeddings of an "old" and a "new" model
 (:func:`make_data`), every class the same size. The table is printed and a JSON
 file is written (default ``results/bench/bench.json``; temporary file, then
 ``os.replace``). On a shared machine, the load average is recorded next to the
-numbers (``environment.load_average_*``).
+numbers (``environment.load_average_*``). ``--readme`` also rewrites the
+README's benchmark block from the result (``--render-only``: from the JSON
+file, measuring nothing).
 """
 from __future__ import annotations
 
@@ -50,6 +53,8 @@ from . import counting, engine, phases
 from . import metrics as mt
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "results" / "bench" / "bench.json"
+README = Path(__file__).resolve().parents[1] / "README.md"
+README_START, README_END = "<!-- BENCH:START -->", "<!-- BENCH:END -->"
 #: The cases of the paper's scale: (name, number of classes); items per class = large / classes.
 LARGE_CASES = (("100 classes x 500 (500 relevant per query)", 100),
                ("ImageNet-val shape: 1000 classes x 50", 1000))
@@ -228,11 +233,11 @@ def _large_worker(args: argparse.Namespace) -> None:
 def _run_large(classes: int, args: argparse.Namespace, extras: bool) -> dict:
     cmd = [sys.executable, "-m", "backfill_utils.bench", "--_large-worker", "--n", str(args.large),
            "--dim", str(args.dim), "--classes", str(classes), "--seed", str(args.seed),
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads), "--torch-sample", str(args.torch_sample)]
     if args.memory_budget is not None:
         cmd += ["--memory-budget", str(args.memory_budget)]
     if extras:
-        cmd += ["--products", "--torch-sample", str(args.torch_sample)]
+        cmd.append("--products")
     if args.no_progress:
         cmd.append("--no-progress")
     t0 = time.perf_counter()
@@ -324,6 +329,68 @@ def _targets(result: dict) -> dict:
     return out
 
 
+def _fmt_phases(times: dict, keys: list[str]) -> str:
+    return "; ".join(f"{k} {times[k]:.1f}" for k in keys if k in times)
+
+
+def render_markdown(result: dict) -> str:
+    """The README's benchmark block (Markdown) from a result of :func:`main`."""
+    env, sbs = result["environment"], result["side_by_side"]
+    load = [f"{x:.1f}" for x in (env.get("load_average_start") or [])[:1] + (env.get("load_average_end") or [])[:1]]
+    lines = [f"Measured by `python -m backfill_utils.bench` on {env['cpu_model']} ({env['cpu_count']} CPUs), "
+             f"{env['torch_threads']} threads, torch {env['torch']}, numba {env['numba']}; load average "
+             f"{' at the start, '.join(load)} at the end (1 minute; above {env['cpu_count']} means other "
+             f"jobs shared the CPUs). First engine call in a fresh process (compiled kernels loaded from "
+             f"the cache): {env['first_call_seconds']:.1f} s.", "",
+             "| 11-point exact curve (mAP, top-1, top-5, negative flips), leave-one-out | seconds | "
+             "peak memory | target | met |", "|---|---:|---:|---|---|"]
+    tg = result.get("targets", {})
+
+    def met(key):
+        return ("yes" if tg[key]["met"] else "**no**") if key in tg else ""
+    n = sbs["n"]
+    lines.append(f"| {n:,} x {n:,}, engine | {sbs['engine_seconds']:.1f} | | <= 5 s | {met('side_by_side_seconds')} |")
+    if "straightforward_seconds" in sbs:
+        lines.append(f"| {n:,} x {n:,}, straightforward (argsort + scikit-learn), same run | "
+                     f"{sbs['straightforward_seconds']:.0f} | | | |")
+        lines.append(f"| speed-up (curves agree to {sbs['max_abs_diff_pct_points']:.0e} points) | "
+                     f"{sbs['speedup']:.0f}x | | >= 50x | {met('speedup')} |")
+    for case in result.get("large", []):
+        key = f"large_{case['classes']}_classes_seconds"
+        target = f"<= {tg[key]['target']:.0f} s, 2 GB" if key in tg else ""
+        ok = met(key) + ("" if met(key.replace("seconds", "peak_rss_mb")) == "yes" else " (memory: no)")
+        lines.append(f"| {case['n']:,} x {case['n']:,}, {case['name']} | {case['seconds']:.1f} | "
+                     f"{case['peak_rss_mb']:.0f} MB | {target} | {ok} |")
+    lines += ["", "Where the time goes (seconds of wall time, same run):", ""]
+    for case in result.get("large", []):
+        ph = case["phases_seconds"]
+        keys = [k for k in ph if k != "total"]
+        lines.append(f"* {case['name']}: {_fmt_phases(ph, keys)}; total {ph['total']:.1f}.")
+        if "matrix_products_alone_seconds" in case:
+            lines.append(f"  Lower bound of the arithmetic, the two matrix products alone (the same `addmm` "
+                         f"calls over the same chunks): {case['matrix_products_alone_seconds']:.1f}.")
+        if "torch_path" in case:
+            tp = case["torch_path"]["seconds_scaled_to_all_queries"]
+            keys = [k for k in tp if k != "total"]
+            lines.append(f"  The torch path (`torch.searchsorted` + `bincount`, the engine before its compiled "
+                         f"kernels; still the GPU path), {case['torch_path']['queries_measured']:,} queries "
+                         f"scaled to all: {_fmt_phases(tp, keys)}; total {tp['total']:.0f}.")
+    return "\n".join(lines) + "\n"
+
+
+def write_readme(result: dict, readme: Path = README) -> None:
+    """Replace the README block between the BENCH markers (atomically)."""
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"{readme} has no {README_START} ... {README_END} block")
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    new = head + README_START + "\n" + render_markdown(result) + README_END + tail
+    tmp = readme.with_name(readme.name + ".tmp")
+    tmp.write_text(new)
+    os.replace(tmp, readme)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m backfill_utils.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2, help="torch (and engine) threads (default 2)")
@@ -339,6 +406,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-baseline", action="store_true", help="do not run the straightforward method")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--readme", action="store_true",
+                   help="also rewrite the README's benchmark block (between the BENCH markers)")
+    p.add_argument("--render-only", action="store_true",
+                   help="measure nothing: rewrite the README's block from the JSON at --out")
     p.add_argument("--_large-worker", dest="large_worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--products", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -353,6 +424,11 @@ def main(argv=None) -> dict:
     if args.large_worker:
         _large_worker(args)
         return {}
+    if args.render_only:
+        result = json.loads(args.out.read_text())
+        write_readme(result)
+        print(f"README.md benchmark block rewritten from {args.out}")
+        return result
     torch.set_num_threads(args.threads)
     env = _environment(args.threads)
     print(f"torch threads {args.threads}; {env['cpu_model']} ({env['cpu_count']} CPUs); "
@@ -382,6 +458,8 @@ def main(argv=None) -> dict:
     for k, v in result["targets"].items():
         print(f"target {k}: {v['measured']:.1f} vs {v['target']} -> {'met' if v['met'] else 'NOT met'}")
     _write_json(result, args.out)
+    if args.readme:
+        write_readme(result)
     print(f"\nload average at the end {env['load_average_end']}; wrote {args.out}")
     return result
 

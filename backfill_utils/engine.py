@@ -15,21 +15,24 @@ ratio, the float predecessor ``prev(t*) = nextafter(t*, -inf)`` of the best
 relevant distance ``t*`` (so that ``#{d < t*} = #{d <= prev(t*)}``). Each
 gallery distance is placed once into its bin ``#{t in T : t < d}`` and the bins
 are histogrammed separately for each *backfill segment* (the items that become
-backfilled between two consecutive ratios), by
-:func:`backfill_utils.counting.bin_histograms` (a compiled numba loop on the CPU
-with an exact bucketing shortcut, ``torch.searchsorted`` + ``bincount`` on
-other devices). The mixed gallery at every ratio is a sum of per-segment
-histograms, and a cumulative sum gives the counts. Cost per query: ``O(N)``
-once plus ``O(R * P)`` per ratio, instead of sorting the whole row at every
-ratio. Only comparisons touch the distances, so the counts are exact, ties
-included. Items tied *exactly* with the best relevant item (same float
+backfilled between two consecutive ratios). The mixed gallery at every ratio is
+a sum of per-segment histograms, and a cumulative sum gives the counts. Cost
+per query: ``O(N)`` once plus ``O(P)`` per ratio and threshold, instead of
+sorting the whole row at every ratio. Only comparisons touch the distances, so
+the counts are exact, ties included. :mod:`backfill_utils.counting` does this
+counting: on the CPU one compiled numba loop per row (an exact bucketing
+shortcut instead of a binary search, and the row's AP derived while its
+histograms are in the cache), ``torch.searchsorted`` + ``bincount`` on other
+devices. Items tied *exactly* with the best relevant item (same float
 distance) are ordered by index: those are counted directly on that row, which
 is rare on real data.
 
-Where the time goes: the distances. Exact mAP over the whole ranking needs every
-query-gallery distance, so each chunk computes its two ``(B, N)`` rows of
-``|g|^2 - 2 q.g`` with one ``addmm`` per side (``|q|^2`` is added, and the result
-clamped at 0, inside the binning pass). Chunk sizes come from a memory budget:
+The distances. Exact mAP over the whole ranking needs every query-gallery
+distance, so each chunk computes its two ``(B, N)`` blocks of ``|g|^2 - 2 q.g``
+with one ``addmm`` per side into a buffer reused across chunks (``|q|^2`` is
+added, and the result clamped at 0, inside the counting pass); these matrix
+products are the floor of the engine's time (``python -m backfill_utils.bench``
+measures them alone). Chunk sizes come from a memory budget:
 1 GiB on the CPU by default, half of the memory the process can still use on a
 CUDA device (``torch.cuda.mem_get_info`` plus what torch's allocator holds
 free), rounded down to a power of two so that repeated calls split the queries

@@ -141,6 +141,29 @@ def test_kernel_negative_raw_is_clamped_like_torch():
     assert ref[0, 0].tolist() == [0, 2, 3, 1]
 
 
+@pytest.mark.parametrize("two", [True, False])
+def test_ap_from_histograms_paths_agree(two):
+    gen = torch.Generator().manual_seed(12)
+    B, R, P, K = 7, 5 if two else 1, 9, 30
+    S = R + 1 if two else 1
+    T = torch.cat([torch.rand(B, K - 4, generator=gen).sort(1).values, torch.full((B, 4), float("inf"))], 1)
+    hists = [torch.randint(0, 6, (B, S, K + 1), generator=gen, dtype=torch.int32) for _ in range(1 + two)]
+    pick = lambda: T.gather(1, torch.randint(0, K - 4, (B, P), generator=gen))  # noqa: E731
+    vals = [pick() for _ in range(1 + two)]
+    pos_seg = torch.randint(0, S, (B, P), generator=gen)
+    valid = torch.rand(B, P, generator=gen) < 0.8
+    valid[0] = False  # a query without relevant items: nan
+    t_best = pick()[:, :R].contiguous()
+    prev_best = torch.nextafter(t_best, torch.tensor(-float("inf")))
+    out = {m: counting.ap_from_histograms(hists, T, vals, pos_seg, valid, t_best, prev_best, m)
+           for m in METHODS}
+    ref = out[METHODS[-1]]
+    for ap, n_lt, n_eq in out.values():
+        assert ap.shape == (B, R) and torch.isnan(ap[0]).all()
+        np.testing.assert_allclose(ap.numpy(), ref[0].numpy(), rtol=0, atol=1e-13)
+        assert torch.equal(n_lt, ref[1]) and torch.equal(n_eq, ref[2])
+
+
 def test_bin_histograms_errors():
     raw = torch.zeros(1, 3)
     with pytest.raises(ValueError, match="method"):
