@@ -291,47 +291,86 @@ def ap_from_histograms(
 
 
 # ---------------------------------------------------------------------------
-# both steps
+# a whole chunk
 # ---------------------------------------------------------------------------
+def relevant_thresholds(sides, dtype, pos_idx, pos_valid, segment, n_ratios):
+    """Distances of the relevant items, the best one per ratio and the sorted thresholds.
+
+    Returns ``vals`` (per side, (B, P); +inf where not valid), ``pos_seg``
+    (B, P), ``t_best`` / ``p_best`` (B, R): the smallest (distance, gallery
+    index) among the relevant items at each ratio (+inf / N if none),
+    ``prev_best`` = ``nextafter(t_best, -inf)`` and ``T`` (B, K) sorted: all
+    ``vals`` and ``prev_best`` (the torch path; the numba kernel does the same
+    per row).
+    """
+    N = sides[0][0].shape[1]
+    dev = pos_idx.device
+    R = n_ratios
+    inf = torch.tensor(float("inf"), dtype=dtype, device=dev)
+    vals = [torch.where(pos_valid, (raw.gather(1, pos_idx) + q_sq).clamp_(min=0).to(dtype), inf)
+            for raw, q_sq in sides]
+    pos_seg = segment[pos_idx]
+    if len(sides) == 2:
+        is_new = pos_seg.unsqueeze(1) <= torch.arange(R, device=dev).view(1, R, 1)  # (B, R, P)
+        cur = torch.where(is_new, vals[1].unsqueeze(1), vals[0].unsqueeze(1))
+    else:
+        cur = vals[0].unsqueeze(1)  # (B, 1, P)
+    t_best = cur.min(-1).values
+    cand = pos_valid.unsqueeze(1) & (cur == t_best.unsqueeze(-1))
+    p_best = torch.where(cand, pos_idx.unsqueeze(1), N).min(-1).values
+    prev_best = torch.where(torch.isfinite(t_best), torch.nextafter(t_best, -inf), inf)
+    T = torch.cat(vals + [prev_best], 1).sort(dim=1).values.contiguous()
+    return vals, pos_seg, t_best, p_best, prev_best, T
+
+
 def chunk_counts(
     sides: list[tuple[torch.Tensor, torch.Tensor]],
-    thresholds: torch.Tensor,
+    dtype: torch.dtype,
+    pos_idx: torch.Tensor,
+    pos_valid: torch.Tensor,
     segment: torch.Tensor,
-    n_segments: int,
+    n_ratios: int,
     exclude: torch.Tensor,
-    vals: list[torch.Tensor],
-    pos_seg: torch.Tensor,
-    valid: torch.Tensor,
-    t_best: torch.Tensor,
-    prev_best: torch.Tensor,
     method: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`bin_histograms` of each ``(raw, qsq)`` side, then :func:`ap_from_histograms`.
+) -> tuple[torch.Tensor, ...]:
+    """Everything the engine counts for one chunk of queries.
 
-    The numba path fuses both steps per row (a row's histograms stay in the
-    cache); the torch path runs them one after the other on the whole chunk.
+    ``sides``: one or two ``(raw, qsq)`` pairs (old, then new; distances
+    ``max(raw + qsq, 0)``, compared in ``dtype``); at ratio ``r`` the items with
+    ``segment <= r`` hold the new side. ``pos_idx`` / ``pos_valid``: (B, P)
+    relevant gallery items; ``exclude``: (B,) item left out of each row (-1:
+    none). Returns ``ap`` (B, R) float64, ``n_lt`` / ``n_eq`` (B, R) int64 (items
+    below / at the best relevant distance) and ``t_best`` / ``p_best`` (B, R),
+    the best relevant distance and the lowest gallery index at it.
+
+    The torch path runs :func:`relevant_thresholds`, :func:`bin_histograms` and
+    :func:`ap_from_histograms` on the whole chunk; the numba path does all of it
+    row by row in one compiled loop, so a row's distances and histograms stay in
+    the cache and no (B, R, P) temporaries are built.
     """
     dev = sides[0][0].device
     method = resolve_method(method, dev)
-    if method == "torch":
-        hists = [bin_histograms(raw, qsq, thresholds, segment, n_segments, exclude, "torch")
-                 for raw, qsq in sides]
-        with phase("counts to AP", dev):
-            return ap_from_histograms(hists, thresholds, vals, pos_seg, valid, t_best, prev_best, "torch")
     two = len(sides) == 2
+    n_seg = n_ratios + 1 if two else 1
+    if method == "torch":
+        vals, pos_seg, t_best, p_best, prev_best, T = relevant_thresholds(
+            sides, dtype, pos_idx, pos_valid, segment, n_ratios)
+        hists = [bin_histograms(raw, qsq, T, segment, n_seg, exclude, "torch") for raw, qsq in sides]
+        with phase("counts to AP", dev):
+            ap, n_lt, n_eq = ap_from_histograms(hists, T, vals, pos_seg, pos_valid, t_best, prev_best, "torch")
+        return ap, n_lt, n_eq, t_best, p_best
     (raw_o, q_o), (raw_n, q_n) = sides[0], sides[-1]
-    v_o, v_n = vals[0], vals[-1]
-    B, R = t_best.shape
-    ap = torch.empty((B, R), dtype=torch.float64)
-    n_lt = torch.empty((B, R), dtype=torch.int64)
-    n_eq = torch.empty((B, R), dtype=torch.int64)
-    n_finite = torch.isfinite(thresholds).sum(1).to(torch.int64)
-    arrays = [x.contiguous().numpy() for x in (raw_o, q_o.reshape(-1), raw_n, q_n.reshape(-1))]
-    args = (*arrays, two, thresholds.contiguous().numpy(), n_finite.numpy(),
-            segment.to(torch.int64).contiguous().numpy(), n_segments,
-            exclude.to(torch.int64).contiguous().numpy(), BUCKETS_PER_THRESHOLD,
-            *[x.contiguous().numpy() for x in (v_o, v_n, pos_seg.long(), valid, t_best, prev_best)],
-            ap.numpy(), n_lt.numpy(), n_eq.numpy())
+    B, P = pos_idx.shape
+    R = n_ratios
+    np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+    out = dict(vals=np.empty((2, B, P), np_dtype), T=np.empty((B, (2 if two else 1) * P + R), np_dtype),
+               t_best=np.empty((B, R), np_dtype), prev_best=np.empty((B, R), np_dtype),
+               p_best=np.empty((B, R), np.int64), ap=np.empty((B, R)), n_lt=np.empty((B, R), np.int64),
+               n_eq=np.empty((B, R), np.int64))
+    args = (*[x.contiguous().numpy() for x in (raw_o, q_o.reshape(-1), raw_n, q_n.reshape(-1))], two,
+            pos_idx.contiguous().numpy(), pos_valid.contiguous().numpy(),
+            segment.to(torch.int64).contiguous().numpy(), n_seg, exclude.to(torch.int64).contiguous().numpy(),
+            BUCKETS_PER_THRESHOLD, *out.values())
     with phase("bins + histograms + AP (numba)", dev):
         _run_rows(_kernels().statistics, args, B)
-    return ap, n_lt, n_eq
+    return tuple(torch.from_numpy(out[k]) for k in ("ap", "n_lt", "n_eq", "t_best", "p_best"))

@@ -154,21 +154,68 @@ def ap_counts(h_old, h_new, T, v_old, v_new, pos_seg, valid, t_best, prev_best, 
                prev_best[i], ap[i], n_lt[i], n_eq[i], work)
 
 
+@numba.njit(inline="always")
+def row_thresholds(raw_o, q_o, raw_n, q_n, two, idx, valid, seg, v, t, t_best, prev_best, p_best, ps):
+    """One row's relevant distances ``v`` (2, P), best per ratio, sorted thresholds ``t``.
+
+    The same values as :func:`backfill_utils.counting.relevant_thresholds`:
+    ``v`` in ``t``'s dtype (+inf where not valid), ``(t_best, p_best)`` the
+    smallest (distance, index) at each ratio, ``prev_best`` its predecessor.
+    """
+    P, R, N = idx.shape[0], t_best.shape[0], raw_o.shape[0]
+    for p in range(P):
+        j = idx[p]
+        ps[p] = seg[j]
+        v[0, p] = np.inf
+        v[1, p] = np.inf
+        if valid[p]:
+            v[0, p] = max(raw_o[j] + q_o, 0.0)  # the sum in raw's dtype, then clamped
+            v[1, p] = max(raw_n[j] + q_n, 0.0) if two else v[0, p]
+    for r in range(R):  # array elements keep t's dtype (float32 stays float32)
+        t_best[r], pb = np.inf, N
+        for p in range(P):
+            if valid[p]:
+                x = v[1, p] if two and ps[p] <= r else v[0, p]
+                if x < t_best[r] or (x == t_best[r] and idx[p] < pb):
+                    t_best[r], pb = x, idx[p]
+        p_best[r] = pb
+        prev_best[r] = -np.inf
+        if t_best[r] < np.inf:
+            prev_best[r] = np.nextafter(t_best[r], prev_best[r])  # in t's dtype
+        else:
+            prev_best[r] = np.inf
+    k = 0
+    for side in range(2 if two else 1):
+        for p in range(P):
+            t[k] = v[side, p]
+            k += 1
+    for r in range(R):
+        t[k + r] = prev_best[r]
+    t.sort()
+
+
 @numba.njit(nogil=True, cache=True)
-def statistics(raw_old, qsq_old, raw_new, qsq_new, two, T, n_finite, seg, n_seg, excl, mult,
-               v_old, v_new, pos_seg, valid, t_best, prev_best, ap, n_lt, n_eq, r0, r1):
-    """Steps 1 and 2 fused per row: the row's histograms never leave the cache."""
+def statistics(raw_o, q_o, raw_n, q_n, two, pos_idx, valid, seg, n_seg, excl, mult,
+               vals, T, t_best, prev_best, p_best, ap, n_lt, n_eq, r0, r1):
+    """A whole chunk, row by row: thresholds, histograms of both sides, AP and rank counts."""
     nb = T.shape[1] + 1
+    P = pos_idx.shape[1]
     h_old = np.zeros((n_seg, nb), np.int32)
     h_new = np.zeros((n_seg, nb), np.int32) if two else h_old
-    work = np.zeros((6, max(nb, valid.shape[1])), np.int64)
+    work = np.zeros((6, max(nb, P)), np.int64)
+    ps = np.zeros(P, np.int64)
     for i in range(r0, r1):
         t = T[i]
-        tabs = tables(t, n_finite[i], mult)
+        row_thresholds(raw_o[i], q_o[i], raw_n[i], q_n[i], two, pos_idx[i], valid[i], seg, vals[:, i],
+                       t, t_best[i], prev_best[i], p_best[i], ps)
+        n_finite = 0
+        while n_finite < t.shape[0] and t[n_finite] < np.inf:
+            n_finite += 1
+        tabs = tables(t, n_finite, mult)
         h_old[:, :] = 0
-        fill(raw_old[i], qsq_old[i], t, tabs, seg, nb, excl[i], h_old.reshape(-1))
+        fill(raw_o[i], q_o[i], t, tabs, seg, nb, excl[i], h_old.reshape(-1))
         if two:
             h_new[:, :] = 0
-            fill(raw_new[i], qsq_new[i], t, tabs, seg, nb, excl[i], h_new.reshape(-1))
-        row_ap(h_old, h_new, t, v_old[i], v_new[i], pos_seg[i], valid[i], t_best[i], prev_best[i],
+            fill(raw_n[i], q_n[i], t, tabs, seg, nb, excl[i], h_new.reshape(-1))
+        row_ap(h_old, h_new, t, vals[0, i], vals[1, i], ps, valid[i], t_best[i], prev_best[i],
                ap[i], n_lt[i], n_eq[i], work)

@@ -234,34 +234,13 @@ def _chunk_statistics(
     bin is ``#{t in T: t < d}``, so ``d <= T[k]`` iff ``bin <= k``: a
     cumulative histogram of bins gives ``#{d <= v}`` at ``v``'s own bin, and
     ``#{d < t*} = #{d <= prev(t*)}``. Comparisons only: exact, ties included.
+    The counting is :func:`backfill_utils.counting.chunk_counts`.
     """
-    raw0 = sides[0][0]
-    B, N = raw0.shape
-    dev = raw0.device
-    two = len(sides) == 2
-    n_seg = n_ratios + 1 if two else 1
-    R = n_ratios
-    inf = torch.tensor(float("inf"), dtype=dtype, device=dev)
-
-    # distances of the relevant items, per side and at every ratio
-    vals = [torch.where(pos_valid, finish(raw.gather(1, pos_idx), q_sq).to(dtype), inf)
-            for raw, q_sq in sides]  # (B, P)
-    pos_seg = segment[pos_idx]  # (B, P)
-    if two:
-        is_new = pos_seg.unsqueeze(1) <= torch.arange(R, device=dev).view(1, R, 1)  # (B, R, P)
-        cur = torch.where(is_new, vals[1].unsqueeze(1), vals[0].unsqueeze(1))
-    else:
-        cur = vals[0].unsqueeze(1)  # (B, 1, P)
-    # best relevant item per ratio: smallest (distance, gallery index)
-    t_best = cur.min(-1).values  # (B, R)
-    cand = pos_valid.unsqueeze(1) & (cur == t_best.unsqueeze(-1))
-    p_best = torch.where(cand, pos_idx.unsqueeze(1), N).min(-1).values  # (B, R)
-    prev_best = torch.where(torch.isfinite(t_best), torch.nextafter(t_best, -inf), inf)
-
-    T = torch.cat(vals + [prev_best], 1).sort(dim=1).values.contiguous()
+    B = pos_idx.shape[0]
+    dev = pos_idx.device
     excl = exclude_col if exclude_col is not None else torch.full((B,), -1, dtype=torch.int64, device=dev)
-    ap, n_lt, n_eq = counting.chunk_counts(sides, T, segment, n_seg, excl, vals, pos_seg, pos_valid,
-                                           t_best, prev_best, method)
+    ap, n_lt, n_eq, t_best, p_best = counting.chunk_counts(
+        sides, dtype, pos_idx, pos_valid, segment, n_ratios, excl, method)
     has_rel = (pos_valid.sum(1) > 0).unsqueeze(1)
 
     # first relevant rank = #items closer than t* + #items tied with it at a lower index

@@ -164,6 +164,31 @@ def test_ap_from_histograms_paths_agree(two):
         assert torch.equal(n_lt, ref[1]) and torch.equal(n_eq, ref[2])
 
 
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.float32, torch.float64),
+                                    (torch.float64, torch.float64)])
+@pytest.mark.parametrize("two", [True, False])
+def test_chunk_counts_paths_agree(dtypes, two):
+    gen = torch.Generator().manual_seed(13)
+    B, N, R = 6, 200, 4 if two else 1
+    sides = []
+    for dt in dtypes[: 1 + two]:
+        q, g = torch.randn(B, 5, generator=gen, dtype=dt), torch.randn(N, 5, generator=gen, dtype=dt)
+        sides.append(engine.raw_distances(q, g, (g * g).sum(1)))
+    dtype = dtypes[1] if two else dtypes[0]
+    labels = torch.randint(0, 5, (N,), generator=gen)
+    pos = engine._Positives(labels.numpy(), 5)
+    pos_idx, pos_valid = pos.gather(labels[:B], torch.arange(B))
+    pos_valid[1] = False  # no relevant item
+    segment = torch.randint(0, R + 1 if two else 1, (N,), generator=gen)
+    excl = torch.arange(B)
+    out = {m: counting.chunk_counts(sides, dtype, pos_idx, pos_valid, segment, R, excl, m) for m in METHODS}
+    ref = out["torch"]
+    for res in out.values():
+        np.testing.assert_allclose(res[0].numpy(), ref[0].numpy(), rtol=0, atol=1e-13)  # ap (nan row 1)
+        for a, b in zip(res[1:], ref[1:]):  # n_lt, n_eq, t_best, p_best: identical
+            assert a.dtype == b.dtype and torch.equal(a, b)
+
+
 def test_bin_histograms_errors():
     raw = torch.zeros(1, 3)
     with pytest.raises(ValueError, match="method"):
