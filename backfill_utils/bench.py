@@ -218,9 +218,12 @@ def _large_worker(args: argparse.Namespace) -> None:
     jit = _warm_up()
     data = make_data(args.n, args.dim, args.classes, args.seed)
     rss_data = _peak_rss_mb()
+    before = resource.getrusage(resource.RUSAGE_SELF)
     seconds, curve, chunk, times = _engine_run(data, args.progress, args.memory_budget)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     res = {"n": args.n, "classes": args.classes, "per_class": args.n // args.classes,
-           "seconds": seconds, "chunk_size": chunk, "phases_seconds": times,
+           "seconds": seconds, "cpu_seconds": cpu, "chunk_size": chunk, "phases_seconds": times,
            "peak_rss_mb": _peak_rss_mb(), "rss_after_data_mb": rss_data, "first_call_seconds": jit,
            "curve": curve.to_dict(orient="list")}
     if args.products:
@@ -361,6 +364,11 @@ def render_markdown(result: dict) -> str:
         ok = met(key) + ("" if met(key.replace("seconds", "peak_rss_mb")) == "yes" else " (memory: no)")
         lines.append(f"| {case['n']:,} x {case['n']:,}, {case['name']} | {case['seconds']:.1f} | "
                      f"{case['peak_rss_mb']:.0f} MB | {target} | {ok} |")
+    cpu = [f"{c['name']}: {c['cpu_seconds']:.0f}" for c in result.get("large", []) if "cpu_seconds" in c]
+    if cpu:
+        lines += ["", f"CPU time of those processes (user + system, all threads), seconds: {'; '.join(cpu)}. "
+                  f"On a quiet machine the wall time approaches it divided by the threads "
+                  f"({env['torch_threads']}): every phase runs on all of them."]
     lines += ["", "Where the time goes (seconds of wall time, same run):", ""]
     for case in result.get("large", []):
         ph = case["phases_seconds"]
