@@ -31,6 +31,12 @@ reference the tests compare with).
    distance (for the first relevant rank). The numba path walks the ratios
    once per row, updating one running histogram segment by segment.
 
+The engine calls :func:`chunk_counts` once per chunk: the torch path runs
+:func:`relevant_thresholds` (the relevant items' distances, the best one per
+ratio, the sorted thresholds) and both steps on the whole chunk; the numba path
+does all of it row by row in one compiled loop (``counting_numba.statistics``),
+so a row's distances and histograms stay in the cache.
+
 AP values are sums of ``P`` float64 terms; the two paths add them in different
 orders, so they may differ by a few units in the last place (under
 ``P * 2**-53`` relative); every count, and hence every rank and top-k, is
