@@ -14,7 +14,8 @@ reference the tests compare with).
    ``exclude[i]`` (leave-one-out). The torch path is ``torch.searchsorted`` +
    ``bincount``. The numba path replaces the binary search with a *monotone
    bucketing function* ``f(x) = min(max(floor((x - lo) * scale), 0), M - 1)``
-   (``float64``; ``lo`` = smallest threshold, ``M`` = 8 buckets per threshold).
+   (``float64``; ``lo`` = smallest threshold, ``M`` = 8 buckets per threshold, at
+   most ``2**18``).
    ``f`` is applied to thresholds and distances by the same code and is
    non-decreasing, so a threshold ``t`` with ``f(t) < f(d)`` is ``< d`` and one
    with ``f(t) > f(d)`` is ``> d``: only the thresholds in ``d``'s own bucket

@@ -17,6 +17,8 @@ import math
 import numba
 import numpy as np
 
+MAX_BUCKETS = 1 << 18  # per row: the tables stay a few MB even for huge classes
+
 
 @numba.njit(inline="always")
 def bucket(x, lo, scale, m):
@@ -48,7 +50,7 @@ def tables(t, K, mult):
     lo, scale, m = 0.0, 0.0, 1
     if K > 0:
         lo = np.float64(t[0])
-        m = mult * K
+        m = min(mult * K, MAX_BUCKETS)
         span = np.float64(t[K - 1]) - lo
         if span > 0.0:
             scale = (m - 1) / span

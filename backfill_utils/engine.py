@@ -59,6 +59,7 @@ CUDA_MEMORY_SHARE = 0.5
 #: CPU binning method ("auto": numba when installed); tests switch it to "torch".
 CPU_METHOD = "auto"
 
+
 # ---------------------------------------------------------------------------
 # distances
 # ---------------------------------------------------------------------------

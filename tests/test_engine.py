@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from backfill_utils import backfill as bf
-from backfill_utils import counting, engine
+from backfill_utils import bench, counting, engine, phases
 from backfill_utils import metrics as mt
 from test_backfill import brute_curve, int_emb
 from test_metrics import brute_force, int_embeddings
@@ -61,8 +61,9 @@ def thresholds_from(d: torch.Tensor, cols: torch.Tensor, n_pad: int, dtype=None)
 
 
 # ---------------------------------------------------------------- the binning kernel
-def test_doctests():
-    res = doctest.testmod(counting)
+@pytest.mark.parametrize("module", [counting, phases, bench])
+def test_doctests(module):
+    res = doctest.testmod(module)
     assert res.attempted >= 1 and res.failed == 0
 
 
@@ -113,6 +114,18 @@ def test_kernel_thresholds_clustered_in_one_bucket():
     vals = torch.cat([torch.stack(near), torch.stack(near[::3]), torch.tensor([0.5, 1e6, 2e6, 3.0])])
     raw = vals.unsqueeze(0)
     check_both(raw, torch.zeros(1), T, torch.zeros(raw.shape[1], dtype=torch.int64), 1, torch.tensor([-1]))
+
+
+def test_kernel_many_thresholds_beyond_the_bucket_cap():
+    # 40,000 thresholds: more than MAX_BUCKETS / 8, so buckets are capped and crowded
+    rng = np.random.default_rng(14)
+    T = np.sort(np.round(rng.random(40000) * 5000).astype(np.float32) / 5000)[None, :]  # many ties
+    d = np.concatenate([rng.random(30000).astype(np.float32), T[0, ::4]])[None, :]
+    ref = np.bincount(np.searchsorted(T[0], d[0], side="left"), minlength=T.shape[1] + 1)
+    for method in METHODS:
+        h = counting.bin_histograms(torch.from_numpy(d), torch.zeros(1), torch.from_numpy(T),
+                                    torch.zeros(d.shape[1], dtype=torch.int64), 1, method=method)
+        np.testing.assert_array_equal(h[0, 0].numpy(), ref, err_msg=method)
 
 
 def test_kernel_degenerate_thresholds():
