@@ -91,7 +91,7 @@ def make_data(n: int, dim: int = 128, n_classes: int = 100, seed: int = 0,
 
 
 def straightforward_curve(system: bf.BackfillSystem, labels: np.ndarray, ratios: np.ndarray,
-                          order: np.ndarray, ks=(1, 5), progress: bool = True) -> dict[str, list]:
+                          ks=(1, 5), progress: bool = True, seed: int = 0) -> dict[str, list]:
     """The reference method: dense matrix, argsort, sklearn AP per query (leave-one-out).
 
     Per ratio the full mixed distance matrix is built, every row is argsorted
@@ -107,9 +107,7 @@ def straightforward_curve(system: bf.BackfillSystem, labels: np.ndarray, ratios:
     out: dict[str, list] = {"ratio": [], "mAP": [], **{f"top{k}": [] for k in ks}}
     pbar = tqdm(total=len(ratios) * n, desc="straightforward", disable=not progress, unit="query")
     for r in ratios:
-        m = bf.backfilled_count(r, n)
-        is_new = np.zeros(n, dtype=bool)
-        is_new[order[:m]] = True
+        is_new = system.backfilled(r, seed=seed)  # the system's order, else random_order(n, seed)
         d_old = mt.pairwise_distances(system.query_old, system.gallery_old).numpy()
         d_new = mt.pairwise_distances(system.query_new, system.gallery_new).numpy()
         d = np.where(is_new[None, :], d_new, d_old)
@@ -303,7 +301,7 @@ def _side_by_side(args: argparse.Namespace) -> tuple[dict, list]:
     if not args.skip_baseline:
         t0 = time.perf_counter()
         base = straightforward_curve(_system(data), data["labels"], bf.DEFAULT_RATIOS,
-                                     bf.random_order(args.n, 0), progress=args.progress)
+                                     progress=args.progress)
         base_s = time.perf_counter() - t0
         diff = max(float(np.max(np.abs(np.asarray(base[c]) - curve[c].to_numpy())))
                    for c in ("mAP", "top1", "top5"))

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from . import counting
+from .distances import finish, raw_distances
 from .phases import phase
 
 __all__ = ["retrieval_statistics", "auto_chunk_size", "memory_budget_for", "DEFAULT_MEMORY_BUDGET"]
@@ -69,23 +70,6 @@ def common_dtype(*ts: torch.Tensor) -> torch.dtype:
     for t in ts[1:]:
         dtype = torch.promote_types(dtype, t.dtype)
     return dtype
-
-
-def raw_distances(q: torch.Tensor, g: torch.Tensor, g_sq: torch.Tensor,
-                  out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(|g|^2 - 2 q.g, |q|^2)``: one ``addmm``; the distance is ``clamp(raw + q_sq, 0)``.
-
-    ``out``: a ``(len(q), len(g))`` buffer to write into (the engine reuses one
-    per side, which spares the operating system from mapping fresh pages for
-    every chunk).
-    """
-    raw = torch.addmm(g_sq.unsqueeze(0), q, g.T, beta=1.0, alpha=-2.0, out=out)
-    return raw, (q * q).sum(1, keepdim=True)
-
-
-def finish(raw: torch.Tensor, q_sq: torch.Tensor) -> torch.Tensor:
-    """Squared distances from :func:`raw_distances` (the arithmetic of every caller)."""
-    return (raw + q_sq).clamp_(min=0)
 
 
 def check_distance_range(q: torch.Tensor, g: torch.Tensor, q_name: str, g_name: str) -> None:

@@ -45,7 +45,7 @@ A query with no relevant item
 
 How the engine counts (bins, per-segment histograms, the compiled CPU loop,
 chunk sizes on CPU and GPU) is described in :mod:`backfill_utils.engine` and
-:mod:`backfill_utils.binning`.
+:mod:`backfill_utils.counting`.
 """
 from __future__ import annotations
 
@@ -56,9 +56,7 @@ import numpy as np
 import torch
 
 from .engine import DEFAULT_MEMORY_BUDGET, auto_chunk_size, retrieval_statistics
-from .engine import common_dtype as _common_dtype
-from .engine import finish as _finish
-from .engine import raw_distances as _raw_distances
+from .distances import squared_euclidean
 
 __all__ = [
     "pairwise_distances",
@@ -164,9 +162,7 @@ def pairwise_distances(query: Any, gallery: Any) -> torch.Tensor:
             f"query has dimension {q.shape[1]} (shape {tuple(q.shape)}) but gallery has "
             f"dimension {g.shape[1]} (shape {tuple(g.shape)}); they must live in the same space"
         )
-    dtype = _common_dtype(q, g)
-    q, g = q.to(dtype), g.to(g.device if q.device == g.device else q.device, dtype)
-    return _finish(*_raw_distances(q, g, (g * g).sum(1)))
+    return squared_euclidean(q, g)  # the one definition (backfill_utils.distances)
 
 
 def _dense_inputs(distances: Any, is_relevant: Any, valid: Any | None):
