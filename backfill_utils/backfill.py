@@ -257,7 +257,7 @@ def backfill_curve(
     return_per_query: bool = False,
     ks: Sequence[int] = (1, 5),
     on_no_relevant: str = "error",
-    memory_budget: int = _m.DEFAULT_MEMORY_BUDGET,
+    memory_budget: int | None = None,
     progress: bool = False,
 ):
     """Retrieval quality of an online backfilling system at every backfill ratio.

@@ -64,6 +64,7 @@ __all__ = [
     "IMG_EXTENSIONS",
     "get_dataset",
     "dataset_info",
+    "dataset_identity",
     "train_transform",
     "test_transform",
     "class_splits",
@@ -153,3 +154,23 @@ def dataset_info(name: str, root: str | os.PathLike | None = None, **options) ->
     elif key != "synthetic" and (key == "cifar100" or key in FOLDER_DATASETS):
         n = layouts.num_classes_on_disk(key, _dataset_root(key, root)) or n
     return dict(num_classes=n, image_size=size, mean=tuple(mean), std=tuple(std))
+
+
+def dataset_identity(name: str, root: str | os.PathLike | None = None, **options) -> dict:
+    """What tells two copies of a dataset apart in cache keys: for ``synthetic``
+    nothing beyond its options (it is generated); otherwise the resolved data root
+    and the number of classes found there.
+
+    Two copies of one dataset name in different folders (a CIFAR-100 subset and the
+    full set, Places-365 in torchvision's layout and as an ImageFolder) thus never
+    share trained models; moving a dataset to another folder retrains. Replacing the
+    files of a folder in place is not detected: give such a copy its own folder.
+
+    >>> dataset_identity("synthetic", num_classes=4)
+    {}
+    """
+    key = check_name(name)
+    if key == "synthetic":
+        return {}
+    root_path = _dataset_root(key, root)
+    return {"root": str(root_path), "num_classes": dataset_info(key, root, **options)["num_classes"]}

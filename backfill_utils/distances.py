@@ -39,7 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["DISTANCES", "squared_euclidean", "pairwise_distance", "paired_euclidean", "as_matrix"]
+__all__ = ["DISTANCES", "squared_euclidean", "raw_distances", "finish", "pairwise_distance",
+           "paired_euclidean", "as_matrix"]
 
 #: The distances a loss may use (:func:`pairwise_distance`).
 DISTANCES = ("euclidean", "squared")
@@ -77,8 +78,25 @@ def squared_euclidean(query: Any, gallery: Any) -> torch.Tensor:
     _same_space(q, g, ("query", "gallery"))
     dtype = torch.promote_types(q.dtype, g.dtype)
     q, g = q.to(dtype), g.to(q.device, dtype)
-    raw = torch.addmm((g * g).sum(1).unsqueeze(0), q, g.T, beta=1.0, alpha=-2.0)
-    return (raw + (q * q).sum(1, keepdim=True)).clamp_(min=0)
+    return finish(*raw_distances(q, g, (g * g).sum(1)))
+
+
+def raw_distances(q: torch.Tensor, g: torch.Tensor, g_sq: torch.Tensor,
+                  out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(|g|^2 - 2 q.g, |q|^2)``: one ``addmm``; the distance is :func:`finish` of the pair.
+
+    The two halves of :func:`squared_euclidean`, for callers that keep the product
+    (the evaluation engine reuses one ``out`` buffer per side, and adds ``|q|^2``
+    inside its compiled loop with the same float addition and clamp as
+    :func:`finish`).
+    """
+    raw = torch.addmm(g_sq.unsqueeze(0), q, g.T, beta=1.0, alpha=-2.0, out=out)
+    return raw, (q * q).sum(1, keepdim=True)
+
+
+def finish(raw: torch.Tensor, q_sq: torch.Tensor) -> torch.Tensor:
+    """Squared distances from :func:`raw_distances`: ``raw + |q|^2`` clamped at 0 (in place)."""
+    return (raw + q_sq).clamp_(min=0)
 
 
 def pairwise_distance(a: torch.Tensor, b: torch.Tensor, distance: str = "euclidean",

@@ -56,6 +56,8 @@ def _dataset_part(cfg: dict) -> dict:
     if cfg["dataset"] == "synthetic":
         part["generator"] = {**D.synthetic_defaults(), **options}
         part["generator_version"] = int(D.SYNTHETIC_VERSION)
+    else:  # two copies of one dataset in different folders never share models
+        part["identity"] = D.dataset_identity(cfg["dataset"], cfg.get("data_root"), **options)
     return part
 
 

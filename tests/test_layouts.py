@@ -312,3 +312,22 @@ def test_writers_are_deterministic(tmp_path, writer):
     c = writer(tmp_path / "c", classes=2, per_class=2, seed=6)
     assert _tree_hash(a.root) == _tree_hash(b.root) != _tree_hash(c.root)
     assert a.classes == b.classes and a.label_of(make_image(a.colours[1], 8, np.random.default_rng(0))) == 1
+
+
+def test_two_copies_of_a_dataset_never_share_trained_models(tmp_path):
+    """The model spec (and so every cache key downstream) tells two folders of one dataset
+    name apart, and a copy with other classes; the same folder gives the same spec."""
+    from backfill_utils import config as C, train as T
+
+    a = write_cifar100(tmp_path / "a", classes=4, per_class=6)
+    b = write_cifar100(tmp_path / "b", classes=4, per_class=6)
+    c = write_cifar100(tmp_path / "c", classes=6, per_class=6)
+
+    def spec(w):
+        cfg = C.load_profile("smoke", dataset="cifar100", data_root=str(w.root), dataset_options={})
+        return T.model_spec(cfg, "extended", "new")
+
+    assert spec(a) == spec(a)
+    assert C.config_hash(spec(a)) != C.config_hash(spec(b))
+    assert spec(c)["dataset"]["identity"]["num_classes"] == 6
+    assert data.dataset_identity("synthetic") == {}
