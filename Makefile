@@ -1,6 +1,10 @@
 # Two entry points do all the set-up on a fresh machine:
 #   make reproduce   -- create .venv if missing, install, run the notebook series (profile default)
 #   make test        -- the same set-up, then pytest (unit tests + nbval over the notebooks, smoke profile)
+# and two studies with their own budgets, whose outputs are committed under results/ and rendered by
+# notebooks 50, 52 and 53:
+#   make tune        -- equal-budget tuning on the validation split, test over seeds, sensitivity (results/tuning/)
+#   make regimes     -- the regime map: old models that know more or less (results/regimes/)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,6 +12,9 @@ PROFILE ?= default
 # torch CPU threads for the reproduction: the committed results were made with 1 (the thread
 # count changes the last bits of training); `make reproduce THREADS=2` is faster on an idle machine.
 THREADS ?= 1
+# worker processes for independent trainings (backbones, modules, trials), each with THREADS threads: the
+# same numbers as one after the other (backfill_utils/parallel.py); 2 = the cores of the reference machine
+WORKERS ?= 2
 # PIN=1: one CPU code path for torch, MKL, oneDNN and numpy (AVX2), so that the same seed gives
 # the same numbers on any x86-64 CPU with AVX2; about 35% more CPU time in training (README,
 # "Reproducibility"). The variables must be set before python starts: the runner sets them for
@@ -19,7 +26,7 @@ PINNED_ENV := ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=COMPATIBLE ONEDNN_MAX_CPU_ISA=AV
 ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install reproduce test lab bench gpu-check clean clean-cache
+.PHONY: install reproduce test tune regimes lab bench gpu-check clean clean-cache
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,13 +37,24 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 reproduce: install
-	BACKFILL_THREADS=$(THREADS) $(PY) -m backfill_utils.run --profile $(PROFILE) $(if $(PIN),--pin) $(ARGS)
+	BACKFILL_THREADS=$(THREADS) BACKFILL_WORKERS=$(WORKERS) $(PY) -m backfill_utils.run --profile $(PROFILE) $(if $(PIN),--pin) $(ARGS)
+
+# each at most 45 minutes on the 2-core reference machine (README, "What holds, and where")
+tune: install
+	$(if $(PIN),env $(PINNED_ENV)) BACKFILL_THREADS=$(THREADS) BACKFILL_WORKERS=$(WORKERS) $(PY) -m backfill_utils.tuning --profile $(PROFILE)
+
+regimes: install
+	$(if $(PIN),env $(PINNED_ENV)) BACKFILL_THREADS=$(THREADS) BACKFILL_WORKERS=$(WORKERS) $(PY) -m backfill_utils.regimes --profile $(PROFILE)
 
 # nbval runs every notebook of the series (smoke profile, selected through the environment
 # because nbval cannot inject papermill parameters); --nbval-lax: notebooks are stored
 # without outputs, so what is checked is that every cell runs and every assertion holds.
 # --doctest-modules backfill_utils: the examples in every module's docstrings run too.
+# The smoke versions of make tune and make regimes run first (tiny budgets, about a minute each), so that nbval
+# renders 52_tuning and 53_regimes from real outputs.
 test: install
+	BACKFILL_THREADS=$(THREADS) BACKFILL_WORKERS=$(WORKERS) $(PY) -m backfill_utils.tuning --profile smoke --quiet
+	BACKFILL_THREADS=$(THREADS) BACKFILL_WORKERS=$(WORKERS) $(PY) -m backfill_utils.regimes --profile smoke --quiet
 	BACKFILL_PROFILE=smoke $(PY) -m pytest tests notebooks --doctest-modules backfill_utils --nbval-lax --nbval-sanitize-with notebooks/nbval_sanitize.cfg
 
 lab: install

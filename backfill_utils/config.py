@@ -83,13 +83,15 @@ def profile_name(name: str | None = None) -> str:
 
 
 OPEN_KEYS = ("dataset_options",)  # free-form: each dataset has its own options
+REPLACE_KEYS = ("variants",)  # free-form and replaced whole by an override (the regime map's variants)
 
 
 def deep_update(base: dict, updates: Mapping, *, strict: bool = True) -> dict:
     """Recursively merge ``updates`` into a copy of ``base``.
 
     A key of ``updates`` that ``base`` does not have is an error (a typo in an
-    override must not be silently ignored), except below ``OPEN_KEYS``.
+    override must not be silently ignored), except below ``OPEN_KEYS``; a key of
+    ``REPLACE_KEYS`` (the regime map's ``variants``) is replaced whole.
 
     >>> deep_update({"a": 1, "b": {"c": 2}}, {"b": {"c": 3}})
     {'a': 1, 'b': {'c': 3}}
@@ -100,7 +102,9 @@ def deep_update(base: dict, updates: Mapping, *, strict: bool = True) -> dict:
             raise KeyError(
                 f"unknown configuration key {key!r}; known keys: {sorted(out)}"
             )
-        if isinstance(out.get(key), dict) and isinstance(value, Mapping):
+        if key in REPLACE_KEYS:
+            out[key] = copy.deepcopy(value)
+        elif isinstance(out.get(key), dict) and isinstance(value, Mapping):
             out[key] = deep_update(out[key], value, strict=strict and key not in OPEN_KEYS)
         else:
             out[key] = copy.deepcopy(value)

@@ -15,7 +15,9 @@ The concepts live in their own modules; their public names are importable from h
 * :mod:`~backfill_utils.transforms` -- :func:`train_transform`, :func:`test_transform`,
   :class:`TensorAugment`;
 * :mod:`~backfill_utils.splits` -- :func:`class_splits`, :func:`subset_by_classes`,
-  :func:`describe_splits` (the class protocol of PAPER.md section 4).
+  :func:`describe_splits` (the class protocol of PAPER.md section 4), and the
+  validation split carved from the training images: :func:`validation_mask`,
+  :func:`training_part` (parts ``"fit"`` and ``"val"``, :data:`PARTS`).
 
 Split names: ``"train"`` and ``"test"``; ``"val"`` is accepted as an alias of
 ``"test"`` (for ImageNet, Tiny-ImageNet and Places-365 the labelled validation set
@@ -38,7 +40,8 @@ from .datasets import (ArrayDataset, FolderDataset, SyntheticDataset, Torchvisio
 from .layouts import IMG_EXTENSIONS, EmptyClassFolderWarning
 from .dataset_registry import (FOLDER_DATASETS, IMAGENET_MEAN, IMAGENET_STD, TORCHVISION_DATASETS, DatasetError,
                        available_datasets, canonical_split, check_name, resolve_root)
-from .splits import ClassSubset, class_splits, describe_splits, subset_by_classes
+from .splits import (PARTS, ClassSubset, class_splits, describe_splits, subset_by_classes, training_part,
+                     validation_mask)
 from .synthetic import SYNTHETIC_VERSION, make_synthetic, split_options, synthetic_defaults
 from .transforms import TensorAugment, nominal_stats, test_transform, train_transform
 
@@ -66,6 +69,9 @@ __all__ = [
     "test_transform",
     "class_splits",
     "subset_by_classes",
+    "PARTS",
+    "validation_mask",
+    "training_part",
     "describe_splits",
     "sample_grid",
     "tile_grid",

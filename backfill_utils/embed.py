@@ -36,16 +36,32 @@ def extract(model: torch.nn.Module, dataset, *, batch_size: int = 512, device=No
     return torch.cat(out).numpy().astype(np.float32, copy=False)
 
 
+#: Splits that can be embedded: ``train`` (the fit part of the training split), ``val`` (the
+#: validation images held out of the training split, :mod:`backfill_utils.splits`), ``test``.
+SPLITS = ("train", "val", "test")
+
+
 def _split_dataset(cfg: dict, split: str, classes, augment: bool):
+    """The items of ``split`` (:data:`SPLITS`) of the profile's dataset in ``classes``.
+
+    ``train`` and ``val`` are the two parts of the dataset's training split
+    (:func:`backfill_utils.splits.training_part` with the profile's ``val_fraction``);
+    ``test`` is the dataset's test split."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     name = cfg["dataset"]
     opts = cfg.get("dataset_options") or {}
     info = D.dataset_info(name, root=cfg.get("data_root"), **opts)
     tf = (D.train_transform if augment else D.test_transform)(
         name, info["image_size"], mean=info["mean"], std=info["std"])
-    full = D.get_dataset(name, split, root=cfg.get("data_root"), transform=tf,
+    source = "test" if split == "test" else "train"
+    full = D.get_dataset(name, source, root=cfg.get("data_root"), transform=tf,
                          download=bool(cfg.get("download")), **opts)
-    # test classes of the open-class setting are not a prefix (no classifier reads them)
-    return D.subset_by_classes(full, classes, require_prefix=split == "train")
+    if split == "test":
+        # test classes of the open-class setting are not a prefix (no classifier reads them)
+        return D.subset_by_classes(full, classes, require_prefix=False)
+    part = "fit" if split == "train" else "val"
+    return D.training_part(full, classes, part, **T.holdout(cfg))
 
 
 def get_embeddings(cfg: dict, setting: str, role: str, split: str, *,
@@ -54,12 +70,15 @@ def get_embeddings(cfg: dict, setting: str, role: str, split: str, *,
 
     ``split="test"``: the setting's test classes, clean (test transform);
     returns ``emb`` (N, d) and ``labels`` (N,).
-    ``split="train"``: the new model's training classes; pass 0 is clean and
-    passes 1.. use the training augmentation (seeded per pass); returns ``emb``
-    (passes, N, d) and ``labels``.
+    ``split="val"``: the validation images held out of the training split (the new
+    model's training classes, profile key ``val_fraction``), clean like the test split;
+    ``emb`` (N, d). Hyperparameters are chosen on it, never on the test split.
+    ``split="train"``: the rest of the training split of the new model's training
+    classes (what the backbones trained on); pass 0 is clean and passes 1.. use the
+    training augmentation (seeded per pass); returns ``emb`` (passes, N, d) and ``labels``.
     """
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if int(passes) < 1:
         raise ValueError(f"passes must be >= 1, got {passes!r}")
     spec = T.model_spec(cfg, setting, role)
@@ -67,7 +86,7 @@ def get_embeddings(cfg: dict, setting: str, role: str, split: str, *,
     cls = classes["test_classes"] if split == "test" else classes["new_classes"]
     n_pass = int(passes) if split == "train" else 1
     key = {"model": spec, "split": split, "classes": list(map(int, cls)), "passes": n_pass,
-           "seed": int(cfg["seed"])}
+           "seed": int(cfg["seed"]), "holdout": T.holdout(cfg)}
 
     def compute():
         model = T.train(spec, data_root=cfg.get("data_root"), device=device, progress=progress,

@@ -37,7 +37,7 @@ from . import metrics as MT
 from . import train as T
 from .recipes import Recipe
 
-__all__ = ["CURVES_VERSION", "EXPERIMENTS_VERSION", "ratios", "SettingData", "resolve_recipe",
+__all__ = ["CURVES_VERSION", "EXPERIMENTS_VERSION", "EVAL_SPLITS", "ratios", "SettingData", "resolve_recipe",
            "compat_key", "train_method", "make_system", "build_system", "build_systems",
            "method_curve", "evaluate_setting", "evaluate_all", "gallery_quality", "train_roles",
            "cache_train_embeddings"]
@@ -45,7 +45,7 @@ __all__ = ["CURVES_VERSION", "EXPERIMENTS_VERSION", "ratios", "SettingData", "re
 # Bump CURVES_VERSION when the engine (metrics.py, backfill.py) or the code below changes a
 # curve or a summary number; EXPERIMENTS_VERSION for the order study and the query cost.
 CURVES_VERSION = 1
-EXPERIMENTS_VERSION = 1
+EXPERIMENTS_VERSION = 2  # 2: the query cost has the gallery-side columns
 
 
 def ratios(cfg: dict) -> np.ndarray:
@@ -54,10 +54,17 @@ def ratios(cfg: dict) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- data
+#: The splits a method is evaluated on: the test split (reported), the validation split
+#: (held out of the training images; hyperparameters are chosen on it).
+EVAL_SPLITS = ("test", "val")
+
+
 class SettingData:
     """Cached embeddings and classifiers of one setting, loaded on first use.
 
-    ``test(role)`` ``(N, d)`` and ``test_labels``; ``embeddings(role)`` the train
+    ``test(role)`` ``(N, d)`` and ``test_labels``: the gallery (= queries) a method is
+    evaluated on, the test split or, with ``split="val"``, the validation split held out
+    of the training images (:data:`EVAL_SPLITS`); ``embeddings(role)`` the train
     split, ``(P, N, d)`` for ``P = embed.train_passes`` passes (pass 0 clean), and
     ``labels`` (the new model's training-class labels, the same for every role);
     ``classifier(role)`` the frozen classifier of a backbone. A method's ``fit``
@@ -66,9 +73,11 @@ class SettingData:
     """
 
     def __init__(self, cfg: dict, setting: str, *, progress: bool = True,
-                 roles: tuple[str, ...] = MM.BACKBONES, seed: int | None = None,
+                 roles: tuple[str, ...] = MM.BACKBONES, seed: int | None = None, split: str = "test",
                  _store: dict | None = None) -> None:
-        self.cfg, self.setting, self.progress = cfg, setting, progress
+        if split not in EVAL_SPLITS:
+            raise ValueError(f"split must be one of {EVAL_SPLITS}, got {split!r}")
+        self.cfg, self.setting, self.progress, self.split = cfg, setting, progress, split
         self.roles = tuple(roles)
         self.seed = int(cfg["seed"]) if seed is None else int(seed)
         self._store = {} if _store is None else _store
@@ -76,7 +85,7 @@ class SettingData:
     def restricted(self, roles, seed: int | None = None) -> "SettingData":
         """The same data (shared, loaded once) limited to the backbones ``roles``."""
         return SettingData(self.cfg, self.setting, progress=self.progress, roles=tuple(roles),
-                           seed=self.seed if seed is None else seed, _store=self._store)
+                           seed=self.seed if seed is None else seed, split=self.split, _store=self._store)
 
     def _check(self, role: str) -> None:
         if role not in self.roles:
@@ -109,15 +118,18 @@ class SettingData:
         return self._get(("classifier", role), lambda: T.get_model(
             self.cfg, self.setting, role, progress=self.progress).classifier.eval())
 
+    def _eval(self, role: str) -> dict:
+        return self._get((self.split, role), lambda: E.get_embeddings(
+            self.cfg, self.setting, role, self.split, progress=self.progress))
+
     def test(self, role: str) -> np.ndarray:
-        """Test-split embeddings of backbone ``role``: ``(N, d)``."""
-        return self._get(("test", role), lambda: E.get_embeddings(
-            self.cfg, self.setting, role, "test", progress=self.progress))["emb"]
+        """Embeddings of backbone ``role`` on the evaluation split (``split``): ``(N, d)``."""
+        return self._eval(role)["emb"]
 
     @property
     def test_labels(self) -> np.ndarray:
-        return self._get(("test", "new"), lambda: E.get_embeddings(
-            self.cfg, self.setting, "new", "test", progress=self.progress))["labels"]
+        """Labels of the evaluation split (``split``)."""
+        return self._eval("new")["labels"]
 
 
 def train_roles() -> list[str]:
@@ -300,20 +312,24 @@ def _reference_curve(kind: str, refs: _References, r: np.ndarray) -> pd.DataFram
                          "negative_flips": 0.0})
 
 
-def _curve_key(cfg: dict, setting: str, name: str, recipe: Any, seed: int | None) -> dict:
+def _curve_key(cfg: dict, setting: str, name: str, recipe: Any, seed: int | None, split: str) -> dict:
     m = MM.get(name)
     roles = sorted({"old", "new", m.backbone})
-    return {"setting": setting, "method": name, "version": int(m.version),
+    return {"setting": setting, "method": name, "version": int(m.version), "split": split,
             "test": {r: T.model_spec(cfg, setting, r) for r in roles},
             "trained": compat_key(cfg, setting, name, recipe, seed) if m.trainable else None,
             "eval": cfg["eval"]}
 
 
 def method_curve(cfg: dict, setting: str, name: str, *, recipe: Any = None, seed: int | None = None,
-                 data: SettingData | None = None, progress: bool = True,
+                 split: str = "test", data: SettingData | None = None, progress: bool = True,
                  _refs: _References | None = None) -> tuple[pd.DataFrame, dict]:
     """The backfilling curve of one method and its summary row; cached per method
     (kind ``"curves"``), trained first if needed (:func:`train_method`).
+
+    ``split``: the gallery (= queries, leave-one-out) it is evaluated on, ``"test"`` or
+    ``"val"`` (the validation split held out of the training images, for tuning);
+    ``data``, when given, must be of that split.
 
     Returns ``(curve, row)``: the curve with columns ``ratio, n_backfilled, mAP, top1,
     top5, negative_flips, negative_flips_vs_old`` (the references have fewer) and the
@@ -321,9 +337,11 @@ def method_curve(cfg: dict, setting: str, name: str, *, recipe: Any = None, seed
     :func:`~backfill_utils.backfill.summarize_curve`'s numbers.
     """
     m = MM.get(name)
+    if data is not None and data.split != split:
+        raise ValueError(f"method_curve(split={split!r}) was given data of the {data.split!r} split")
 
     def compute():
-        d = data or SettingData(cfg, setting, progress=progress)
+        d = data or SettingData(cfg, setting, progress=progress, split=split)
         refs = _refs or _References(d)
         r = ratios(cfg)
         extra = 0
@@ -339,21 +357,27 @@ def method_curve(cfg: dict, setting: str, name: str, *, recipe: Any = None, seed
                **B.summarize_curve(curve, *refs.get())}
         return {**io.frame_to_arrays(curve, "curve::"), **io.frame_to_arrays(pd.DataFrame([row]), "row::")}
 
-    arrays = io.cached_arrays("curves", _curve_key(cfg, setting, name, recipe, seed), compute,
-                              what=f"the backfilling curve of {name} in the {setting} setting")
+    arrays = io.cached_arrays("curves", _curve_key(cfg, setting, name, recipe, seed, split), compute,
+                              what=f"the backfilling curve of {name} in the {setting} setting"
+                                   + (f" ({split} split)" if split != "test" else "")
+                                   + (f" (seed {seed})" if seed is not None else ""))
     row = io.arrays_to_frame(arrays, "row::").iloc[0].to_dict()
     return io.arrays_to_frame(arrays, "curve::"), row
 
 
-def evaluate_setting(cfg: dict, setting: str, names=None, *, progress: bool = True):
+def evaluate_setting(cfg: dict, setting: str, names=None, *, seed: int | None = None, split: str = "test",
+                     progress: bool = True):
     """Curves (long table, column ``method`` first) and summary (one row per method) of
-    ``names`` (default: every registered method) in ``setting``; each curve cached."""
+    ``names`` (default: every registered method) in ``setting``; each curve cached.
+    ``seed``: the training seed of the trained methods (default: the profile's);
+    ``split``: the evaluation split (:data:`EVAL_SPLITS`)."""
     names = list(names or MM.names())
-    data = SettingData(cfg, setting, progress=progress)
+    data = SettingData(cfg, setting, progress=progress, split=split)
     refs = _References(data)
     curves, rows = [], []
     for n in names:
-        c, row = method_curve(cfg, setting, n, data=data, progress=progress, _refs=refs)
+        s = seed if MM.get(n).trainable else None
+        c, row = method_curve(cfg, setting, n, seed=s, split=split, data=data, progress=progress, _refs=refs)
         c.insert(0, "method", n)
         curves.append(c)
         rows.append(row)
@@ -363,12 +387,13 @@ def evaluate_setting(cfg: dict, setting: str, names=None, *, progress: bool = Tr
     return pd.concat(curves, ignore_index=True), summary
 
 
-def evaluate_all(cfg: dict, names=None, *, progress: bool = True) -> tuple[dict, pd.DataFrame]:
+def evaluate_all(cfg: dict, names=None, *, seed: int | None = None,
+                 progress: bool = True) -> tuple[dict, pd.DataFrame]:
     """Curves of every setting (``{setting: curves}``) and the long summary table
-    (columns ``dataset`` and ``setting`` added)."""
+    (columns ``dataset`` and ``setting`` added); ``seed``: as in :func:`evaluate_setting`."""
     curves, summaries = {}, []
     for s in cfg["settings"]:
-        c, summ = evaluate_setting(cfg, s, names, progress=progress)
+        c, summ = evaluate_setting(cfg, s, names, seed=seed, progress=progress)
         curves[s] = c
         summaries.append(summ.assign(dataset=cfg["dataset"], setting=s))
     return curves, pd.concat(summaries, ignore_index=True)

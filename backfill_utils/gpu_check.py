@@ -78,7 +78,7 @@ def profile(args: argparse.Namespace) -> dict:
     """The paper profile on the synthetic dataset at CIFAR size, shrunk by the flags."""
     per_class = max(1, args.n_train // args.classes)
     return C.load_profile(
-        "paper", dataset="synthetic", data_root=None,
+        "paper", dataset="synthetic", data_root=None, val_fraction=0.0,  # train on all n_train images
         dataset_options={"num_classes": args.classes, "train_per_class": per_class,
                          "test_per_class": 1, "image_size": 32},
         backbone={"width": args.width},

@@ -154,6 +154,16 @@ def missing(kind: str, what: str, path: Path) -> MissingArtifactError:
     )
 
 
+def missing_target(what: str, target: str, paths, cfg: Mapping) -> MissingArtifactError:
+    """The error of a render notebook that lacks the committed outputs ``paths`` of a
+    ``make`` target (``make tune``, ``make regimes``), naming the target to run."""
+    arg = "" if cfg.get("run_name") == "default" else f" PROFILE={cfg.get('profile')}"
+    return MissingArtifactError(
+        f"missing input: {what} ({', '.join(str(p) for p in paths)}). This notebook only renders: run "
+        f"`{target}{arg}` first (its outputs are committed under results/ for the default profile)."
+    )
+
+
 def require_compute(kind: str, what: str, path: Path) -> None:
     """Raise :class:`MissingArtifactError` if a missing artifact would be computed in render mode."""
     if _STATE["mode"] == "render":

@@ -69,7 +69,8 @@ from .recipes import (BiCTRecipe, CMCLPsiRecipe, CMCLPsiRhoRecipe, FastFillRecip
                       RevPsiRecipe)
 
 __all__ = ["Method", "Trained", "GROUPS", "SLOTS", "register", "unregister", "get", "names",
-           "style", "query_side", "ends_at_new", "components", "recipe_from_profile", "recipe_key"]
+           "style", "query_side", "ends_at_new", "components", "recipe_from_profile", "recipe_key",
+           "is_builtin"]
 
 #: Groups a method can belong to, and what enumerates each.
 GROUPS: dict[str, str] = {
@@ -414,3 +415,15 @@ for _m in [
 ]:
     register(_m)
 del _m
+#: The package's own registrations (what a worker process of :mod:`backfill_utils.parallel` knows).
+_BUILTIN: dict[str, Method] = dict(_REGISTRY)
+
+
+def is_builtin(name: str) -> bool:
+    """Whether ``name`` is registered with the package's own registration (not replaced or
+    added in a notebook): a worker process, which imports the package afresh, can train it.
+
+    >>> is_builtin("Ours"), is_builtin("no such method")
+    (True, False)
+    """
+    return name in _BUILTIN and _REGISTRY.get(name) is _BUILTIN[name]

@@ -1,4 +1,4 @@
-"""What a method costs at query time: forward passes, extra parameters, measured time.
+"""What a method costs: forward passes and time per query, extra parameters, gallery-side work.
 
 The query side of a registered method follows from its registration
 (:func:`backfill_utils.methods.query_side`): the backbones that embed the query
@@ -7,6 +7,13 @@ Its extra parameters are those of every trained module, the gallery-side ``h`` o
 FCT, FastFill and BiCT included (which costs no query time). The time per query is
 measured on this machine (:func:`time_query_forward`), once, and cached (kind
 ``"experiments"``) so that ``notebooks/51_table2.ipynb`` only reads it.
+
+**The gallery side.** FCT, FastFill and BiCT serve the not-yet-backfilled items as
+``h(phi_old(x))``: before serving, every stored old embedding (``N`` of them, the whole
+gallery) is transformed once; the paper's method transforms only queries (psi, rho)
+and serves the old gallery as it is. :func:`time_gallery_transform` measures ``h`` on
+random unit vectors of its input dimension in batches, in seconds per million items
+with the process's torch threads (``threads`` column).
 """
 from __future__ import annotations
 
@@ -22,7 +29,7 @@ from . import io
 from . import methods as MM
 from . import train as T
 
-__all__ = ["time_query_forward", "query_cost", "measure_query_cost"]
+__all__ = ["time_query_forward", "time_gallery_transform", "query_cost", "measure_query_cost"]
 
 
 @torch.no_grad()
@@ -65,6 +72,32 @@ def time_query_forward(passes, images, *, repeats: int = 5, warmup: int = 1) -> 
     return float(np.median(times)) / len(images)
 
 
+@torch.no_grad()
+def time_gallery_transform(module: torch.nn.Module, d_in: int, *, items: int = 131_072,
+                           batch_size: int = 16_384, repeats: int = 3, seed: int = 0) -> float:
+    """Seconds per million items of a gallery-side transformation ``module`` (eval mode),
+    the median over ``repeats`` passes over ``items`` random unit vectors of dimension
+    ``d_in`` in batches of ``batch_size`` (after one warm-up batch). Wall-clock time of
+    this machine with ``torch.get_num_threads()`` threads."""
+    if items < 1 or batch_size < 1 or repeats < 1:
+        raise ValueError(f"items, batch_size and repeats must be >= 1, got {items}, {batch_size}, {repeats}")
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.normalize(torch.randn(items, d_in, generator=g), dim=1)
+    was = module.training
+    module.eval()
+    try:
+        module(x[:batch_size])
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for i in range(0, items, batch_size):
+                module(x[i:i + batch_size])
+            times.append(time.perf_counter() - t0)
+    finally:
+        module.train(was)
+    return float(np.median(times)) * 1e6 / items
+
+
 def query_cost(cfg: dict, setting: str, names=None, *, batch_size: int = 64, repeats: int = 5,
                warmup: int = 2) -> pd.DataFrame:
     """:func:`measure_query_cost` of ``names`` (default: the ``main`` group), measured
@@ -93,7 +126,10 @@ def measure_query_cost(cfg: dict, setting: str, names=None, *, batch_size: int =
     component was warmed up, and a method's time is the sum of its components. CPU
     wall-clock time: machine- and load-dependent. Columns: ``method, query_passes,
     query_side`` (backbone passes separated by ``;``, each with the modules applied to
-    its output), ``extra_params, ms_per_query``.
+    its output), ``extra_params, ms_per_query``, and the gallery side: ``gallery_side``,
+    ``gallery_transforms`` (items transformed before serving: the ``N`` old items of the
+    setting's gallery for a method with ``h``, else 0), ``s_per_million_items``
+    (:func:`time_gallery_transform`) and ``threads``.
     """
     names = list(names or MM.names("main"))
     sides = {n: MM.query_side(n) for n in names}
@@ -114,11 +150,18 @@ def measure_query_cost(cfg: dict, setting: str, names=None, *, batch_size: int =
         time_query_forward(passes, batch, repeats=max(1, warmup), warmup=0)
     timed = {c: time_query_forward(passes, batch, repeats=repeats, warmup=warmup)
              for c, (passes, batch) in components.items()}
+    n_gallery = len(X.SettingData(cfg, setting, progress=False).test_labels)
     rows = []
     for n, side in sides.items():
         parts = [r for r, _ in side] + [(n, s) for _, slots in side for s in slots]
         label = " ; ".join(" + ".join([f"phi_{r}", *slots]) for r, slots in side)
+        h = trained[n].h if n in trained else None
         rows.append({"method": n, "query_passes": len(side), "query_side": label,
                      "extra_params": trained[n].n_params if n in trained else 0,
-                     "ms_per_query": 1e3 * sum(timed[p] for p in parts)})
+                     "ms_per_query": 1e3 * sum(timed[p] for p in parts),
+                     "gallery_side": "h(phi_old) of every old item" if h is not None else "none",
+                     "gallery_transforms": n_gallery if h is not None else 0,
+                     "s_per_million_items": (time_gallery_transform(h, int(cfg["embedding_dim"]))
+                                             if h is not None else 0.0),
+                     "threads": torch.get_num_threads()})
     return pd.DataFrame(rows)

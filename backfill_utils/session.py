@@ -81,43 +81,71 @@ class Run:
             pass
         print(f"saved {first}" + "".join(f", {p.suffix}" for p in paths[1:]))
 
-    def expect(self, holds: bool, claim: str, detail: object = "") -> bool:
-        """A claim of the paper: asserted when ``strict``, otherwise reported.
+    def expect(self, holds: bool, claim: str, detail: object = "", *, asserted: bool = True) -> bool:
+        """A claim of the paper: asserted when ``strict`` (and ``asserted``), otherwise reported.
 
-        On a non-reference run a claim that does not hold prints one line
-        starting with :data:`CLAIM_MARK` and the series goes on. Returns ``holds``.
+        On a non-reference run, or for ``asserted=False`` (a single-seed observation whose
+        noise is unknown), a claim that does not hold prints one line starting with
+        :data:`CLAIM_MARK` and the series goes on. Returns ``holds``.
         """
         holds = bool(holds)
         if not holds:
             line = f"{CLAIM_MARK} {claim}" + (f" ({detail})" if detail != "" else "")
             self.failed_claims.append(line)
-            if self.strict:
+            if self.strict and asserted:
                 raise AssertionError(f"{line}; this is the reference run of the default profile, "
                                      "where every claim is asserted")
             print(line)
         return holds
 
+    def optional(self, load):
+        """``load()``, or ``None`` when it raises :class:`~backfill_utils.io.MissingArtifactError`
+        on a run other than the reference run (the message is printed: what is missing and
+        the target that makes it). On the reference run of the default profile the error
+        is raised: its outputs are committed."""
+        try:
+            return load()
+        except io.MissingArtifactError as exc:
+            if self.strict:
+                raise
+            print(f"NOT RENDERED on this run: {exc}")
+            return None
+
     def check_claims(self, claims: pd.DataFrame, asserted=None) -> pd.DataFrame:
-        """Report every checked claim of a claims table (``tables.claims``) that does
-        not hold; when ``strict``, assert those selected by the boolean mask
-        ``asserted`` (default: all). Returns the failed rows."""
-        failed = claims[claims["checked"].astype(bool) & ~claims["holds"].astype(bool)]
+        """Report every checked claim of a claims table (``tables.claims``, or
+        ``claims.over_seeds`` with a ``verdict`` over seeds) that does not hold; when
+        ``strict``, assert those selected by the boolean mask ``asserted`` (default: all):
+        with verdicts, an asserted claim must hold by more than two standard deviations
+        (``claims.HOLDS``). Returns the failed rows."""
+        from .claims import HOLDS
+
+        checked = claims["checked"].astype(bool)
+        failed = claims[checked & ~claims["holds"].astype(bool)]
         mask = (pd.Series(True, index=claims.index) if asserted is None
                 else pd.Series(asserted, index=claims.index).astype(bool))
+        with_verdict = "verdict" in claims.columns
         fatal = []
-        for i, row in failed.iterrows():
+        for i, row in claims[checked].iterrows():
             where = f"{row['setting']} setting: " if "setting" in row else ""
-            line = (f"{CLAIM_MARK} {where}{row['claim']} "
-                    f"(value {row['value']:.2f}, reference {row['reference']:.2f})")
-            self.failed_claims.append(line)
-            print(line)
-            if self.strict and mask[i]:
-                fatal.append(line)
+            numbers = f"value {row['value']:.2f}, reference {row['reference']:.2f}"
+            if with_verdict:
+                numbers += f", difference {row['diff']:.2f} +- {row['diff_sd']:.2f} over {row['seeds']} seed(s)"
+            ok = bool(row["holds"])
+            if not ok:
+                line = f"{CLAIM_MARK} {where}{row['claim']} ({numbers})"
+                self.failed_claims.append(line)
+                print(line)
+            elif with_verdict and row["verdict"] != HOLDS:
+                print(f"claim holds within noise only: {where}{row['claim']} ({numbers})")
+            beyond = row["verdict"] == HOLDS if with_verdict else ok
+            if self.strict and mask[i] and not beyond:
+                fatal.append(f"{where}{row['claim']} ({row['verdict'] if with_verdict else 'fails'}; {numbers})")
         if failed.empty:
-            print(f"all {int(claims['checked'].astype(bool).sum())} checked claims hold on this run")
+            print(f"all {int(checked.sum())} checked claims hold on this run")
         if fatal:
             raise AssertionError("on the reference run of the default profile every asserted claim must "
-                                 "hold:\n" + "\n".join(fatal))
+                                 "hold" + (" by more than two standard deviations" if with_verdict else "")
+                                 + ":\n" + "\n".join(fatal))
         return failed
 
 

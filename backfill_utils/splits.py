@@ -1,8 +1,19 @@
-"""Class splits of the retrieval protocol (PAPER.md section 4) and class subsets of a dataset.
+"""Class splits of the retrieval protocol (PAPER.md section 4), the validation split,
+and class subsets of a dataset.
 
 :func:`class_splits` says which classes the old and new models train on and which
 classes are tested; :func:`subset_by_classes` takes the items of those classes from
 a dataset (labels unchanged); :func:`describe_splits` tabulates both.
+
+**The validation split** (:func:`validation_mask`, :func:`training_part`) is the one
+rule that carves validation images out of the *training* split (never the test
+split): per class, a seeded ``fraction`` of its training images. Everything that reads
+training images goes through :func:`training_part`: the backbones train on the
+``"fit"`` part only (``train.build_train_dataset``), the compatibility modules train on
+embeddings of the ``"fit"`` part, and hyperparameters are chosen on the ``"val"`` part
+(embedded clean, searched leave-one-out like the test split; ``embed.get_embeddings``).
+The choice of an item depends only on the seed, its class and the class's items, so a
+model trained on a subset of the classes (the old model) sees exactly the same split.
 """
 from __future__ import annotations
 
@@ -16,7 +27,11 @@ from torch.utils.data import Dataset
 from .datasets import raw_image
 from .dataset_registry import DatasetError
 
-__all__ = ["ClassSubset", "class_splits", "subset_by_classes", "describe_splits"]
+__all__ = ["ClassSubset", "class_splits", "subset_by_classes", "describe_splits", "PARTS",
+           "validation_mask", "training_part"]
+
+#: The two parts of the training split: what models train on, and the validation images.
+PARTS = ("fit", "val")
 
 
 class ClassSubset(Dataset):
@@ -126,6 +141,54 @@ def subset_by_classes(dataset: Dataset, classes: Iterable[int], *, require_prefi
         raise ValueError(f"classes without any item in the dataset: {cls[~present][:8].tolist()}")
     indices = np.flatnonzero(np.isin(targets, cls))
     return ClassSubset(dataset, indices, np.sort(cls))
+
+
+def validation_mask(targets, fraction: float, seed: int) -> np.ndarray:
+    """Which items of a training split are validation items: a boolean mask (True = held out).
+
+    Per class with ``n`` items: ``floor(fraction * n)`` of them, at least one when
+    ``fraction > 0`` and ``n >= 2`` and never all, chosen uniformly by a generator seeded
+    with ``(seed, class)``. ``fraction = 0``: no item is held out.
+
+    >>> y = np.array([0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 2])
+    >>> m = validation_mask(y, 0.25, seed=0)
+    >>> np.bincount(y[m], minlength=3).tolist()   # 5 items -> 1; the single item of class 2 stays
+    [1, 1, 0]
+    >>> bool((validation_mask(y[y < 1], 0.25, 0) == m[y < 1]).all())   # class 0 alone: the same items
+    True
+    """
+    targets = np.asarray(targets, dtype=np.int64)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.integer, np.floating)) \
+            or not 0 <= fraction < 1:
+        raise ValueError(f"val_fraction must be a number with 0 <= val_fraction < 1, got {fraction!r}")
+    mask = np.zeros(len(targets), dtype=bool)
+    if fraction == 0:
+        return mask
+    for c in np.unique(targets):
+        members = np.flatnonzero(targets == c)
+        n = len(members)
+        k = min(max(int(math.floor(fraction * n + 1e-9)), 1), n - 1)
+        if k <= 0:
+            continue
+        rng = np.random.default_rng([int(seed), 0x5A1, int(c)])
+        mask[members[rng.permutation(n)[:k]]] = True
+    return mask
+
+
+def training_part(dataset: Dataset, classes: Iterable[int], part: str, *, fraction: float,
+                  seed: int) -> ClassSubset:
+    """The ``"fit"`` or ``"val"`` part (:data:`PARTS`) of a *training* split, restricted
+    to ``classes`` (a prefix ``0..k-1``, see :func:`subset_by_classes`), by
+    :func:`validation_mask` with ``fraction`` and ``seed``. Labels are unchanged."""
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {PARTS}, got {part!r}")
+    subset = subset_by_classes(dataset, classes)
+    if part == "val" and fraction == 0:
+        raise ValueError("the validation split is empty (val_fraction = 0): set the profile key "
+                         "val_fraction > 0, e.g. 0.1")
+    mask = validation_mask(np.asarray(dataset.targets, dtype=np.int64), fraction, seed)[subset.indices]
+    keep = subset.indices[mask if part == "val" else ~mask]
+    return ClassSubset(dataset, keep, subset.subset_classes)
 
 
 def describe_splits(splits: dict, train_targets=None, test_targets=None) -> pd.DataFrame:

@@ -73,20 +73,46 @@ def setting_classes(cfg: dict, setting: str) -> dict:
     )
 
 
+def holdout(cfg: dict) -> dict:
+    """The validation split of a profile: ``{"fraction": val_fraction, "seed": seed}``
+    (:func:`backfill_utils.splits.validation_mask`); part of every model spec."""
+    return {"fraction": float(cfg.get("val_fraction", 0.0)), "seed": int(cfg["seed"])}
+
+
+def _partial(cfg: dict, key: str, base: dict) -> dict:
+    """``base`` updated by the profile's optional mapping ``cfg[key]`` (``None``: unchanged);
+    a key that ``base`` lacks is an error naming the known keys."""
+    extra = cfg.get(key) or {}
+    if not isinstance(extra, dict):
+        raise ValueError(f"profile key {key} must be a mapping of keys to change or null, got {extra!r}")
+    unknown = sorted(set(extra) - set(base))
+    if unknown:
+        raise ValueError(f"profile key {key}: unknown key(s) {unknown}; known keys: {sorted(base)}")
+    return {**base, **extra}
+
+
 def model_spec(cfg: dict, setting: str, role: str) -> dict:
-    """The training spec of model ``role`` ("old", "new", "bct") in ``setting``."""
+    """The training spec of model ``role`` ("old", "new", "bct") in ``setting``.
+
+    The old model uses ``backbone`` and ``train`` updated by the optional profile keys
+    ``old_backbone`` / ``old_train`` (a weaker or stronger old model, e.g. ``{width: 8}``);
+    every model trains on the ``"fit"`` part of the training split (``holdout``)."""
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; choose one of {ROLES}")
     classes = setting_classes(cfg, setting)
     arch_key = "new_backbone" if (setting == "heterogeneous" and role != "old") else "backbone"
     old_setting = "open" if setting == "open" else "extended"
+    arch, recipe = dict(cfg[arch_key]), dict(cfg["train"])
+    if role == "old":
+        arch, recipe = _partial(cfg, "old_backbone", arch), _partial(cfg, "old_train", recipe)
     spec = {
         "dataset": _dataset_part(cfg),
         "num_classes": len(classes["old_classes"] if role == "old" else classes["new_classes"]),
-        "model": dict(cfg[arch_key], embedding_dim=cfg["embedding_dim"]),
-        "recipe": dict(cfg["train"]),
+        "model": dict(arch, embedding_dim=cfg["embedding_dim"]),
+        "recipe": recipe,
         "seed": int(cfg["seed"]) + {"old": 0, "new": 1, "bct": 2}[role],
         "bct": None,
+        "holdout": holdout(cfg),
     }
     if role == "old":
         # the old model does not depend on the new backbone: heterogeneous shares extended's
@@ -149,8 +175,10 @@ def _default_device() -> torch.device:
 
 # --------------------------------------------------------------------------- training
 def build_train_dataset(spec: dict, data_root=None, download: bool = False):
-    """The training split of ``spec``'s dataset (its classes, the training augmentation);
-    ``download``: torchvision datasets may be fetched into ``data_root``."""
+    """The ``"fit"`` part of the training split of ``spec``'s dataset (its classes, the
+    validation images of ``spec["holdout"]`` left out; :func:`backfill_utils.splits.training_part`)
+    with the training augmentation; ``download``: torchvision datasets may be fetched into
+    ``data_root``."""
     ds = spec["dataset"]
     info = D.dataset_info(ds["name"], root=data_root, **ds["options"])
     full = D.get_dataset(
@@ -158,7 +186,8 @@ def build_train_dataset(spec: dict, data_root=None, download: bool = False):
         transform=D.train_transform(ds["name"], info["image_size"], mean=info["mean"], std=info["std"]),
         **ds["options"],
     )
-    return D.subset_by_classes(full, list(range(spec["num_classes"])))
+    hold = spec.get("holdout") or {"fraction": 0.0, "seed": 0}
+    return D.training_part(full, list(range(spec["num_classes"])), "fit", **hold)
 
 
 def _bct_teacher(spec: dict, data_root, device, progress: bool, download: bool):
@@ -306,6 +335,47 @@ def train(
     if ddp:
         dist.barrier()
     return model.eval()
+
+
+_ARCH_COST = {"resnet18": 1.0, "resnet34": 2.0, "resnet50": 2.3}
+
+
+def _cost(spec: dict) -> float:
+    """A rough relative cost of training ``spec`` (for the order of parallel jobs)."""
+    m = spec["model"]
+    return (spec["num_classes"] * _ARCH_COST.get(m["arch"], 1.0) * (m.get("width", 64) / 16) ** 2
+            * spec["recipe"]["epochs"] * (1.2 if spec.get("bct") else 1.0))
+
+
+def _train_job(spec: dict, data_root, download: bool) -> str:
+    train(spec, data_root=data_root, progress=False, download=download)
+    return str(model_dir(spec))
+
+
+def train_many(specs, *, data_root=None, download: bool = False, progress: bool = True,
+               n_workers: int | None = None) -> None:
+    """Train every model of ``specs`` that is not trained yet, ``$BACKFILL_WORKERS`` at a time
+    (:func:`backfill_utils.parallel.run_jobs`): a BCT model after its old model, the longest
+    first. Each model trains alone in its process, so the weights equal a serial run's."""
+    from . import parallel
+
+    todo: dict[Path, dict] = {}
+    for spec in specs:
+        for s in ([spec["bct"]["old"]] if spec.get("bct") else []) + [spec]:
+            if not is_trained(s):
+                todo.setdefault(model_dir(s), s)
+    if not todo:
+        return
+    io.require_compute("models", _describe(next(iter(todo.values()))), next(iter(todo)) / "model.pt")
+    dirs = list(todo)
+    index = {d: i for i, d in enumerate(dirs)}
+    after = {i: {index[model_dir(s["bct"]["old"])]} for i, s in enumerate(todo.values())
+             if s.get("bct") and model_dir(s["bct"]["old"]) in index}
+    jobs = [(s, data_root, download) for s in todo.values()]
+    parallel.run_jobs(_train_job, jobs, after=after, cost=[_cost(s) for s in todo.values()],
+                      desc="train backbones", progress=progress,
+                      labels=[f"{s['setting']}/{s['model']['arch']}/{s['num_classes']}cls"
+                              + ("/bct" if s.get("bct") else "") for s in todo.values()])
 
 
 def get_model(cfg: dict, setting: str, role: str, *, device=None, progress=True) -> EmbeddingNet:

@@ -14,7 +14,8 @@ def test_embeddings_are_cached_and_invalidated(tmp_cache, monkeypatch):
     np.testing.assert_allclose(np.linalg.norm(test["emb"], axis=1), 1, atol=1e-5)
     assert sorted(set(test["labels"].tolist())) == [0, 1, 2, 3]
     train = E.get_embeddings(cfg, "extended", "old", "train", passes=2, progress=False)
-    assert train["emb"].shape == (2, 48, 8)
+    # 4 classes x 12 training images, one per class held out as validation (val_fraction 0.1)
+    assert train["emb"].shape == (2, 44, 8)
     assert not np.allclose(train["emb"][0], train["emb"][1]), "pass 1 is augmented"
 
     monkeypatch.setattr(T, "train", lambda *a, **k: pytest.fail("recomputed on a hit"))

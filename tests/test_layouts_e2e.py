@@ -224,9 +224,14 @@ def test_one_epoch_embeddings_and_a_backfilling_curve(layout, tmp_path_factory, 
         emb, labels = embs[role]["emb"], embs[role]["labels"]
         assert emb.shape == (sum(w.test_counts), cfg["embedding_dim"]) and np.isfinite(emb).all()
         assert np.bincount(labels, minlength=CLASSES).tolist() == w.test_counts
+    # the training images are the train split (what models train on) and the validation split held out of it
+    # (val_fraction): together every image, each decoded once
     train = E.get_embeddings(cfg, "extended", "new", "train", progress=False)
-    assert train["emb"].shape == (1, sum(w.train_counts), cfg["embedding_dim"]) and np.isfinite(train["emb"]).all()
-    assert np.bincount(train["labels"], minlength=CLASSES).tolist() == w.train_counts
+    val = E.get_embeddings(cfg, "extended", "new", "val", progress=False)
+    assert train["emb"].shape[0] == 1 and np.isfinite(train["emb"]).all() and np.isfinite(val["emb"]).all()
+    assert train["emb"].shape[1] + val["emb"].shape[0] == sum(w.train_counts)
+    assert (np.bincount(train["labels"], minlength=CLASSES)
+            + np.bincount(val["labels"], minlength=CLASSES)).tolist() == w.train_counts
     shown = IL.gallery_images(cfg, "extended", [0, len(labels) - 1])  # what figures 40 and 41 show
     assert shown.shape[0] == 2 and shown.shape[-1] == 3 and shown.dtype == np.uint8
     assert len(curve) == cfg["eval"]["num_ratios"]

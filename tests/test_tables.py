@@ -56,8 +56,23 @@ def test_claims_compare_the_named_methods():
     # Ours is registered last, so it has the highest fake AUC: every "Ours > baseline" claim holds
     for b in T.BASELINES:
         assert cl.loc[f"Ours > {b} on auc_map", "holds"] and cl.loc[f"Ours > {b} on auc_top1", "holds"]
-    assert cl.loc["RM endpoints equal old/old and new/new (mAP)", "holds"]
+    assert cl.loc["RM endpoints equal old/old and new/new (mAP, within 1e-6)", "holds"]
     assert not cl.loc["(reported) joint vs separate: total of per-step negative flips", "checked"]
     # a baseline that is not in the summary is left out, not an error
     cl2 = T.claims(curves[curves.method != "BiCT"], summary[summary.method != "BiCT"])
     assert not cl2["claim"].str.contains("BiCT").any()
+
+
+def test_table1_over_seeds_gives_mean_and_sample_sd():
+    a, b = fake_summary(("extended",)), fake_summary(("extended",))
+    b["auc_map"] = b["auc_map"] + 2.0  # seed 1: every AUC_mAP 2 points higher
+    b.loc[b.method.isin(["old", "new", "offline"]), "auc_map"] -= 2.0  # references do not depend on the seed
+    t1 = T.table1(pd.concat([a.assign(seed=0), b.assign(seed=1)])).set_index("method")
+    assert (t1["seeds"] == 2).all()
+    assert t1.loc["Ours", "AUC_mAP"] == pytest.approx(a.set_index("method").loc["Ours", "auc_map"] + 1.0)
+    assert t1.loc["Ours", "AUC_mAP_sd"] == pytest.approx(np.std([0.0, 2.0], ddof=1))
+    assert t1.loc["old", "AUC_mAP_sd"] == 0.0
+    single = T.table1(a)  # no seed column: one seed, sd undefined
+    assert (single["seeds"] == 1).all() and single["AUC_mAP_sd"].isna().all()
+    t2 = T.table2_ablation(pd.concat([a.assign(seed=0), b.assign(seed=1)]), C.load_profile("smoke"))
+    assert t2.set_index("method").loc["Ours", "AUC_mAP_sd"] == pytest.approx(np.sqrt(2.0))
