@@ -8,15 +8,20 @@ A backfilling system is four embedding sets (:class:`BackfillSystem`):
   ``gallery_new``.
 
 At backfill ratio ``r`` the first ``floor(r * N)`` items of the backfill order
-hold ``gallery_new`` (:func:`backfilled_count`). Searching the two parts
-separately and merging the two ranked lists by distance (the paper's distance
-rank merge, Sec. 2.1) is exactly one ranking over the *mixed distance row*
+hold ``gallery_new`` (:func:`backfilled_count`; orders and ratios in
+:mod:`backfill_utils.orders`, re-exported here). The system owns that rule:
+:meth:`BackfillSystem.backfilled` (the mask at one ratio) and
+:meth:`BackfillSystem.segments` (the first ratio at which each item is backfilled,
+what the engine counts with); the curves, the figures and the top-k lists all use
+them. Searching the two parts separately and merging the two ranked lists by
+distance (the paper's distance rank merge, Sec. 2.1) is exactly one ranking over
+the *mixed distance row*
 
     d_j = d(query_old, gallery_old_j)   if j is not yet backfilled
     d_j = d(query_new, gallery_new_j)   if j is backfilled,
 
-so every system -- rank merge, the paper's method, naive, BCT, FCT, FastFill --
-is evaluated by one function, :func:`backfill_curve`. The "mixed" systems
+so every system -- rank merge, the paper's method, naive, BCT, FCT, FastFill,
+BiCT -- is evaluated by one function, :func:`backfill_curve`. The "mixed" systems
 (one query against the mixed gallery) are the case ``query_old is query_new``.
 
 | method            | query_old          | gallery_old       | query_new   | gallery_new |
@@ -26,16 +31,20 @@ is evaluated by one function, :func:`backfill_curve`. The "mixed" systems
 | Ours (+ rho)      | psi(phi_new(q))    | phi_old(g)        | rho_new(q)  | rho_new(g)  |
 | naive / BCT       | phi_new(q)         | phi_old(g)        | phi_new(q)  | phi_new(g)  |
 | FCT / FastFill    | phi_new(q)         | h(phi_old(g))     | phi_new(q)  | phi_new(g)  |
+| BiCT              | phi_bct(q)         | h(phi_old(g))     | phi_bct(q)  | phi_bct(g)  |
 
 Metrics and their tie rules are those of :mod:`backfill_utils.metrics` (AP:
 ties as sklearn; top-k: ties broken by gallery index). The curve is computed
 exactly, without sorting a row per ratio (see the metrics module docstring).
+The ranked lists behind a curve point (figures) come from
+:func:`backfill_utils.illustrate.retrieve_topk` (exact, the engine's arithmetic and
+tie rule); a service searches the mixed gallery with faiss
+(:mod:`backfill_utils.serve`).
 """
 from __future__ import annotations
 
-import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -43,6 +52,8 @@ import pandas as pd
 import torch
 
 from . import metrics as _m
+from .orders import (DEFAULT_RATIOS, backfill_segments, backfilled_count, check_order, check_ratios,
+                     random_order)
 
 __all__ = [
     "BackfillSystem",
@@ -54,115 +65,8 @@ __all__ = [
     "backfill_curve",
     "offline_curve",
     "summarize_curve",
-    "knn_search",
-    "merged_search",
     "DEFAULT_RATIOS",
 ]
-
-#: The paper's backfill ratios 0, 0.1, ..., 1.0.
-DEFAULT_RATIOS = np.linspace(0.0, 1.0, 11)
-
-
-# ---------------------------------------------------------------------------
-# Orders, ratios, counts
-# ---------------------------------------------------------------------------
-def random_order(n: int, seed: int = 0) -> np.ndarray:
-    """A seeded random backfill order: a permutation of ``range(n)``.
-
-    Uses ``numpy.random.default_rng(seed).permutation(n)``.
-
-    >>> random_order(5, seed=0).tolist()
-    [2, 4, 3, 0, 1]
-    """
-    if int(n) < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    return np.random.default_rng(seed).permutation(int(n)).astype(np.int64)
-
-
-def backfilled_count(ratio: float, n: int) -> int:
-    """Number of backfilled items at ratio ``ratio``: ``floor(ratio * n)``.
-
-    Robust to floating-point error in the product: if ``ratio * n`` is within a
-    relative ``1e-9`` of an integer it is rounded to that integer, otherwise
-    floored. So ``0.3 * 10`` gives 3 (also ``np.linspace(0, 1, 11)[3] * 10 ==
-    3.0000000000000004``), ``0.29 * 100 == 28.999999999999996`` gives 29 (the
-    decimal ratio the user wrote, where a plain floor gives 28), while
-    ``0.25 * 10`` gives 2.
-
-    >>> backfilled_count(0.3, 10), backfilled_count(0.29, 100), backfilled_count(0.25, 10)
-    (3, 29, 2)
-    """
-    r = float(ratio)
-    n = int(n)
-    if not (0.0 <= r <= 1.0):
-        raise ValueError(f"ratio must be in [0, 1], got {ratio}")
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    x = r * n
-    nearest = round(x)
-    if abs(x - nearest) <= 1e-9 * max(1.0, abs(x)):
-        return int(nearest)
-    return int(math.floor(x))
-
-
-def check_ratios(ratios: Any = None) -> np.ndarray:
-    """Validated backfill ratios (default 0, 0.1, ..., 1): in [0, 1], ascending."""
-    if ratios is None:
-        return DEFAULT_RATIOS.copy()
-    r = np.asarray(ratios, dtype=np.float64).reshape(-1) if not np.isscalar(ratios) else np.array([ratios], float)
-    if r.size == 0:
-        raise ValueError("ratios is empty; pass e.g. numpy.linspace(0, 1, 11)")
-    if not np.isfinite(r).all() or (r < 0).any() or (r > 1).any():
-        raise ValueError(f"every ratio must be a number in [0, 1], got {r.tolist()}")
-    if (np.diff(r) < 0).any():
-        raise ValueError(f"ratios must be sorted ascending, got {r.tolist()}; sort them first")
-    return r
-
-
-def check_order(order: Any, n: int, name: str = "order") -> np.ndarray:
-    """``order`` as an int64 array, checked to be a permutation of ``range(n)``."""
-    if isinstance(order, torch.Tensor):
-        order = order.detach().cpu().numpy()
-    a = np.asarray(order)
-    if a.ndim != 1 or len(a) != n:
-        raise ValueError(
-            f"{name} must be a permutation of range({n}) (one entry per gallery item), "
-            f"got shape {a.shape}"
-        )
-    if a.dtype.kind not in "iu":
-        if a.dtype.kind == "f" and np.all(np.isfinite(a)) and np.all(a == np.round(a)):
-            a = a.astype(np.int64)
-        else:
-            raise ValueError(f"{name} must hold integer gallery indices, got dtype {a.dtype}")
-    a = a.astype(np.int64)
-    seen = np.zeros(n, dtype=bool)
-    inside = (a >= 0) & (a < n)
-    seen[a[inside]] = True
-    if not inside.all() or not seen.all():
-        missing = np.flatnonzero(~seen)[:5].tolist()
-        raise ValueError(
-            f"{name} is not a permutation of range({n}): indices must be 0..{n - 1}, "
-            f"each exactly once (out of range: {int((~inside).sum())}, missing e.g. {missing}); "
-            "use backfill.random_order(n, seed) or numpy.argsort of a score"
-        )
-    return a
-
-
-def backfill_segments(order: np.ndarray, ratios: np.ndarray) -> np.ndarray:
-    """For each gallery item, the index of the first ratio at which it is backfilled.
-
-    Item ``j`` at position ``pos`` of ``order`` is backfilled at ratio ``r_i``
-    iff ``pos < backfilled_count(r_i, N)``. Returns ``seg`` (N,) with ``seg[j]``
-    the smallest such ``i``, or ``len(ratios)`` if never.
-
-    >>> backfill_segments(np.array([2, 0, 1, 3]), np.array([0.0, 0.5, 1.0])).tolist()
-    [1, 2, 1, 2]
-    """
-    n = len(order)
-    counts = np.array([backfilled_count(r, n) for r in ratios], dtype=np.int64)
-    pos = np.empty(n, dtype=np.int64)
-    pos[order] = np.arange(n)
-    return np.searchsorted(counts, pos, side="right").astype(np.int64)
 
 
 # ---------------------------------------------------------------------------
@@ -247,6 +151,32 @@ class BackfillSystem:
     def n_gallery(self) -> int:
         return int(self.gallery_old.shape[0])
 
+    # -- the one rule for "which items are backfilled at ratio r" ------------------ #
+    def resolved_order(self, seed: int = 0) -> np.ndarray:
+        """The backfill order: ``order``, or ``random_order(N, seed)`` if it is ``None``."""
+        return self.order if self.order is not None else random_order(self.n_gallery, seed)
+
+    def backfilled(self, ratio: float, *, seed: int = 0) -> np.ndarray:
+        """``(N,)`` bool: which gallery items hold ``gallery_new`` at ``ratio``, i.e.
+        the first :func:`backfilled_count` ``(ratio, N)`` items of the order
+        (:meth:`resolved_order`).
+
+        >>> s = BackfillSystem.mixed("s", np.eye(4), np.eye(4), np.eye(4), order=[2, 0, 1, 3])
+        >>> s.backfilled(0.5).tolist()
+        [True, False, True, False]
+        """
+        n = self.n_gallery
+        mask = np.zeros(n, dtype=bool)
+        mask[self.resolved_order(seed)[:backfilled_count(ratio, n)]] = True
+        return mask
+
+    def segments(self, ratios: Any, *, seed: int = 0) -> np.ndarray:
+        """``(N,)`` int: for each gallery item, the index of the first of ``ratios``
+        at which it is backfilled (``len(ratios)`` if never); see
+        :func:`backfill_segments`. Item ``j`` holds ``gallery_new`` at ``ratios[i]``
+        iff ``segments(ratios)[j] <= i``, which is :meth:`backfilled` at every ratio."""
+        return backfill_segments(self.resolved_order(seed), check_ratios(ratios))
+
     @classmethod
     def merge(
         cls,
@@ -327,7 +257,7 @@ def backfill_curve(
     return_per_query: bool = False,
     ks: Sequence[int] = (1, 5),
     on_no_relevant: str = "error",
-    memory_budget: int = _m.DEFAULT_MEMORY_BUDGET,
+    memory_budget: int | None = None,
     progress: bool = False,
 ):
     """Retrieval quality of an online backfilling system at every backfill ratio.
@@ -361,28 +291,10 @@ def backfill_curve(
     _m.check_on_no_relevant(on_no_relevant)
     r = check_ratios(ratios)
     ql, gl = _check_labels(system, query_labels, gallery_labels)
-    Q, N = system.n_queries, system.n_gallery
-    if Q == 0 or N == 0:
-        raise ValueError(f"system {system.name!r} has no queries or no gallery items")
-    if exclude_self and Q != N:
-        raise ValueError(
-            f"exclude_self=True needs query i to be gallery item i, but system "
-            f"{system.name!r} has {Q} queries and {N} gallery items; pass exclude_self=False"
-        )
-    ref = None
-    if reference_correct is not None:
-        ref = np.asarray(
-            reference_correct.detach().cpu().numpy() if isinstance(reference_correct, torch.Tensor)
-            else reference_correct
-        )
-        if ref.shape != (Q,) or ref.dtype != bool:
-            raise ValueError(
-                f"reference_correct must be a boolean array with one entry per query "
-                f"(shape ({Q},)), got dtype {ref.dtype} and shape {ref.shape}; e.g. pass "
-                "evaluate_retrieval(..., return_per_query=True)['correct_at_1']"
-            )
-    order = system.order if system.order is not None else random_order(N, seed)
-    seg = backfill_segments(order, r)
+    _check_sizes(system, exclude_self)
+    ref = _check_reference(reference_correct, system.n_queries)
+    order = system.resolved_order(seed)
+    seg = system.segments(r, seed=seed)
     qc, gc = _m.encode_labels(ql, gl)
     stats = _m.retrieval_statistics(
         system.query_old, system.gallery_old, system.query_new, system.gallery_new, qc, gc,
@@ -394,16 +306,7 @@ def backfill_curve(
         raise _m.no_relevant_error(stats["n_relevant"])
     summ = _m.summarize_statistics(stats["ap"], stats["first_rank"], evaluated, ks)
     rank = stats["first_rank"]
-    correct1 = (rank >= 0) & (rank < 1)
-    flips = [0.0] + [_flip_rate(correct1[i - 1], correct1[i], evaluated) for i in range(1, len(r))]
-    curve = pd.DataFrame({"ratio": r, "n_backfilled": [backfilled_count(x, N) for x in r]})
-    for key, vals in summ.items():
-        curve[key] = vals
-    curve["negative_flips"] = flips
-    if ref is not None:
-        curve["negative_flips_vs_old"] = [_flip_rate(ref, correct1[i], evaluated) for i in range(len(r))]
-    curve.attrs["system"] = system.name
-    curve.attrs["query_passes"] = system.query_passes
+    curve = _curve_frame(system, r, summ, (rank >= 0) & (rank < 1), evaluated, ref)
     if not return_per_query:
         return curve
     per_query = {"ap": stats["ap"], "first_rank": rank}
@@ -413,6 +316,50 @@ def backfill_curve(
     per_query["evaluated"] = evaluated
     per_query["order"] = order
     return curve, per_query
+
+
+def _check_sizes(system: BackfillSystem, exclude_self: bool) -> None:
+    Q, N = system.n_queries, system.n_gallery
+    if Q == 0 or N == 0:
+        raise ValueError(f"system {system.name!r} has no queries or no gallery items")
+    if exclude_self and Q != N:
+        raise ValueError(
+            f"exclude_self=True needs query i to be gallery item i, but system "
+            f"{system.name!r} has {Q} queries and {N} gallery items; pass exclude_self=False"
+        )
+
+
+def _check_reference(reference_correct: Any, Q: int) -> np.ndarray | None:
+    """``reference_correct`` as a ``(Q,)`` bool array (or ``None``)."""
+    if reference_correct is None:
+        return None
+    ref = np.asarray(
+        reference_correct.detach().cpu().numpy() if isinstance(reference_correct, torch.Tensor)
+        else reference_correct
+    )
+    if ref.shape != (Q,) or ref.dtype != bool:
+        raise ValueError(
+            f"reference_correct must be a boolean array with one entry per query "
+            f"(shape ({Q},)), got dtype {ref.dtype} and shape {ref.shape}; e.g. pass "
+            "evaluate_retrieval(..., return_per_query=True)['correct_at_1']"
+        )
+    return ref
+
+
+def _curve_frame(system: BackfillSystem, r: np.ndarray, summ: dict, correct1: np.ndarray,
+                 evaluated: np.ndarray, ref: np.ndarray | None) -> pd.DataFrame:
+    """The curve table: ratios, counts, the summarised metrics and the flip rates."""
+    n = system.n_gallery
+    curve = pd.DataFrame({"ratio": r, "n_backfilled": [backfilled_count(x, n) for x in r]})
+    for key, vals in summ.items():
+        curve[key] = vals
+    curve["negative_flips"] = [0.0] + [_flip_rate(correct1[i - 1], correct1[i], evaluated)
+                                       for i in range(1, len(r))]
+    if ref is not None:
+        curve["negative_flips_vs_old"] = [_flip_rate(ref, correct1[i], evaluated) for i in range(len(r))]
+    curve.attrs["system"] = system.name
+    curve.attrs["query_passes"] = system.query_passes
+    return curve
 
 
 def offline_curve(old_metrics: dict, new_metrics: dict, ratios: Any = None) -> pd.DataFrame:
@@ -504,92 +451,3 @@ def summarize_curve(curve: pd.DataFrame, old_ref: dict, new_ref: dict) -> dict[s
     if "negative_flips_vs_old" in curve:
         out["negative_flips_vs_old_max"] = float(curve["negative_flips_vs_old"].max())
     return out
-
-
-# ---------------------------------------------------------------------------
-# Plain top-k search (faiss) and the merged list of Fig. 1
-# ---------------------------------------------------------------------------
-def _faiss_array(x: Any, name: str) -> np.ndarray:
-    t = _m.as_embedding_tensor(x, name)
-    return np.ascontiguousarray(t.cpu().numpy(), dtype=np.float32)
-
-
-def knn_search(query: Any, gallery: Any, k: int, *, exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k search with faiss (``IndexFlatL2``): ``(D, I)``, each (Q, k).
-
-    ``D`` are squared Euclidean distances (faiss' own float32 arithmetic, which
-    can differ from :func:`~backfill_utils.metrics.pairwise_distances` in the
-    last bits; faiss does not promise the index tie-break). Use it for plain
-    top-k on large galleries (lists, figures); the metrics use the exact engine.
-    Missing results (gallery smaller than ``k``) are ``I = -1``, ``D = inf``.
-    With ``exclude_self`` query ``i`` is gallery item ``i`` and is dropped.
-    """
-    import faiss
-
-    q = _faiss_array(query, "query")
-    g = _faiss_array(gallery, "gallery")
-    if q.shape[1] != g.shape[1]:
-        raise ValueError(f"query has shape {q.shape} but gallery has shape {g.shape}; dimensions must agree")
-    if exclude_self and len(q) != len(g):
-        raise ValueError(f"exclude_self=True needs as many queries as gallery items, got {len(q)} and {len(g)}")
-    k = int(k)
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    index = faiss.IndexFlatL2(g.shape[1])
-    if len(g):
-        index.add(g)
-    kk = min(k + int(exclude_self), max(len(g), 1))
-    D, I = index.search(q, kk) if len(g) else (np.full((len(q), kk), np.inf, np.float32), np.full((len(q), kk), -1))
-    if exclude_self:
-        keep = I != np.arange(len(q))[:, None]
-        # drop self if found, else the last column
-        drop_last = keep.all(1)
-        keep[drop_last, -1] = False
-        D = D[keep].reshape(len(q), kk - 1)
-        I = I[keep].reshape(len(q), kk - 1)
-    D = np.where(I < 0, np.inf, D)
-    if D.shape[1] < k:
-        pad = k - D.shape[1]
-        D = np.pad(D, ((0, 0), (0, pad)), constant_values=np.inf)
-        I = np.pad(I, ((0, 0), (0, pad)), constant_values=-1)
-    return D, I
-
-
-def merged_search(
-    system: BackfillSystem,
-    ratio: float,
-    k: int,
-    *,
-    queries: Any = None,
-    seed: int = 0,
-) -> dict[str, np.ndarray]:
-    """The two searches of a system at one ratio and their merge (Fig. 1).
-
-    The not-yet-backfilled items are searched with ``query_old``, the backfilled
-    ones with ``query_new`` (faiss, :func:`knn_search`); the two lists are
-    merged by ``(distance, gallery index)``. ``queries``: indices of the queries
-    to search (default all). Returns ``distances``, ``indices`` (global gallery
-    indices) and ``from_new`` (bool), each (len(queries), k), plus the two
-    unmerged lists ``old_*`` and ``new_*``.
-    """
-    N = system.n_gallery
-    m = backfilled_count(ratio, N)
-    order = system.order if system.order is not None else random_order(N, seed)
-    qsel = np.arange(system.n_queries) if queries is None else np.asarray(queries, dtype=np.int64).reshape(-1)
-    new_items, old_items = np.sort(order[:m]), np.sort(order[m:])
-    go = system.gallery_old.cpu().numpy()[old_items]
-    gn = system.gallery_new.cpu().numpy()[new_items]
-    Do, Io = knn_search(system.query_old.cpu().numpy()[qsel], go, k)
-    Dn, In = knn_search(system.query_new.cpu().numpy()[qsel], gn, k)
-    Io = np.where(Io >= 0, old_items[np.clip(Io, 0, None)] if len(old_items) else -1, -1)
-    In = np.where(In >= 0, new_items[np.clip(In, 0, None)] if len(new_items) else -1, -1)
-    D = np.concatenate([Do, Dn], 1)
-    I = np.concatenate([Io, In], 1)
-    src = np.concatenate([np.zeros_like(Io, bool), np.ones_like(In, bool)], 1)
-    big = np.where(I < 0, np.iinfo(np.int64).max, I)
-    sel = np.lexsort((big, D), axis=1)[:, :k] if D.size else np.zeros((len(qsel), 0), int)
-    take = lambda a: np.take_along_axis(a, sel, 1)  # noqa: E731
-    return {
-        "distances": take(D), "indices": take(I), "from_new": take(src) & (take(I) >= 0),
-        "old_distances": Do, "old_indices": Io, "new_distances": Dn, "new_indices": In,
-    }

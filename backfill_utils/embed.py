@@ -1,60 +1,26 @@
-"""Embedding extraction and the artifact cache.
+"""Embedding extraction, cached.
 
-Every expensive array artifact is stored as ``<cache>/<kind>/<hash>.npz`` where
-``<hash>`` is ``config_hash`` of a key that contains everything the artifact
-depends on (for embeddings: the model's full training spec, the split, the
-classes, the transform and the number of augmented passes). A changed
-parameter therefore changes the key and is a cache miss: nothing stale is ever
-served. Files are written to a temporary name and moved into place with
-``os.replace``, so an interrupted write leaves no partial artifact. The key is
-stored beside the arrays (``<hash>.json``) for provenance.
+Embeddings are stored in the artifact cache of :mod:`backfill_utils.io` under
+the kind ``"embeddings"``; the key holds everything they depend on (the model's
+full training spec, the split, the classes, the number of augmented passes, the
+seed) and io adds the code versions (``train.TRAIN_VERSION``,
+:data:`EMBED_VERSION`), so nothing stale is ever served. ``cached_arrays`` and
+``cache_path`` are re-exported from :mod:`backfill_utils.io` for older callers.
 """
 from __future__ import annotations
-
-import json
-import os
-from pathlib import Path
-from typing import Callable, Mapping
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from . import config as C
 from . import data as D
 from . import train as T
+from .io import cache_path, cached_arrays  # noqa: F401  (re-exported; the cache lives in io)
 
-
-def cache_path(kind: str, key: Mapping) -> Path:
-    return C.cache_dir() / kind / f"{C.config_hash(dict(key))}.npz"
-
-
-def cached_arrays(
-    kind: str, key: Mapping, compute: Callable[[], Mapping[str, np.ndarray]], *, refresh: bool = False
-) -> dict[str, np.ndarray]:
-    """Return the arrays cached under ``(kind, key)``, computing and storing them on a miss."""
-    path = cache_path(kind, key)
-    if path.is_file() and not refresh:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    arrays = {k: np.asarray(v) for k, v in compute().items()}
-    bad = [k for k, v in arrays.items() if v.dtype == object]
-    if bad:
-        raise TypeError(f"cached_arrays({kind!r}): arrays {bad} have dtype object, which cannot be "
-                        "stored without pickle; convert them to numbers or str first")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    meta = path.with_suffix(".json")
-    tmp_meta = meta.with_name(f".{meta.name}.{os.getpid()}.tmp")
-    tmp_meta.write_text(json.dumps(dict(key), indent=1, sort_keys=True, default=str))
-    os.replace(tmp_meta, meta)
-    return arrays
+# Bump when a change of this module (extraction, the passes' seeding, the transforms it
+# picks) changes the embeddings it returns.
+EMBED_VERSION = 1
 
 
 @torch.no_grad()
@@ -70,15 +36,32 @@ def extract(model: torch.nn.Module, dataset, *, batch_size: int = 512, device=No
     return torch.cat(out).numpy().astype(np.float32, copy=False)
 
 
+#: Splits that can be embedded: ``train`` (the fit part of the training split), ``val`` (the
+#: validation images held out of the training split, :mod:`backfill_utils.splits`), ``test``.
+SPLITS = ("train", "val", "test")
+
+
 def _split_dataset(cfg: dict, split: str, classes, augment: bool):
+    """The items of ``split`` (:data:`SPLITS`) of the profile's dataset in ``classes``.
+
+    ``train`` and ``val`` are the two parts of the dataset's training split
+    (:func:`backfill_utils.splits.training_part` with the profile's ``val_fraction``);
+    ``test`` is the dataset's test split."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     name = cfg["dataset"]
     opts = cfg.get("dataset_options") or {}
     info = D.dataset_info(name, root=cfg.get("data_root"), **opts)
     tf = (D.train_transform if augment else D.test_transform)(
         name, info["image_size"], mean=info["mean"], std=info["std"])
-    full = D.get_dataset(name, split, root=cfg.get("data_root"), transform=tf, **opts)
-    # test classes of the open-class setting are not a prefix (no classifier reads them)
-    return D.subset_by_classes(full, classes, require_prefix=split == "train")
+    source = "test" if split == "test" else "train"
+    full = D.get_dataset(name, source, root=cfg.get("data_root"), transform=tf,
+                         download=bool(cfg.get("download")), **opts)
+    if split == "test":
+        # test classes of the open-class setting are not a prefix (no classifier reads them)
+        return D.subset_by_classes(full, classes, require_prefix=False)
+    part = "fit" if split == "train" else "val"
+    return D.training_part(full, classes, part, **T.holdout(cfg))
 
 
 def get_embeddings(cfg: dict, setting: str, role: str, split: str, *,
@@ -87,12 +70,15 @@ def get_embeddings(cfg: dict, setting: str, role: str, split: str, *,
 
     ``split="test"``: the setting's test classes, clean (test transform);
     returns ``emb`` (N, d) and ``labels`` (N,).
-    ``split="train"``: the new model's training classes; pass 0 is clean and
-    passes 1.. use the training augmentation (seeded per pass); returns ``emb``
-    (passes, N, d) and ``labels``.
+    ``split="val"``: the validation images held out of the training split (the new
+    model's training classes, profile key ``val_fraction``), clean like the test split;
+    ``emb`` (N, d). Hyperparameters are chosen on it, never on the test split.
+    ``split="train"``: the rest of the training split of the new model's training
+    classes (what the backbones trained on); pass 0 is clean and passes 1.. use the
+    training augmentation (seeded per pass); returns ``emb`` (passes, N, d) and ``labels``.
     """
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if int(passes) < 1:
         raise ValueError(f"passes must be >= 1, got {passes!r}")
     spec = T.model_spec(cfg, setting, role)
@@ -100,10 +86,11 @@ def get_embeddings(cfg: dict, setting: str, role: str, split: str, *,
     cls = classes["test_classes"] if split == "test" else classes["new_classes"]
     n_pass = int(passes) if split == "train" else 1
     key = {"model": spec, "split": split, "classes": list(map(int, cls)), "passes": n_pass,
-           "seed": int(cfg["seed"])}
+           "seed": int(cfg["seed"]), "holdout": T.holdout(cfg)}
 
     def compute():
-        model = T.train(spec, data_root=cfg.get("data_root"), device=device, progress=progress)
+        model = T.train(spec, data_root=cfg.get("data_root"), device=device, progress=progress,
+                        download=bool(cfg.get("download")))
         embs = []
         for p in range(n_pass):
             ds = _split_dataset(cfg, split, cls, augment=p > 0)
@@ -114,4 +101,5 @@ def get_embeddings(cfg: dict, setting: str, role: str, split: str, *,
         emb = np.stack(embs) if split == "train" else embs[0]
         return {"emb": emb, "labels": labels}
 
-    return cached_arrays("embeddings", key, compute)
+    what = f"the {split} embeddings of the {role} model of the {setting} setting"
+    return cached_arrays("embeddings", key, compute, what=what)

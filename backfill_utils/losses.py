@@ -1,9 +1,12 @@
-"""Losses for compatible training: CMCL and its variants, L_rev, BCT, FastFill.
+"""Losses for compatible training: CMCL and its variants, L_rev, BCT, FastFill, BiCT.
 
 Small composable functions in the spirit of pytorch-metric-learning: a distance
-(:func:`pairwise_distance`), a loss over a batch of two retrieval systems
+(:func:`~backfill_utils.distances.pairwise_distance`, from
+:mod:`backfill_utils.distances`), a loss over a batch of two retrieval systems
 (:func:`cmcl_loss`, also wrapped as the module :class:`CMCLLoss`) and the plain
-regression / classification terms the baselines need.
+regression / classification terms the baselines need (:func:`feature_regression`,
+:func:`classification_loss`), composed into FastFill's uncertainty-weighted loss
+(:func:`fastfill_loss`) and BiCT's forward-compatibility loss (:func:`bict_loss`).
 
 Notation (PAPER.md 2.3). A batch holds ``n`` images with labels ``y``. The
 *backward system* A compares ``rev_q = psi(phi_new(x))`` queries with the
@@ -40,6 +43,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .distances import DISTANCES, pairwise_distance
+
 __all__ = [
     "DISTANCES",
     "CMCL_VARIANTS",
@@ -49,42 +54,15 @@ __all__ = [
     "reverse_loss",
     "bct_influence_loss",
     "heteroscedastic_loss",
+    "REGRESSIONS",
+    "feature_regression",
+    "classification_loss",
+    "fastfill_loss",
+    "bict_loss",
 ]
 
-DISTANCES = ("euclidean", "squared")
 CMCL_VARIANTS = ("joint", "separate", "single")
-
-_DIST_EPS = 1e-8
-
-
-# --------------------------------------------------------------------------- #
-# distances
-# --------------------------------------------------------------------------- #
-def pairwise_distance(
-    a: torch.Tensor, b: torch.Tensor, distance: str = "euclidean", eps: float = _DIST_EPS
-) -> torch.Tensor:
-    """All-pairs distance matrix ``D[i, j] = d(a_i, b_j)`` of shape ``(len(a), len(b))``.
-
-    ``distance="euclidean"``: ``sqrt(||a_i - b_j||^2 + eps)`` (the eps keeps the
-    gradient finite when two embeddings coincide); ``"squared"``: ``||a_i - b_j||^2``.
-
-    >>> a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    >>> pairwise_distance(a, a, "squared")
-    tensor([[0., 2.],
-            [2., 0.]])
-    """
-    if distance not in DISTANCES:
-        raise ValueError(f"distance={distance!r} is not one of {DISTANCES}")
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(
-            f"pairwise_distance needs two 2-D tensors with the same dimension, got "
-            f"{tuple(a.shape)} and {tuple(b.shape)}"
-        )
-    sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
-    sq = sq.clamp_min(0.0)
-    if distance == "squared":
-        return sq
-    return torch.sqrt(sq + eps)
+REGRESSIONS = ("sum", "mean")
 
 
 # --------------------------------------------------------------------------- #
@@ -311,9 +289,12 @@ def bct_influence_loss(
     return F.cross_entropy(logits, labels[keep].long())
 
 
-def heteroscedastic_loss(per_sample_loss: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
-    """FastFill's uncertainty weighting: ``mean_i 0.5 exp(-s_i) l_i + 0.5 s_i`` where
-    ``l_i`` is a per-sample loss and ``s_i`` the predicted log-variance.
+def heteroscedastic_loss(
+    per_sample_loss: torch.Tensor, log_sigma: torch.Tensor, mu_uncertainty: float = 0.5
+) -> torch.Tensor:
+    """FastFill's uncertainty weighting: ``mean_i 0.5 exp(-s_i) l_i + mu_uncertainty s_i``
+    where ``l_i`` is a per-sample loss and ``s_i`` the predicted log-variance
+    (``mu_uncertainty = 0.5``: the Gaussian negative log-likelihood up to a constant).
 
     >>> heteroscedastic_loss(torch.tensor([2.0]), torch.tensor([0.0]))
     tensor(1.)
@@ -325,4 +306,106 @@ def heteroscedastic_loss(per_sample_loss: torch.Tensor, log_sigma: torch.Tensor)
             f"heteroscedastic_loss needs one log_sigma per sample loss, got "
             f"{tuple(per_sample_loss.shape)} and {tuple(log_sigma.shape)}"
         )
-    return (0.5 * torch.exp(-s) * loss + 0.5 * s).mean()
+    return (0.5 * torch.exp(-s) * loss + mu_uncertainty * s).mean()
+
+
+def feature_regression(pred: torch.Tensor, target: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """Per-sample squared error, shape ``(n,)``: ``||pred_i - target_i||^2`` summed over
+    the ``d`` dimensions (``reduction="sum"``, the L_rev / FCT term of this package) or
+    averaged over them (``"mean"``: ``torch.nn.MSELoss(reduction="none")`` then a mean
+    over dimensions, FastFill's per-sample term in its authors' code); ``sum = d * mean``.
+
+    >>> feature_regression(torch.zeros(2, 4), torch.ones(2, 4), "mean")
+    tensor([1., 1.])
+    """
+    if reduction not in REGRESSIONS:
+        raise ValueError(f"reduction={reduction!r} is not one of {REGRESSIONS}")
+    if pred.shape != target.shape or pred.ndim != 2:
+        raise ValueError(
+            f"feature_regression needs pred and target of the same (n, d) shape, got "
+            f"{tuple(pred.shape)} and {tuple(target.shape)}"
+        )
+    sq = (pred - target).pow(2)
+    return sq.sum(1) if reduction == "sum" else sq.mean(1)
+
+
+def classification_loss(
+    logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """Per-sample cross-entropy ``(n,)`` of ``logits (n, C)`` against integer ``labels``
+    in ``[0, C)``, with label smoothing ``eps``: ``(1 - eps) * nll + eps * mean_k(-log p_k)``
+    (``torch.nn.functional.cross_entropy`` with ``reduction="none"``).
+    """
+    labels = torch.as_tensor(labels, device=logits.device)
+    if logits.ndim != 2 or labels.ndim != 1 or labels.shape[0] != logits.shape[0]:
+        raise ValueError(
+            f"classification_loss needs (n, C) logits and (n,) labels, got "
+            f"{tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= logits.shape[1]):
+        raise ValueError(
+            f"labels must lie in [0, {logits.shape[1]}) for {logits.shape[1]} logits, got "
+            f"[{int(labels.min())}, {int(labels.max())}]"
+        )
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+    return F.cross_entropy(logits, labels.long(), reduction="none", label_smoothing=label_smoothing)
+
+
+def fastfill_loss(
+    emb: torch.Tensor,
+    target: torch.Tensor,
+    log_sigma: torch.Tensor,
+    logits: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    *,
+    mu: float = 1.0,
+    label_smoothing: float = 0.1,
+    mu_uncertainty: float = 0.5,
+    regression: str = "sum",
+) -> torch.Tensor:
+    """FastFill's training loss (Jaeckle et al., ICLR 2023, as in its authors' code):
+
+    ``mean_i 0.5 exp(-s_i) (r_i + mu * ce_i) + mu_uncertainty * s_i``
+
+    with ``r_i = feature_regression(emb, target, regression)[i]`` (``emb = h(phi_old(x))``,
+    ``target = phi_new(x)``), ``ce_i`` the label-smoothed cross-entropy of ``logits`` (the
+    frozen new model's classifier applied to ``emb``) and ``s_i = log_sigma[i]`` the
+    predicted log-variance. ``mu = 0`` drops the classification term (``logits`` and
+    ``labels`` may then be ``None``). The authors average the squared error over the
+    dimensions (``regression="mean"``) of unnormalised features; see
+    :class:`backfill_utils.recipes.FastFillRecipe` for why the default here is ``"sum"``.
+    """
+    per_sample = feature_regression(emb, target, regression)
+    if mu != 0:
+        if logits is None or labels is None:
+            raise ValueError("fastfill_loss with mu != 0 needs logits and labels")
+        per_sample = per_sample + mu * classification_loss(logits, labels, label_smoothing)
+    return heteroscedastic_loss(per_sample, log_sigma, mu_uncertainty)
+
+
+def bict_loss(
+    emb: torch.Tensor,
+    target: torch.Tensor,
+    logits: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    *,
+    ce_weight: float = 1.0,
+    feature_weight: float = 1.0,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """BiCT's forward-compatibility loss for the transformation ``h`` of old embeddings
+    towards the backward-compatible new model (see :mod:`backfill_utils.compat_train`):
+
+    ``feature_weight * mean_i ||emb_i - target_i||^2 + ce_weight * mean_i ce_i``
+
+    with ``emb = h(phi_old(x))``, ``target = phi_bct(x)`` and ``ce_i`` the cross-entropy
+    of ``logits`` (the frozen BCT model's classifier applied to ``emb``): the influence
+    loss of BCT, run in the forward direction. ``ce_weight = 0`` needs no logits.
+    """
+    loss = feature_weight * feature_regression(emb, target, "sum").mean()
+    if ce_weight != 0:
+        if logits is None or labels is None:
+            raise ValueError("bict_loss with ce_weight != 0 needs logits and labels")
+        loss = loss + ce_weight * classification_loss(logits, labels, label_smoothing).mean()
+    return loss

@@ -1,17 +1,33 @@
 """The papermill batch runner behind ``make reproduce``.
 
 ``python -m backfill_utils.run --profile default`` executes every notebook of
-``notebooks/`` in name order (the numbers give the stage), passing the profile
-and any ``-p name value`` parameters. Parameter names are checked against each
-notebook's ``parameters`` cell first (papermill itself only warns on unknown
-names). Executed notebooks go to ``results/executed/`` (for the default
-profile; ``results/<profile>/executed/`` otherwise) and a runtime table is
-printed and written next to them as ``runtimes.csv``.
+``notebooks/`` in name order (the numbers give the stage) with the same
+parameters (``-p name value``, values in YAML, e.g. ``-p overrides '{train:
+{epochs: 1}}'``). Before any notebook runs, every parameter name is checked
+against each notebook's ``parameters`` cell (papermill itself only warns on an
+unknown name) and the profile is loaded with the parameters, so a misspelt
+override key is an error naming the known keys.
+
+Everything a run writes goes to its own folder (:func:`config.output_dir`):
+``results/`` only for the default profile as it is, ``results/<run name>/``
+otherwise. Executed notebooks go to ``<folder>/executed/`` (progress bars
+collapsed to their last state, so the copies stay small), with a runtime table
+(``runtimes.csv`` / ``.md``; its TOTAL is the wall-clock time of the series).
+With ``$BACKFILL_WORKERS`` > 1, consecutive render notebooks (which only read)
+run side by side, that many at a time, and compute notebooks train independent
+models in that many worker processes (:mod:`backfill_utils.parallel`). At the end the runner prints a summary: the
+folder, the runtimes, and every claim of the paper that does not hold on this
+run (from ``tables/claims.csv`` and the notebooks' claim lines).
+
+``--pin`` pins the math libraries' CPU code path for the notebooks' kernels
+(:data:`config.PINNED_ENV`): the same numbers on any x86-64 CPU with AVX2, at
+about 35% more CPU time in training (README "Reproducibility"); off by default.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -19,6 +35,12 @@ from pathlib import Path
 import pandas as pd
 
 from . import config as C
+from . import io
+from . import parallel
+from .session import CLAIM_MARK
+
+PINNED_ENV = C.PINNED_ENV
+PARAMETERS = ("profile", "dataset", "data_root", "seed", "overrides", "download")
 
 
 def list_notebooks(select: list[str] | None = None) -> list[Path]:
@@ -32,6 +54,7 @@ def list_notebooks(select: list[str] | None = None) -> list[Path]:
 
 
 def notebook_parameters(path: Path) -> dict:
+    """The parameters cell of a notebook (``papermill.inspect_notebook``)."""
     import papermill as pm
 
     return pm.inspect_notebook(str(path))
@@ -49,61 +72,205 @@ def check_parameters(path: Path, params: dict) -> None:
         )
 
 
+def resolve(profile: str, params: dict) -> dict:
+    """The run's configuration from the profile and the notebook parameters
+    (raises on an unknown profile or override key, before anything runs)."""
+    keys = {k: params.get(k) for k in ("dataset", "data_root", "seed")}
+    return C.load_profile(profile, overrides=params.get("overrides"),
+                          download=bool(params.get("download", False)), **keys)
+
+
+def prepare(profile: str, params: dict, select: list[str] | None = None) -> tuple[list[Path], dict]:
+    """The checks made before any notebook runs: the notebooks (``select``), every
+    parameter name against each of them, the profile and its overrides.
+    Returns the notebooks and the run's configuration."""
+    params = dict(params, profile=profile)
+    books = list_notebooks(select)
+    for book in books:
+        check_parameters(book, params)
+    return books, resolve(profile, params)
+
+
 def _coerce(value: str):
     import yaml
 
     return yaml.safe_load(value)
 
 
-def run_series(profile: str = "default", params: dict | None = None, select: list[str] | None = None,
-               out_dir: Path | None = None, kernel: str | None = None) -> pd.DataFrame:
+_CR = re.compile(r"[^\n]*\r(?!\n)")
+
+
+def collapse_progress(text: str) -> str:
+    r"""Keep the last state of every carriage-return-updated line (tqdm bars).
+
+    >>> collapse_progress("a\n 10%|#|\r 50%|##|\r100%|###|\nb\n")
+    'a\n100%|###|\nb\n'
+    """
+    return _CR.sub("", text)
+
+
+def clean_outputs(nb) -> None:
+    """Shrink stored outputs in place: consecutive stream outputs of one name (stdout,
+    stderr) merged, progress bars collapsed to their last state."""
+    for cell in nb.get("cells", []):
+        merged = []
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "stream":
+                text = "".join(out["text"]) if isinstance(out["text"], list) else out["text"]
+                prev = merged[-1] if merged else None
+                if prev is not None and prev.get("output_type") == "stream" and prev["name"] == out["name"]:
+                    prev["text"] += text
+                    continue
+                out["text"] = text
+            merged.append(out)
+        for out in merged:
+            if out.get("output_type") == "stream":
+                out["text"] = collapse_progress(out["text"])
+        if "outputs" in cell:
+            cell["outputs"] = merged
+
+
+def _execute(book: Path, target: Path, params: dict, kernel: str | None) -> None:
+    import nbformat
     import papermill as pm
 
-    params = dict(params or {})
-    params["profile"] = profile
-    books = list_notebooks(select)
-    for book in books:  # fail before running anything
-        check_parameters(book, {k: v for k, v in params.items() if k != "profile"} | {"profile": profile})
-    out_dir = Path(out_dir) if out_dir else C.results_dir(profile) / "executed"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    env_before = os.environ.get(C.PROFILE_ENV)
-    os.environ[C.PROFILE_ENV] = profile
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{book.stem}.{os.getpid()}.tmp.ipynb")
     try:
-        for i, book in enumerate(books, 1):
-            print(f"[{i}/{len(books)}] {book.name} ...", flush=True)
-            t0 = time.perf_counter()
-            target = out_dir / book.name
-            tmp = target.with_name(f".{book.stem}.tmp.ipynb")
-            try:
-                pm.execute_notebook(
-                    str(book), str(tmp), parameters=params, cwd=str(C.NOTEBOOKS_DIR),
-                    kernel_name=kernel, progress_bar=False, log_output=False,
-                )
-            except Exception:
-                if tmp.exists():
-                    os.replace(tmp, target)  # keep the failed notebook for inspection
-                print(f"FAILED: {book.name}; executed copy with the error: {target}", file=sys.stderr)
-                raise
-            os.replace(tmp, target)
-            dt = time.perf_counter() - t0
-            rows.append({"notebook": book.name, "seconds": round(dt, 1)})
-            print(f"    done in {dt:.1f} s", flush=True)
+        nb = pm.execute_notebook(str(book), str(tmp), parameters=params, cwd=str(C.NOTEBOOKS_DIR),
+                                 kernel_name=kernel, progress_bar=False, log_output=False)
+    except Exception:
+        if tmp.exists():
+            failed = nbformat.read(tmp, as_version=4)
+            clean_outputs(failed)
+            io.atomic_write(target, lambda p: nbformat.write(failed, str(p)))
+        print(f"FAILED: {book.name}; executed copy with the error: {target}", file=sys.stderr)
+        raise
     finally:
-        if env_before is None:
-            os.environ.pop(C.PROFILE_ENV, None)
+        tmp.unlink(missing_ok=True)
+    clean_outputs(nb)
+    io.atomic_write(target, lambda p: nbformat.write(nb, str(p)))
+
+
+def is_render(book: Path) -> bool:
+    """Whether a notebook of the series is a render notebook (``session.setup(..., kind="render")``):
+    it only reads, so render notebooks may run side by side."""
+    import json
+
+    cells = json.loads(book.read_text()).get("cells", [])
+    return any('kind="render"' in "".join(c.get("source", [])) for c in cells if c.get("cell_type") == "code")
+
+
+def render_groups(books: list[Path], n_workers: int) -> list[list[Path]]:
+    """The series in order, as groups: each compute notebook alone; consecutive render
+    notebooks together when ``n_workers > 1`` (they run side by side, ``n_workers`` at a time).
+
+    >>> names = [Path(n) for n in ("a", "b", "c")]
+    >>> render_groups(names, 1) == [[names[0]], [names[1]], [names[2]]]
+    True
+    """
+    groups: list[list[Path]] = []
+    for book in books:
+        if n_workers > 1 and groups and is_render(book) and all(is_render(b) for b in groups[-1]):
+            groups[-1].append(book)
         else:
-            os.environ[C.PROFILE_ENV] = env_before
-    table = pd.DataFrame(rows)
-    total = table["seconds"].sum() if len(table) else 0.0
+            groups.append([book])
+    return groups
+
+
+def _execute_group(group: list[Path], books: list[Path], out_dir: Path, params: dict,
+                   kernel: str | None) -> list[dict]:
+    """Execute the notebooks of one group (side by side when there are several); the
+    first failure is raised after the others finished."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(book: Path) -> dict:
+        print(f"[{books.index(book) + 1}/{len(books)}] {book.name} ...", flush=True)
+        t0 = time.perf_counter()
+        _execute(book, out_dir / book.name, params, kernel)
+        dt = time.perf_counter() - t0
+        print(f"    {book.name} done in {dt:.1f} s", flush=True)
+        return {"notebook": book.name, "seconds": round(dt, 1)}
+
+    if len(group) == 1:
+        return [one(group[0])]
+    with ThreadPoolExecutor(max_workers=parallel.workers()) as pool:
+        futures = [pool.submit(one, b) for b in group]
+        return [f.result() for f in futures]
+
+
+def run_series(profile: str = "default", params: dict | None = None, select: list[str] | None = None,
+               out_dir: Path | None = None, kernel: str | None = None, pin: bool = False) -> pd.DataFrame:
+    """Execute the series (or ``select``) with ``params``; returns the runtime table.
+
+    Checks first, before any notebook runs: parameter names against every
+    notebook, the profile and its overrides. ``out_dir`` defaults to the run's
+    ``executed/`` folder. ``pin``: set :data:`PINNED_ENV` for the kernels
+    (values already in the environment are kept).
+    """
+    params = dict(params or {}, profile=profile)
+    books, cfg = prepare(profile, params, select)
+    out_dir = Path(out_dir) if out_dir else C.output_dir(cfg) / "executed"
+    rows = []
+    env_before = dict(os.environ)
+    os.environ[C.PROFILE_ENV] = profile
+    if pin:
+        for k, v in PINNED_ENV.items():
+            os.environ.setdefault(k, v)
+    n_workers = parallel.workers()
+    print(f"run {cfg['run_name']}: {len(books)} notebooks -> {out_dir}"
+          + (f" (render notebooks {n_workers} at a time)" if n_workers > 1 else ""), flush=True)
+    start = time.perf_counter()
+    try:
+        for group in render_groups(books, n_workers):
+            rows += _execute_group(group, books, out_dir, params, kernel)
+    finally:
+        os.environ.clear()
+        os.environ.update(env_before)
+    table = pd.DataFrame(rows, columns=["notebook", "seconds"])
+    total = time.perf_counter() - start if rows else 0.0
+    # wall-clock time of the series (render notebooks that ran side by side overlap)
     table = pd.concat([table, pd.DataFrame([{"notebook": "TOTAL", "seconds": round(total, 1)}])])
-    for suffix, write in ((".csv", lambda p: table.to_csv(p, index=False)),
-                          (".md", lambda p: p.write_text(table.to_markdown(index=False) + "\n"))):
-        tmp = out_dir / f".runtimes{suffix}.tmp"
-        write(tmp)
-        os.replace(tmp, out_dir / f"runtimes{suffix}")
+    io.atomic_write(out_dir / "runtimes.csv", lambda p: table.to_csv(p, index=False))
+    io.atomic_write_text(out_dir / "runtimes.md", table.to_markdown(index=False) + "\n")
     print(table.to_string(index=False))
+    print(summary(C.output_dir(cfg), out_dir, [b.name for b in books]))
     return table
+
+
+def failed_claims(results: Path, executed: Path, names: list[str] | None = None) -> list[str]:
+    """Claims of the paper that do not hold on a run: the checked rows of
+    ``tables/claims.csv`` that fail, then the claim lines (:data:`CLAIM_MARK`)
+    printed by the executed notebooks (``names``: which ones; default all)."""
+    import nbformat
+
+    lines = []
+    claims_csv = results / "tables" / "claims.csv"
+    if claims_csv.is_file():
+        t = pd.read_csv(claims_csv)
+        bad = t[t["checked"].astype(bool) & ~t["holds"].astype(bool)]
+        lines += [f"claims.csv: {r.setting} setting: {r.claim} (value {r.value:.2f}, reference {r.reference:.2f})"
+                  for r in bad.itertuples()]
+    for path in sorted(executed.glob("[0-9][0-9]_*.ipynb")):
+        if names is not None and path.name not in names or path.name.startswith("31_"):
+            continue  # 31 prints the claims.csv rows, listed above
+        nb = nbformat.read(path, as_version=4)
+        for cell in nb.cells:
+            for out in cell.get("outputs", []):
+                for line in out.get("text", "").splitlines() if out.get("output_type") == "stream" else []:
+                    if line.startswith(CLAIM_MARK):
+                        lines.append(f"{path.stem}: {line[len(CLAIM_MARK):].strip()}")
+    return lines
+
+
+def summary(results: Path, executed: Path, names: list[str] | None = None) -> str:
+    """The closing lines of a run: where its results are, and the claims that do not hold."""
+    claims = failed_claims(results, executed, names)
+    head = f"results of this run: {results}/ (executed notebooks: {executed}/)"
+    if not claims:
+        return head + "\nevery checked claim of the paper holds on this run"
+    return "\n".join([head, f"{len(claims)} claim(s) of the paper do not hold on this run:"]
+                     + [f"  - {c}" for c in claims])
 
 
 README_START, README_END = "<!-- RESULTS:START -->", "<!-- RESULTS:END -->"
@@ -112,10 +279,15 @@ README_FIGURES = [
     ("Backfilling, animated", "figures/backfill_animation.gif"),
     ("Fig. 2: rank merge of old and new (mAP, CMC top-1)", "figures/fig2_merge_curves.png"),
     ("Every method's backfilling curve", "figures/methods_compared.png"),
+    ("The regime map: when the reverse direction wins (make regimes)", "figures/regime_map.png"),
+    ("Sensitivity of Ours around its tuned recipe (make tune)", "figures/sensitivity.png"),
 ]
 README_TABLES = [
-    ("Table 1: AUC and relative gain of every method", "tables/table1.md"),
-    ("The paper's claims, checked", "tables/claims.md"),
+    ("Table 1: AUC and relative gain of every method (mean and sd over the seeds of the compatibility stage)",
+     "tables/table1.md"),
+    ("Table 1, second block: default recipe and tuned with an equal budget (make tune)", "tables/table1_tuned.md"),
+    ("The paper's claims over the seeds, with their verdicts", "tables/claims.md"),
+    ("Table 2, cost next to quality: query side and gallery side", "tables/table2_cost.md"),
     ("Notebook runtimes (seconds)", "executed/runtimes.md"),
 ]
 
@@ -136,27 +308,35 @@ def update_readme(results: Path | None = None, readme: Path | None = None) -> No
             parts.append(f"**{title}** (`results/{rel}`)\n\n{(results / rel).read_text().strip()}\n")
     head, rest = text.split(README_START, 1)
     _, tail = rest.split(README_END, 1)
-    new = head + README_START + "\n" + "\n".join(parts) + README_END + tail
-    tmp = readme.with_name(f".{readme.name}.tmp")
-    tmp.write_text(new)
-    os.replace(tmp, readme)
+    io.atomic_write_text(readme, head + README_START + "\n" + "\n".join(parts) + README_END + tail)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Run the notebook series headlessly with papermill.")
     parser.add_argument("--profile", default="default", help=f"one of {C.available_profiles()}")
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
-                        help="a notebook parameter (YAML value), e.g. -p dataset cifar100")
+                        help="a notebook parameter (YAML value), e.g. -p dataset cifar100 "
+                             "or -p overrides '{train: {epochs: 5}}'")
     parser.add_argument("--only", nargs="*", default=None, help="run only notebooks whose name starts with these prefixes")
     parser.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebook's)")
+    parser.add_argument("--pin", action="store_true",
+                        help="pin the math libraries' CPU code path: the same numbers on any x86-64 CPU "
+                             "with AVX2, about 35%% more CPU time in training (README: Reproducibility)")
     args = parser.parse_args(argv)
     if args.profile not in C.available_profiles():
         parser.error(f"unknown profile {args.profile!r}; available: {C.available_profiles()}")
     params = {name: _coerce(value) for name, value in args.parameter}
-    run_series(args.profile, params, args.only, kernel=args.kernel)
-    if args.profile == "default" and not params and not args.only:
+    try:
+        _, cfg = prepare(args.profile, params, args.only)
+    except (KeyError, ValueError) as exc:  # rejected before anything ran
+        parser.error(exc.args[0] if exc.args else str(exc))
+    run_series(args.profile, params, args.only, kernel=args.kernel, pin=args.pin)
+    if cfg["run_name"] == "default" and not args.only and not os.environ.get(C.RESULTS_ENV):
+        from . import report
+
         update_readme()
-        print("README.md results block updated from results/")
+        report.update_readme()
+        print("README.md results block and 'What holds, and where' updated from results/")
 
 
 if __name__ == "__main__":

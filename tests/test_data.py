@@ -1,4 +1,4 @@
-"""Tests of backfill_utils.data: the synthetic set, the registry, transforms, class splits."""
+"""Tests of backfill_utils.data: the synthetic set, the dataset registry, transforms, class splits."""
 from __future__ import annotations
 
 import pickle
@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from backfill_utils import data
+from backfill_utils import data, synthetic, synthetic_objects, transforms
 from backfill_utils.data import (
     DatasetError,
     class_splits,
@@ -45,7 +45,7 @@ def test_synthetic_shapes_dtypes_balance():
 def test_synthetic_default_sizes():
     d = data.synthetic_defaults()
     assert d["num_classes"] == 100 and d["image_size"] == 32 and d["per_class"] is None
-    assert data._DEFAULT_PER_CLASS == {"train": 100, "test": 50}
+    assert synthetic._DEFAULT_PER_CLASS == {"train": 100, "test": 50}
 
 
 def test_synthetic_deterministic_and_seeded():
@@ -53,10 +53,10 @@ def test_synthetic_deterministic_and_seeded():
     for key in ("seed", "num_classes", "per_class", "image_size"):
         knobs.pop(key)
     # bypass the memo: two fresh generations must agree byte for byte
-    a = data._generate("train", 5, 8, 4, 32, knobs)
-    b = data._generate("train", 5, 8, 4, 32, knobs)
+    a = synthetic._generate("train", 5, 8, 4, 32, knobs)
+    b = synthetic._generate("train", 5, 8, 4, 32, knobs)
     assert a[0].tobytes() == b[0].tobytes() and np.array_equal(a[1], b[1])
-    c = data._generate("train", 6, 8, 4, 32, knobs)
+    c = synthetic._generate("train", 6, 8, 4, 32, knobs)
     assert a[0].tobytes() != c[0].tobytes()
     # the memo returns the very same arrays
     assert make_synthetic("train", **SMALL)[0] is make_synthetic("train", **SMALL)[0]
@@ -72,8 +72,8 @@ def test_synthetic_train_test_share_identities_but_differ():
     flat, flat_t = x.reshape(len(x), -1), xt.reshape(len(xt), -1)
     assert not (flat_t[:, None, :] == flat[None]).all(-1).any()
     # identities depend on (seed, class) only: a prefix of classes keeps its identities
-    i10 = data._class_identities(3, 10, 12)
-    i4 = data._class_identities(3, 4, 12)
+    i10 = synthetic_objects.class_identities(3, 10, 12)
+    i4 = synthetic_objects.class_identities(3, 4, 12)
     for key in ("shape", "tex", "freq", "orient", "col1", "col2"):
         assert np.array_equal(i10[key][:4], i4[key])
     assert np.array_equal(i10["palette"], i4["palette"])
@@ -109,7 +109,7 @@ def test_synthetic_classes_distinguishable_but_not_trivially():
     assert 0.025 < acc < 0.6
 
 
-# ----------------------------------------------------------------------------- registry
+# ----------------------------------------------------------------------------- dataset registry
 
 
 def test_get_dataset_synthetic_items_and_info():
@@ -419,6 +419,6 @@ def test_synthetic_batched_augmentation_path():
     up = train_transform("synthetic", 48, **SMALL)
     assert isinstance(up, data.TensorAugment) and up.batch(train.images[:5]).shape == (5, 3, 48, 48)
     # explicit mean/std: nothing is generated (train.py passes them)
-    data._synthetic_stats.cache_clear()
+    transforms._synthetic_stats.cache_clear()
     eval_transform("synthetic", 32, mean=(0.5,) * 3, std=(0.25,) * 3)
-    assert data._synthetic_stats.cache_info().misses == 0
+    assert transforms._synthetic_stats.cache_info().misses == 0

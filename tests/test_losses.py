@@ -10,7 +10,11 @@ import torch.nn.functional as F
 from backfill_utils.losses import (
     CMCLLoss,
     bct_influence_loss,
+    bict_loss,
+    classification_loss,
     cmcl_loss,
+    fastfill_loss,
+    feature_regression,
     heteroscedastic_loss,
     pairwise_distance,
     reverse_loss,
@@ -159,6 +163,7 @@ def test_cmcl_errors():
 def test_pairwise_distance_matches_cdist():
     a, b = torch.randn(5, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
     ref = torch.cdist(a, b)
+    # float64: the expansion |a|^2 + |b|^2 - 2ab loses ~1e-16 * (|a| + |b|)^2 < 1e-14 here
     assert torch.allclose(pairwise_distance(a, b, "squared"), ref**2, atol=1e-12)
     assert torch.allclose(pairwise_distance(a, b), torch.sqrt(ref**2 + EPS), atol=1e-12)
 
@@ -210,3 +215,131 @@ def test_heteroscedastic_loss_matches_formula():
     assert got.item() == pytest.approx(want)
     with pytest.raises(ValueError, match="one log_sigma per sample"):
         heteroscedastic_loss(torch.zeros(3), torch.zeros(4))
+
+
+def test_heteroscedastic_loss_weight_of_the_log_variance():
+    g = np.random.default_rng(2)
+    loss, s = g.uniform(0, 3, size=5), g.normal(size=5)
+    want = np.mean(0.5 * np.exp(-s) * loss + 0.3 * s)
+    got = heteroscedastic_loss(torch.tensor(loss), torch.tensor(s), mu_uncertainty=0.3)
+    assert got.item() == pytest.approx(want, rel=1e-12)
+
+
+# --------------------------------------------------------------------------- #
+# FastFill and BiCT, against loops over samples, classes and dimensions
+# --------------------------------------------------------------------------- #
+def _ref_regression(pred, target, reduction):
+    out = []
+    for p, t in zip(pred, target):
+        sq = sum((a - b) ** 2 for a, b in zip(p, t))
+        out.append(sq if reduction == "sum" else sq / len(p))
+    return out
+
+
+def _ref_ce(logits, labels, eps):
+    """(1 - eps) * (-log p_y) + eps * mean_k (-log p_k), one value per sample."""
+    out = []
+    for row, y in zip(logits, labels):
+        log_z = math.log(sum(math.exp(v) for v in row))
+        nll = [log_z - v for v in row]
+        out.append((1 - eps) * nll[y] + eps * sum(nll) / len(row))
+    return out
+
+
+def _ff_batch(seed=0, n=7, d=5, c=4):
+    g = torch.Generator().manual_seed(seed)
+    emb = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    target = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    log_sigma = torch.randn(n, generator=g, dtype=torch.float64)
+    w = torch.randn(c, d, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, c, (n,), generator=g)
+    return emb, target, log_sigma, w, labels
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_feature_regression_matches_loop(reduction):
+    emb, target, *_ = _ff_batch()
+    got = feature_regression(emb, target, reduction)
+    want = _ref_regression(emb.tolist(), target.tolist(), reduction)
+    assert got.shape == (7,)
+    assert got.tolist() == pytest.approx(want, rel=1e-12, abs=1e-15)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_classification_loss_matches_loop(eps):
+    emb, _, _, w, labels = _ff_batch(seed=1)
+    logits = 3 * emb @ w.T
+    got = classification_loss(logits, labels, eps)
+    want = _ref_ce(logits.tolist(), labels.tolist(), eps)
+    assert got.tolist() == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("mu,eps,mu_unc,reduction", [
+    (1.0, 0.1, 0.5, "sum"),   # the defaults (the authors' weights)
+    (1.0, 0.1, 0.5, "mean"),  # the authors' reduction over dimensions
+    (0.7, 0.0, 0.25, "sum"),
+    (0.0, 0.1, 0.5, "sum"),   # COMPAT_VERSION 1: no classification term
+])
+def test_fastfill_loss_matches_loop(mu, eps, mu_unc, reduction):
+    emb, target, s, w, labels = _ff_batch(seed=2)
+    logits = 4 * emb @ w.T
+    got = fastfill_loss(emb, target, s, logits, labels, mu=mu, label_smoothing=eps,
+                        mu_uncertainty=mu_unc, regression=reduction)
+    reg = _ref_regression(emb.tolist(), target.tolist(), reduction)
+    ce = _ref_ce(logits.tolist(), labels.tolist(), eps)
+    want = sum(0.5 * math.exp(-si) * (r + mu * c) + mu_unc * si
+               for r, c, si in zip(reg, ce, s.tolist())) / len(reg)
+    assert got.item() == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("ce_w,feat_w,eps", [(1.0, 1.0, 0.0), (0.5, 2.0, 0.1), (1.0, 0.0, 0.0)])
+def test_bict_loss_matches_loop(ce_w, feat_w, eps):
+    emb, target, _, w, labels = _ff_batch(seed=3)
+    logits = 4 * emb @ w.T
+    got = bict_loss(emb, target, logits, labels, ce_weight=ce_w, feature_weight=feat_w,
+                    label_smoothing=eps)
+    reg = _ref_regression(emb.tolist(), target.tolist(), "sum")
+    ce = _ref_ce(logits.tolist(), labels.tolist(), eps)
+    want = feat_w * sum(reg) / len(reg) + ce_w * sum(ce) / len(ce)
+    assert got.item() == pytest.approx(want, rel=1e-12)
+
+
+def test_fastfill_and_bict_gradcheck():
+    emb, target, s, w, labels = _ff_batch(seed=4, n=5, d=3, c=3)
+    inputs = (emb.clone().requires_grad_(True), s.clone().requires_grad_(True),
+              w.clone().requires_grad_(True))
+
+    def ff(e, log_sigma, weight):
+        return fastfill_loss(e, target, log_sigma, 4 * F.normalize(e, dim=1) @ weight.T, labels,
+                             mu=0.8, label_smoothing=0.1, mu_uncertainty=0.5)
+
+    def bi(e, log_sigma, weight):
+        return bict_loss(e, target, 4 * e @ weight.T, labels, ce_weight=0.6,
+                         feature_weight=1.3, label_smoothing=0.1) + 0 * log_sigma.sum()
+
+    for fn in (ff, bi):
+        assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6)
+
+
+def test_fastfill_and_bict_errors():
+    emb, target, s, w, labels = _ff_batch()
+    logits = emb @ w.T
+    with pytest.raises(ValueError, match="needs logits and labels"):
+        fastfill_loss(emb, target, s, mu=1.0)
+    with pytest.raises(ValueError, match="needs logits and labels"):
+        bict_loss(emb, target, logits, None)
+    with pytest.raises(ValueError, match="same \\(n, d\\) shape"):
+        fastfill_loss(emb, target[:, :3], s, logits, labels)
+    with pytest.raises(ValueError, match="one log_sigma per sample"):
+        fastfill_loss(emb, target, s[:3], logits, labels)
+    with pytest.raises(ValueError, match="\\(n, C\\) logits and \\(n,\\) labels"):
+        fastfill_loss(emb, target, s, logits, labels[:3])
+    with pytest.raises(ValueError, match="labels must lie in \\[0, 4\\)"):
+        bict_loss(emb, target, logits, labels + 4)
+    with pytest.raises(ValueError, match="reduction='median'"):
+        feature_regression(emb, target, "median")
+    with pytest.raises(ValueError, match="label_smoothing must be in"):
+        classification_loss(logits, labels, 1.0)
+    # no classification term: logits and labels are not needed
+    assert torch.isfinite(fastfill_loss(emb, target, s, mu=0.0))
+    assert torch.isfinite(bict_loss(emb, target, ce_weight=0.0))

@@ -1,92 +1,144 @@
-"""Every method end to end on a tiny run; invariants of the systems."""
+"""The method registry (methods.py) without training: registrations, groups, query sides,
+ablation components, recipes from the profile, the generic system builder."""
 import numpy as np
 import pytest
+import torch
 
 from backfill_utils import backfill as B
+from backfill_utils import compat as K
+from backfill_utils import config as C
+from backfill_utils import experiments as X
 from backfill_utils import methods as MM
-from backfill_utils import metrics as MT
-from conftest import tiny_profile
+from backfill_utils.recipes import CMCLPsiRhoRecipe, FastFillRecipe, RevPsiRecipe
+
+PAPER = ["old", "new", "offline", "naive", "BCT", "FCT", "FastFill", "BiCT", "RM", "RM+psi", "RM+psi+CMCL",
+         "CMCL-single", "CMCL-separate", "CMCL w/o L_rev", "Ours"]
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("BACKFILL_CACHE", str(tmp_path_factory.mktemp("cache")))
-    cfg = tiny_profile(train={"epochs": 1, "batch_size": 16}, settings=["extended"],
-                       compat={"epochs": 2, "batch_size": 16})
-    curves, summary = MM.evaluate_setting(cfg, "extended", progress=False)
-    systems, refs = MM.build_systems(cfg, "extended", progress=False)
-    yield cfg, curves, summary, systems, refs
-    mp.undo()
+def test_the_papers_methods_and_groups():
+    assert MM.names() == PAPER
+    assert MM.names("main") == ["old", "new", "offline", "naive", "BCT", "FCT", "FastFill", "BiCT", "RM",
+                                "RM+psi", "RM+psi+CMCL", "Ours"]
+    assert MM.names("ablation") == ["RM", "RM+psi", "RM+psi+CMCL", "CMCL w/o L_rev", "Ours"]
+    assert MM.names("cmcl_variants") == ["RM+psi", "CMCL-single", "CMCL-separate", "Ours"]
+    for g in MM.GROUPS:
+        assert MM.names(g), f"group {g} is empty"
+    with pytest.raises(ValueError, match="unknown group 'nope'"):
+        MM.names("nope")
+    with pytest.raises(KeyError, match="unknown method 'nope'; registered"):
+        MM.get("nope")
+    # every style is a matplotlib line style, distinct colour + line style per main method
+    styles = [(MM.style(n)["color"], MM.style(n)["ls"]) for n in MM.names("main")]
+    assert len(set(styles)) == len(styles)
 
 
-def test_every_method_has_a_full_curve(tiny_run):
-    cfg, curves, summary, systems, refs = tiny_run
-    assert list(summary["method"]) == MM.ALL_METHODS
-    for m in MM.ALL_METHODS:
-        c = curves[curves["method"] == m]
-        assert len(c) == cfg["eval"]["num_ratios"], m
-        assert c[["mAP", "top1", "top5"]].notna().all().all(), m
-    assert summary.set_index("method").loc["RM", "query_passes"] == 2
-    assert (summary[summary["method"] != "RM"]["query_passes"] == 1).all()
+def test_query_side_passes_and_slots():
+    assert MM.query_side("RM") == [("old", []), ("new", [])]
+    assert MM.query_side("Ours") == [("new", ["psi", "rho"])]
+    assert MM.query_side("RM+psi") == [("new", ["psi"])]
+    assert MM.query_side("FCT") == [("new", [])] and MM.query_side("BCT") == [("bct", [])]
+    assert MM.query_side("BiCT") == [("bct", [])] and MM.get("BiCT").slots == ("h",)
+    for n in MM.names():
+        m = MM.get(n)
+        assert len(MM.query_side(n)) == m.query_passes == (2 if n == "RM" else 1)
+    assert [n for n in MM.names() if MM.get(n).order is not None] == ["FastFill"]
 
 
-def test_endpoints_are_the_pure_systems(tiny_run):
-    cfg, curves, summary, systems, refs = tiny_run
-    y = refs["labels"]
-    for m, s in systems.items():
-        c = curves[curves["method"] == m].sort_values("ratio")
-        start = MT.evaluate_retrieval(s.query_old, y, s.gallery_old, y, exclude_self=True)
-        end = MT.evaluate_retrieval(s.query_new, y, s.gallery_new, y, exclude_self=True)
-        for k in ("mAP", "top1", "top5"):
-            assert c[k].iloc[0] == pytest.approx(start[k], abs=1e-9), (m, k)
-            assert c[k].iloc[-1] == pytest.approx(end[k], abs=1e-9), (m, k)
-    # methods whose new side is phi_new end exactly at new/new; RM starts at old/old
-    s = summary.set_index("method")
-    for m in ("naive", "FCT", "FastFill", "RM", "RM+psi", "RM+psi+CMCL"):
-        assert s.loc[m, "final_map"] == pytest.approx(s.loc["new", "final_map"]), m
-    rm = curves[curves["method"] == "RM"].sort_values("ratio")
-    assert rm["mAP"].iloc[0] == pytest.approx(s.loc["old", "final_map"])
+def test_ablation_components_follow_the_recipes():
+    cfg = C.load_profile("smoke")
+    marks = {n: MM.components(n, cfg) for n in MM.names("ablation")}
+    assert marks["RM"] == dict(psi=False, CMCL=False, L_rev=False, rho=False)
+    assert marks["RM+psi"] == dict(psi=True, CMCL=False, L_rev=True, rho=False)
+    assert marks["CMCL w/o L_rev"] == dict(psi=True, CMCL=True, L_rev=False, rho=False)
+    assert marks["Ours"] == dict(psi=True, CMCL=True, L_rev=True, rho=True)
+    # the profile's lambda_rev reaches the components through the recipe
+    no_rev = C.load_profile("smoke", overrides={"compat": {"lambda_rev": 0.0}})
+    assert MM.components("Ours", no_rev)["L_rev"] is False
+    with pytest.raises(ValueError, match="not an ablation row"):
+        MM.components("FCT", cfg)
 
 
-def test_evaluation_is_cached_and_reloads_identically(tiny_run, monkeypatch):
-    cfg, curves, summary, systems, refs = tiny_run
-    monkeypatch.setattr(MM, "build_systems", lambda *a, **k: pytest.fail("recomputed on a hit"))
-    curves2, summary2 = MM.evaluate_setting(cfg, "extended", progress=False)
-    assert curves2.equals(curves.astype(curves2.dtypes.to_dict())) or curves2.round(12).equals(curves.round(12))
-    assert list(summary2["method"]) == list(summary["method"])
-    np.testing.assert_array_equal(summary2["auc_map"].to_numpy(), summary["auc_map"].to_numpy())
+def test_recipes_come_from_the_profile():
+    cfg = C.load_profile("smoke", overrides={"compat": {"epochs": 7, "tau": 0.2, "fastfill_mu": 0.5,
+                                                        "bict_ce_weight": 0.0}})
+    ours = MM.get("Ours").default_recipe(cfg)
+    assert ours == CMCLPsiRhoRecipe(epochs=7, batch_size=64, lr=1e-3, tau=0.2, seed=0)
+    assert MM.get("CMCL w/o L_rev").default_recipe(cfg).lambda_rev == 0.0  # fixed by the method
+    assert MM.get("RM+psi").default_recipe(cfg) == RevPsiRecipe(epochs=7, batch_size=64, lr=1e-3)
+    assert MM.get("FastFill").default_recipe(cfg) == FastFillRecipe(epochs=7, batch_size=64, mu=0.5)
+    assert MM.get("BiCT").default_recipe(cfg).ce_weight == 0.0
+    assert MM.get("RM").default_recipe(cfg) is None
+    # a recipe and a seed given by the caller (a tuner, a seed study)
+    r, seed = X.resolve_recipe(cfg, "Ours", seed=3)
+    assert seed == 3 and r == ours.replace(seed=3)
+    r, seed = X.resolve_recipe(cfg, "Ours", CMCLPsiRhoRecipe(tau=0.05, seed=4))
+    assert seed == 4 and r.tau == 0.05
+    r, seed = X.resolve_recipe(cfg, "Ours", CMCLPsiRhoRecipe(tau=0.05, seed=4), seed=1)
+    assert seed == 1 and r.seed == 1
 
 
-def test_system_shapes(tiny_run):
-    cfg, curves, summary, systems, refs = tiny_run
-    n, d = refs["old"].shape
-    assert systems["RM"].query_old is refs["old"] or np.array_equal(systems["RM"].query_old, refs["old"])
-    assert systems["Ours"].query_new.shape == (n, d)
-    order = np.asarray(systems["FastFill"].order)
-    assert sorted(order.tolist()) == list(range(n))
-    assert refs["extra_params"]["Ours"] > refs["extra_params"]["RM+psi"] > 0
-    assert refs["extra_params"]["RM"] == 0
+def test_registration_errors_and_replacement():
+    fit = lambda data, recipe: MM.Trained()  # noqa: E731
+    bad = [
+        (dict(groups=("nope",)), "unknown group"),
+        (dict(backbone="bigger"), "backbone must be one of"),
+        (dict(slots=("psi",)), "need a fit function"),
+        (dict(slots=("phi",), fit=fit, train_roles=("new",)), "slots must be among"),
+        (dict(fit=fit), "train_roles"),
+        (dict(two_pass=True, slots=("psi",), fit=fit, train_roles=("new",)), "no psi or h"),
+        (dict(reference="old", two_pass=True), "reference curve has no"),
+        (dict(order=lambda t, o: o), "order_name"),
+    ]
+    for kw, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            MM.Method("x", {}, "x", **kw)
+    with pytest.raises(ValueError, match="without ' \\('"):
+        MM.Method("x (y)", {}, "variant names are reserved")
+    with pytest.raises(ValueError, match="already registered"):
+        MM.register(MM.Method("RM", {}, "again"))
+    with pytest.raises(TypeError, match="methods.Method"):
+        MM.register({"name": "x"})
+    m = MM.register(MM.Method("tmp", dict(color="k"), "a test method", ("flips",)))
+    try:
+        assert MM.names()[-1] == "tmp" and "tmp" in MM.names("flips")
+        MM.register(MM.Method("tmp", dict(color="r"), "again", ("flips",)), replace=True)
+        assert MM.style("tmp") == {"color": "r"} and MM.names().count("tmp") == 1
+    finally:
+        assert MM.unregister("tmp").name == m.name
+    assert "tmp" not in MM.names()
 
 
-def test_reverse_transform_dimension_mismatch_is_a_clear_error():
+def _unit(rng, n, d):
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _same(a: B.BackfillSystem, b: B.BackfillSystem) -> None:
+    for f in ("query_old", "gallery_old", "query_new", "gallery_new"):
+        assert torch.equal(getattr(a, f), getattr(b, f)), f
+    assert np.array_equal(a.resolved_order(), b.resolved_order()) and a.query_passes == b.query_passes
+
+
+def test_generic_system_is_each_methods_system():
+    """make_system builds, from the slots, exactly the systems of backfill.py's table."""
     rng = np.random.default_rng(0)
-    q_rev = rng.normal(size=(6, 5)).astype(np.float32)      # psi output: 5 dims
-    old = rng.normal(size=(6, 4)).astype(np.float32)        # old gallery: 4 dims
-    new = rng.normal(size=(6, 8)).astype(np.float32)
-    with pytest.raises(ValueError, match=r"5.*4|4.*5"):
-        B.BackfillSystem.merge("bad psi", q_rev, old, new, new)
-
-
-def test_claims_table_reads_the_summary(tiny_run):
-    cfg, curves, summary, systems, refs = tiny_run
-    cl = MM.claims(curves, summary)
-    assert {"claim", "checked", "value", "reference", "holds"} <= set(cl.columns)
-    row = cl[cl["claim"].str.startswith("RM endpoints")].iloc[0]
-    assert bool(row["holds"]), "RM endpoints are an exact invariant"
-
-
-def test_unknown_method_is_an_error(tiny_run):
-    cfg = tiny_run[0]
-    with pytest.raises(ValueError, match="no compatibility module"):
-        MM.compat_outputs(cfg, "extended", "RM")
+    n, d = 40, 6
+    old, new, bct = _unit(rng, n, d), _unit(rng, n, d), _unit(rng, n, d)
+    torch.manual_seed(0)
+    psi, rho = K.ReverseTransform(d, d).eval(), K.LearnableEmbedding(d).eval()
+    h, ff = K.ForwardTransform(d, d).eval(), K.FastFillTransform(d, d).eval()
+    order = B.random_order(n, 1)
+    mk = lambda name, old_, new_, **t: X.make_system(MM.get(name), old_, new_, MM.Trained(**t), order)  # noqa: E731
+    _same(mk("naive", old, new), B.BackfillSystem.mixed("naive", new, old, new, order=order))
+    _same(mk("BCT", old, bct), B.BackfillSystem.mixed("BCT", bct, old, bct, order=order))
+    _same(mk("RM", old, new), B.BackfillSystem.merge("RM", old, old, new, new, order=order, query_passes=2))
+    _same(mk("RM+psi", old, new, psi=psi),
+          B.BackfillSystem.merge("RM+psi", K.apply(psi, new), old, new, new, order=order))
+    _same(mk("Ours", old, new, psi=psi, rho=rho),
+          B.BackfillSystem.merge("Ours", K.apply(psi, new), old, K.apply(rho, new), K.apply(rho, new), order=order))
+    _same(mk("FCT", old, new, h=h), B.BackfillSystem.mixed("FCT", new, K.apply(h, old), new, order=order))
+    _same(mk("BiCT", old, bct, h=h), B.BackfillSystem.mixed("BiCT", bct, K.apply(h, old), bct, order=order))
+    ff_system = mk("FastFill", old, new, h=ff)
+    _same(ff_system, B.BackfillSystem.mixed("FastFill", new, K.apply(ff, old), new,
+                                            order=K.fastfill_order(ff, old)))
+    assert not np.array_equal(ff_system.order, order)  # FastFill's own order, not the random one

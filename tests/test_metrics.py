@@ -257,36 +257,3 @@ def test_validation_errors():
         mt.evaluate_retrieval(g, lab, g, lab, on_no_relevant="ignore")
     with pytest.raises(ValueError, match="chunk_size"):
         mt.evaluate_retrieval(g, lab, g, lab, chunk_size=0)
-
-
-# ---------------------------------------------------------------- engine internals
-def test_threaded_searchsorted_matches_torch():
-    gen = torch.Generator().manual_seed(0)
-    T = torch.rand(64, 40, generator=gen).sort(1).values
-    T[:, -5:] = float("inf")
-    d = torch.rand(64, 20000, generator=gen)
-    d[:, :40] = T[:, :40]  # exact ties with thresholds
-    assert d.numel() >= 1 << 20  # large enough for the threaded path
-    assert torch.equal(mt._searchsorted_rows(T, d), torch.searchsorted(T, d))
-
-
-def test_auto_chunk_size_respects_budget():
-    c = mt.auto_chunk_size(50000, 50000, 500, 11, memory_budget=1 << 30)
-    assert 1 <= c < 50000
-    per_row = mt._row_bytes(50000, 1000, 12, 11, 500)
-    assert c * per_row <= 1 << 30
-    assert mt.auto_chunk_size(10, 10, 2) == 10
-
-
-def test_scatter_fallback_and_float64_give_the_same_numbers(monkeypatch):
-    rng = np.random.default_rng(9)
-    g = int_embeddings(rng, 40)
-    gl = rng.integers(0, 4, 40)
-    ap, rank = brute_force(g, gl, g, gl, exclude_self=True)
-    ref = mt.evaluate_retrieval(g, gl, g, gl, exclude_self=True, return_per_query=True)
-    monkeypatch.setattr(mt, "_FLAT_LIMIT", 0)  # histogram via scatter_add with int64 slots
-    alt = mt.evaluate_retrieval(g.astype(np.float64), gl, g.astype(np.float64), gl,
-                                exclude_self=True, return_per_query=True)
-    np.testing.assert_array_equal(alt["first_rank"], rank)
-    np.testing.assert_allclose(alt["ap"], ap, rtol=0, atol=1e-12)
-    assert alt["mAP"] == ref["mAP"] and alt["top1"] == ref["top1"]

@@ -1,4 +1,4 @@
-"""Figure functions (they return figures), deterministic figure files, tables, the animation."""
+"""Figure functions (they return figures), deterministic figure files, tables, thumbnails, the animation."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +7,11 @@ import pytest
 from matplotlib.animation import FuncAnimation
 from matplotlib.figure import Figure
 
+from backfill_utils import animation as A
+from backfill_utils import backfill as B
+from backfill_utils import methods as MM
 from backfill_utils import plots as P
+from backfill_utils import thumbnails as TH
 
 METHODS = ["old", "new", "offline", "RM", "Ours", "CMCL-separate"]
 
@@ -73,10 +77,10 @@ def test_ablation_flips_and_variants_figures():
     assert texts[0] == "RM: AUC 31.5 / 36.5, flips 15.0"  # fake RM: 20 + 23 r, flips 0.5 * 3 per step
 
 
-def test_method_style_variants():
-    assert P.method_style("Ours")["color"] == P.METHOD_STYLE["Ours"]["color"]
+def test_method_style_comes_from_the_registry():
+    assert P.method_style("Ours") == MM.style("Ours") and MM.style("Ours")["color"] == MM.get("Ours").style["color"]
     v = P.method_style("Ours (sigma order)")
-    assert v["color"] == P.METHOD_STYLE["Ours"]["color"] and v["ls"] == "--"
+    assert v["color"] == MM.style("Ours")["color"] and v["ls"] == "--"
     assert P.method_style("unknown") == {}
 
 
@@ -99,20 +103,25 @@ def test_thumbnails_and_retrieval_figure():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (12, 8, 8, 3), dtype=np.uint8)
     labels = np.arange(12) % 3
-    f = P.framed(images[0], P.RIGHT, border=2, bar=(0, 0, 0), bar_height=3)
-    assert f.shape == (8 + 4 + 2 + 3, 12, 3) and tuple(f[0, 0]) == P.RIGHT and tuple(f[-1, 0]) == (0, 0, 0)
+    f = TH.framed(images[0], TH.RIGHT, border=2, bar=(0, 0, 0), bar_height=3)
+    assert f.shape == (8 + 4 + 2 + 3, 12, 3) and tuple(f[0, 0]) == TH.RIGHT and tuple(f[-1, 0]) == (0, 0, 0)
     assert tuple(f[12, 0]) == (255, 255, 255)  # white gap between frame and bar
-    strip = P.thumbnail_strip(images[0], images[1:4], [True, False, True], [False, True, False])
+    strip = TH.thumbnail_strip(images[0], images[1:4], [True, False, True], [False, True, False])
     assert strip.ndim == 3 and strip.dtype == np.uint8
-    assert P.upscale(images, 16).shape == (12, 16, 16, 3)
+    assert TH.upscale(images, 16).shape == (12, 16, 16, 3)
     rows = [{"title": "old", "indices": np.array([3, 6, 1]), "distances": np.array([0.1, 0.2, 0.3])},
             {"title": "merged", "indices": np.array([3, 6, -1]), "distances": np.array([0.1, 0.2, np.inf]),
              "from_new": np.array([True, False, False])}]
-    fig = P.retrieval_figure(images[0], rows, images, labels, labels[0], title="t")
+    fig = TH.retrieval_figure(images[0], rows, images, labels, labels[0], title="t")
     assert isinstance(fig, Figure) and len(fig.axes) == 2 * 4
     grid = rng.integers(0, 255, (3, 4, 8, 8, 3), dtype=np.uint8)
-    fig = P.sample_images_figure(grid, ["a", "b", "c"])
+    fig = TH.sample_images_figure(grid, ["a", "b", "c"])
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["a", "b", "c"]
+
+
+def _system(order):
+    n = len(order)
+    return B.BackfillSystem.mixed("s", np.eye(n), np.eye(n), np.eye(n), order=order)
 
 
 def test_animation_and_gif(tmp_path):
@@ -124,9 +133,9 @@ def test_animation_and_gif(tmp_path):
     images = rng.integers(0, 255, (n, 8, 8, 3), dtype=np.uint8)
     labels = np.arange(n) % 4
     topk = {"indices": rng.integers(0, n, (11, q, k)), "from_new": rng.random((11, q, k)) < 0.5}
-    anim = P.backfill_animation(curves, rng.permutation(n), topk, images, labels, [0, 7], hold=2, dpi=40)
+    anim = A.backfill_animation(curves, _system(rng.permutation(n)), topk, images, labels, [0, 7], hold=2, dpi=40)
     assert isinstance(anim, FuncAnimation)
-    path = P.save_animation(anim, tmp_path / "a.gif", fps=4)
+    path = A.save_animation(anim, tmp_path / "a.gif", fps=4)
     with Image.open(path) as im:
         assert im.format == "GIF"
         durations = []
@@ -136,7 +145,7 @@ def test_animation_and_gif(tmp_path):
     assert len(durations) == 11 and sum(durations) == 13 * 250
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gif"]
     with pytest.raises(ValueError, match="one list per ratio"):
-        P.backfill_animation(curves, rng.permutation(n), {"indices": topk["indices"][:5],
+        A.backfill_animation(curves, _system(rng.permutation(n)), {"indices": topk["indices"][:5],
                              "from_new": topk["from_new"][:5]}, images, labels, [0, 7])
 
 
@@ -158,3 +167,21 @@ def test_save_table_writes_csv_md_tex(tmp_path):
     assert "| RM " in paths[1].read_text() and "30.12" in paths[1].read_text()
     tex = paths[2].read_text()
     assert "\\begin{tabular}" in tex and "Ours\\_x" in tex and "cap" in tex
+
+
+def test_inline_display_helpers_are_small_and_close_the_figure():
+    import matplotlib.pyplot as plt
+
+    curves, _ = fake_results(settings=("extended",))
+    n, q, k = 20, 1, 3
+    rng = np.random.default_rng(2)
+    topk = {"indices": rng.integers(0, n, (11, q, k)), "from_new": rng.random((11, q, k)) < 0.5}
+    anim = A.backfill_animation(curves, _system(rng.permutation(n)), topk,
+                                rng.integers(0, 255, (n, 8, 8, 3), dtype=np.uint8), np.arange(n) % 4, [0],
+                                hold=1, dpi=30)
+    img = A.show_animation(anim, fps=4)
+    assert img.data[:6] in (b"GIF87a", b"GIF89a")
+    assert not plt.fignum_exists(anim._fig.number), "the figure is closed: Jupyter shows only the GIF"
+    fig, ax = plt.subplots()
+    ax.imshow(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    assert P.jpeg_image(fig).data[:3] == b"\xff\xd8\xff"

@@ -1,8 +1,12 @@
-"""The papermill batch runner: parameter checking and the notebook list."""
+"""The papermill batch runner: checks before anything runs, the run's own folder, the summary."""
+
+import nbformat
+import pandas as pd
 import pytest
 
 from backfill_utils import config as C
 from backfill_utils import run as R
+from backfill_utils import session
 
 
 def test_series_is_numbered_and_each_notebook_has_the_parameters():
@@ -12,13 +16,45 @@ def test_series_is_numbered_and_each_notebook_has_the_parameters():
     assert names == sorted(names)
     for b in books:
         params = R.notebook_parameters(b)
-        assert set(params) == {"profile", "dataset", "data_root", "seed"}, b.name
+        assert set(params) == set(R.PARAMETERS), b.name
+        assert all(p["default"] in ("None", "False") for p in params.values()), b.name  # literals only
 
 
 def test_unknown_parameter_is_an_error_before_anything_runs(tmp_path):
     with pytest.raises(ValueError, match="unknown parameter.*datset"):
         R.run_series("smoke", {"datset": "cifar100"}, out_dir=tmp_path)
     assert not list(tmp_path.iterdir()), "nothing may be executed or written"
+
+
+def test_misspelt_override_is_an_error_before_anything_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(R, "_execute", lambda *a, **k: pytest.fail("a notebook ran"))
+    with pytest.raises(KeyError, match=r"'epoch'; known keys: \[.*'epochs'"):
+        R.run_series("smoke", {"overrides": "{train: {epoch: 1}}"}, out_dir=tmp_path)
+    with pytest.raises(KeyError, match="'trian'"):
+        R.run_series("smoke", {"overrides": {"trian": {"epochs": 1}}}, out_dir=tmp_path)
+    assert not list(tmp_path.iterdir()), "nothing may be executed or written"
+
+
+def test_cli_reports_rejected_parameters(capsys, monkeypatch):
+    monkeypatch.setattr(R, "_execute", lambda *a, **k: pytest.fail("a notebook ran"))
+    for argv, msg in ((["--profile", "smoke", "-p", "overrides", "{train: {epoch: 1}}"], "known keys"),
+                      (["--profile", "smoke", "-p", "epochs", "1"], "unknown parameter")):
+        with pytest.raises(SystemExit):
+            R.main(argv)
+        assert msg in capsys.readouterr().err
+
+
+def test_runs_go_to_their_own_folder(monkeypatch, tmp_path):
+    monkeypatch.setattr(C, "RESULTS_DIR", tmp_path / "results")
+    seen = []
+    monkeypatch.setattr(R, "_execute", lambda book, target, params, kernel: seen.append((target, params)))
+    R.run_series("smoke", {"overrides": "{train: {epochs: 1}}"}, select=["00", "10"])
+    cfg = C.load_profile("smoke", overrides="{train: {epochs: 1}}")
+    executed = tmp_path / "results" / cfg["run_name"] / "executed"
+    assert [t for t, _ in seen] == [executed / "00_data.ipynb", executed / "10_train.ipynb"]
+    assert seen[0][1] == {"overrides": "{train: {epochs: 1}}", "profile": "smoke"}
+    files = {p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()}
+    assert {p.parts[:3] for p in files} == {("results", cfg["run_name"], "executed")}
 
 
 def test_select_and_unknown_prefix():
@@ -50,6 +86,42 @@ def test_output_dir_per_run():
     assert C.output_dir(C.load_profile("default", dataset="cifar100")) == C.RESULTS_DIR / "default_cifar100"
 
 
+def test_progress_bars_are_collapsed_in_stored_outputs():
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("x")
+    pieces = ["start\n"] + [f"\rtrain: {i:3d}%|{'#' * (i // 10):10s}| {i}/100" for i in range(0, 101, 5)] + ["\n"]
+    cell.outputs = [nbformat.v4.new_output("stream", name="stderr", text=t) for t in pieces]
+    cell.outputs += [nbformat.v4.new_output("stream", name="stdout", text="x\n"),
+                     nbformat.v4.new_output("stream", name="stderr", text="end\n")]
+    nb.cells.append(cell)
+    R.clean_outputs(nb)
+    assert [o["name"] for o in cell.outputs] == ["stderr", "stdout", "stderr"]
+    assert cell.outputs[0]["text"] == "start\ntrain: 100%|##########| 100/100\n"
+
+
+def test_summary_lists_the_claims_that_do_not_hold(tmp_path):
+    (tmp_path / "tables").mkdir()
+    pd.DataFrame({"claim": ["Ours > BCT on auc_map", "(reported) x"], "checked": [True, False],
+                  "value": [1.0, 0.0], "reference": [2.0, 1.0], "holds": [False, False],
+                  "setting": ["open", "open"]}).to_csv(tmp_path / "tables" / "claims.csv", index=False)
+    executed = tmp_path / "executed"
+    executed.mkdir()
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("x")
+    cell.outputs = [nbformat.v4.new_output("stream", name="stdout",
+                                           text=f"hello\n{session.CLAIM_MARK} CMCL raises the AUC (0.8 vs 0.9)\n")]
+    nb.cells.append(cell)
+    nbformat.write(nb, str(executed / "46_distance_distributions.ipynb"))
+    text = R.summary(tmp_path, executed)
+    assert "2 claim(s) of the paper do not hold on this run" in text
+    assert "claims.csv: open setting: Ours > BCT on auc_map (value 1.00, reference 2.00)" in text
+    assert "46_distance_distributions: CMCL raises the AUC (0.8 vs 0.9)" in text
+    assert "(reported) x" not in text
+    (tmp_path / "tables" / "claims.csv").unlink()
+    (executed / "46_distance_distributions.ipynb").unlink()
+    assert "every checked claim of the paper holds" in R.summary(tmp_path, executed)
+
+
 def test_update_readme_fills_only_the_marked_block(tmp_path):
     res = tmp_path / "results"
     (res / "tables").mkdir(parents=True)
@@ -63,3 +135,12 @@ def test_update_readme_fills_only_the_marked_block(tmp_path):
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="RESULTS"):
         R.update_readme(res, readme)
+
+
+def test_makefile_pins_what_the_runner_pins():
+    import shlex
+
+    text = (C.REPO_ROOT / "Makefile").read_text().replace("\\\n", " ")
+    line = next(l for l in text.splitlines() if l.startswith("PINNED_ENV :="))
+    pairs = dict(tok.split("=", 1) for tok in shlex.split(line.split(":=", 1)[1]))
+    assert pairs == C.PINNED_ENV == R.PINNED_ENV

@@ -1,0 +1,244 @@
+"""Atomic writes, the artifact cache, and the read-only mode of render notebooks.
+
+**Atomic writes.** Every file of the package is written by :func:`atomic_write`:
+to a temporary name in the target's folder, then moved into place with
+``os.replace``, so an interrupted run never leaves a half-written checkpoint,
+cache entry, figure or table.
+
+**The artifact cache.** An expensive array artifact is stored as
+``<cache>/<kind>/<hash>.npz``; ``<hash>`` is :func:`config.config_hash` of the
+caller's key (everything the artifact depends on: specs, classes, seeds) *and*
+of the code versions of the artifact's kind (:func:`code_versions`). A changed
+parameter or a bumped version is therefore a cache miss, never a stale hit. The
+full key is stored beside the arrays (``<hash>.json``) for provenance.
+
+**Code versions.** Each producing module has an integer constant that is bumped
+when a change of its code changes its output (README, "Cache versions"):
+``data.SYNTHETIC_VERSION``, ``train.TRAIN_VERSION``, ``embed.EMBED_VERSION``,
+``compat.COMPAT_VERSION``, ``experiments.CURVES_VERSION`` and
+``experiments.EXPERIMENTS_VERSION``. A kind's key holds the versions of its whole
+lineage (:data:`KINDS`): curves are invalid when the embeddings they were computed
+from are. DataFrames are stored as arrays (:func:`frame_to_arrays`).
+
+**Read-only (render) mode.** A render notebook calls ``set_mode("render")``
+(through :func:`backfill_utils.session.setup`). From then on a cache miss, or a
+backbone that is not trained, raises :class:`MissingArtifactError` at once,
+naming the notebook that produces the artifact; nothing is trained or computed.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterator, Mapping
+
+import numpy as np
+import pandas as pd
+
+from . import config as C
+
+# kind -> (the notebook that produces it, the code versions its artifacts depend on)
+KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "models": ("10_train", ("train",)),
+    "embeddings": ("20_galleries", ("train", "embed")),
+    "compat": ("30_compat", ("train", "embed", "compat")),
+    "curves": ("31_backfill", ("train", "embed", "compat", "curves")),
+    "experiments": ("32_experiments", ("train", "embed", "compat", "curves", "experiments")),
+}
+# version name -> (module of backfill_utils, constant); read when a key is built
+VERSION_SOURCES: dict[str, tuple[str, str]] = {
+    "synthetic": ("data", "SYNTHETIC_VERSION"),
+    "train": ("train", "TRAIN_VERSION"),
+    "embed": ("embed", "EMBED_VERSION"),
+    "compat": ("compat", "COMPAT_VERSION"),
+    "curves": ("experiments", "CURVES_VERSION"),
+    "experiments": ("experiments", "EXPERIMENTS_VERSION"),
+}
+MODES = ("compute", "render")
+
+
+class MissingArtifactError(FileNotFoundError):
+    """A render notebook needs an artifact that is not in the cache."""
+
+
+# --------------------------------------------------------------------------- atomic writes
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Call ``write(tmp)`` on a temporary path next to ``path``, then move it into place.
+
+    The temporary name keeps the suffix (writers that pick the format by the
+    extension, such as Pillow or ``np.savez``, see the right one). If ``write``
+    fails or is interrupted, the temporary file is removed and ``path`` is left
+    as it was. Returns ``path``.
+
+    >>> import tempfile
+    >>> p = Path(tempfile.mkdtemp()) / "sub" / "a.txt"
+    >>> atomic_write(p, lambda t: t.write_text("hi")).read_text()
+    'hi'
+    >>> sorted(x.name for x in p.parent.iterdir())
+    ['a.txt']
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically."""
+    return atomic_write(path, lambda p: p.write_text(text))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically."""
+    return atomic_write(path, lambda p: p.write_bytes(data))
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
+    """``torch.save(obj, path)`` atomically."""
+    import torch
+
+    return atomic_write(path, lambda p: torch.save(obj, p))
+
+
+# --------------------------------------------------------------------------- mode
+_STATE = {"mode": "compute", "hint": ""}
+
+
+def set_mode(mode: str, hint: str = "") -> None:
+    """``"compute"`` (default: a miss computes) or ``"render"`` (a miss is an error).
+
+    ``hint`` is appended to the error, e.g. the parameters to run the producer with.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    _STATE.update(mode=mode, hint=hint)
+
+
+def get_mode() -> str:
+    """The current mode: ``"compute"`` or ``"render"``."""
+    return _STATE["mode"]
+
+
+@contextlib.contextmanager
+def mode(name: str, hint: str = "") -> Iterator[None]:
+    """Context manager: :func:`set_mode` inside, the previous mode after."""
+    before = dict(_STATE)
+    set_mode(name, hint)
+    try:
+        yield
+    finally:
+        _STATE.update(before)
+
+
+def producer(kind: str) -> str:
+    """The notebook that computes artifacts of ``kind``."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown artifact kind {kind!r}; known kinds: {sorted(KINDS)}")
+    return KINDS[kind][0]
+
+
+def missing(kind: str, what: str, path: Path) -> MissingArtifactError:
+    """The error of a render notebook that lacks ``what`` (of ``kind``) at ``path``."""
+    hint = f" {_STATE['hint']}" if _STATE["hint"] else ""
+    return MissingArtifactError(
+        f"missing input: {what} (not in the artifact cache: {path}). This notebook only renders and never "
+        f"trains or evaluates: run notebooks/{producer(kind)}.ipynb first{hint}, or the whole "
+        "series with `make reproduce` / `python -m backfill_utils.run`."
+    )
+
+
+def missing_target(what: str, target: str, paths, cfg: Mapping) -> MissingArtifactError:
+    """The error of a render notebook that lacks the committed outputs ``paths`` of a
+    ``make`` target (``make tune``, ``make regimes``), naming the target to run."""
+    arg = "" if cfg.get("run_name") == "default" else f" PROFILE={cfg.get('profile')}"
+    return MissingArtifactError(
+        f"missing input: {what} ({', '.join(str(p) for p in paths)}). This notebook only renders: run "
+        f"`{target}{arg}` first (its outputs are committed under results/ for the default profile)."
+    )
+
+
+def require_compute(kind: str, what: str, path: Path) -> None:
+    """Raise :class:`MissingArtifactError` if a missing artifact would be computed in render mode."""
+    if _STATE["mode"] == "render":
+        raise missing(kind, what, path)
+
+
+# --------------------------------------------------------------------------- cache
+def code_versions(kind: str) -> dict[str, int]:
+    """The code versions that artifacts of ``kind`` depend on, e.g. ``{"train": 1, "embed": 1}``."""
+    names = KINDS[kind][1] if kind in KINDS else None
+    if names is None:
+        raise ValueError(f"unknown artifact kind {kind!r}; known kinds: {sorted(KINDS)}")
+    out = {}
+    for name in names:
+        module, attr = VERSION_SOURCES[name]
+        out[name] = int(getattr(importlib.import_module(f"{__package__}.{module}"), attr))
+    return out
+
+
+def full_key(kind: str, key: Mapping) -> dict:
+    """The key that is hashed: the caller's key plus the code versions of ``kind``."""
+    return {"key": dict(key), "code": code_versions(kind)}
+
+
+def cache_path(kind: str, key: Mapping) -> Path:
+    """``<cache>/<kind>/<hash of full_key(kind, key)>.npz``."""
+    return C.cache_dir() / kind / f"{C.config_hash(full_key(kind, key))}.npz"
+
+
+def cached_arrays(
+    kind: str, key: Mapping, compute: Callable[[], Mapping[str, np.ndarray]], *,
+    refresh: bool = False, what: str | None = None,
+) -> dict[str, np.ndarray]:
+    """Return the arrays cached under ``(kind, key)``, computing and storing them on a miss.
+
+    ``kind`` is one of :data:`KINDS`. Arrays are stored without pickle
+    (an object array is an error before anything is written). In render mode a
+    miss raises :class:`MissingArtifactError` naming the producing notebook
+    (``what`` describes the artifact in that message).
+    """
+    path = cache_path(kind, key)
+    if path.is_file() and not refresh:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    require_compute(kind, what or f"this {kind} artifact", path)
+    arrays = {k: np.asarray(v) for k, v in compute().items()}
+    bad = [k for k, v in arrays.items() if v.dtype == object]
+    if bad:
+        raise TypeError(f"cached_arrays({kind!r}): arrays {bad} have dtype object, which cannot be "
+                        "stored without pickle; convert them to numbers or str first")
+    atomic_write(path, lambda p: np.savez(p, **arrays))
+    atomic_write_text(path.with_suffix(".json"),
+                      json.dumps(full_key(kind, key), indent=1, sort_keys=True, default=str))
+    return arrays
+
+
+# --------------------------------------------------------------------------- tables in the cache
+def frame_to_arrays(df: pd.DataFrame, prefix: str = "") -> dict[str, np.ndarray]:
+    """A DataFrame as arrays that :func:`cached_arrays` can store (no pickle): one per
+    column (text columns as ``str``), names prefixed by ``prefix``;
+    :func:`arrays_to_frame` inverts it.
+
+    >>> arrays_to_frame(frame_to_arrays(pd.DataFrame({"m": ["a", "b"], "x": [1.5, 2.0]}), "t::"), "t::")
+       m    x
+    0  a  1.5
+    1  b  2.0
+    """
+    out = {}
+    for c in df.columns:
+        v = df[c].to_numpy()
+        out[f"{prefix}col::{c}"] = v.astype(str) if v.dtype == object else v
+    out[f"{prefix}columns"] = np.array([str(c) for c in df.columns])
+    return out
+
+
+def arrays_to_frame(arrays: Mapping[str, np.ndarray], prefix: str = "") -> pd.DataFrame:
+    """The DataFrame stored by :func:`frame_to_arrays` under ``prefix``."""
+    return pd.DataFrame({str(c): arrays[f"{prefix}col::{c}"] for c in arrays[f"{prefix}columns"]})

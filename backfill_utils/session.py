@@ -1,0 +1,186 @@
+"""The set-up of a notebook of the series: one call instead of a pasted cell.
+
+Every notebook starts with its ``parameters`` cell (literals only, papermill
+injects values there) and then::
+
+    from backfill_utils import session
+    run = session.setup(profile, dataset, data_root, seed, overrides, download, kind="render")
+
+:func:`setup` loads the profile with the parameters and ``overrides`` (the
+profile's strict check: an unknown key is an error naming the known keys),
+picks the run's results folder (``results/`` only for the default profile as it
+is, :func:`config.output_dir`), puts the process in compute or render mode
+(:mod:`backfill_utils.io`: a render notebook never trains or evaluates; a
+missing artifact is an error naming the notebook to run first), applies the
+figure style and prints one line saying what runs where.
+
+The returned :class:`Run` saves figures and tables under the run's folder and
+checks the paper's claims: asserted on the reference run of the default
+profile (``run.strict``), reported on any other run (a line starting with
+:data:`CLAIM_MARK` in the notebook's output, which the runner's summary
+collects).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Mapping
+
+import pandas as pd
+
+from . import config as C
+from . import io
+
+CLAIM_MARK = "CLAIM DOES NOT HOLD on this run:"
+KINDS = ("compute", "render")
+
+
+@dataclasses.dataclass
+class Run:
+    """One notebook's run: configuration, output folder, claim policy."""
+
+    cfg: dict
+    out: Path
+    strict: bool
+    kind: str
+    failed_claims: list = dataclasses.field(default_factory=list)
+
+    def figure(self, fig, name: str, *, inline: str = "png") -> None:
+        """Save ``fig`` as ``<out>/figures/<name>.{png,pdf}`` (deterministic files) and
+        print where.
+
+        ``inline="png"``: the figure stays open, so Jupyter's inline backend shows it
+        under the cell (in JupyterLab and in the executed copy). ``inline="jpeg"``:
+        shown now as a JPEG and closed (photo-like grids whose PNG would make the
+        executed notebook large; the files are unchanged).
+        """
+        from . import plots
+
+        if inline not in ("png", "jpeg"):
+            raise ValueError(f"inline must be 'png' or 'jpeg', got {inline!r}")
+        self._saved(plots.save_figure(fig, self.out / "figures", name))
+        if inline == "jpeg":
+            from IPython.display import display
+
+            display(plots.jpeg_image(fig))
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
+
+    def table(self, df: pd.DataFrame, name: str, **kwargs) -> None:
+        """Save ``df`` as ``<out>/tables/<name>.{csv,md,tex}`` (``plots.save_table``) and print where."""
+        from . import plots
+
+        self._saved(plots.save_table(df, self.out / "tables", name, **kwargs))
+
+    def _saved(self, paths: list[Path]) -> None:
+        first = paths[0]
+        try:
+            first = first.relative_to(self.out)
+        except ValueError:
+            pass
+        print(f"saved {first}" + "".join(f", {p.suffix}" for p in paths[1:]))
+
+    def expect(self, holds: bool, claim: str, detail: object = "", *, asserted: bool = True) -> bool:
+        """A claim of the paper: asserted when ``strict`` (and ``asserted``), otherwise reported.
+
+        On a non-reference run, or for ``asserted=False`` (a single-seed observation whose
+        noise is unknown), a claim that does not hold prints one line starting with
+        :data:`CLAIM_MARK` and the series goes on. Returns ``holds``.
+        """
+        holds = bool(holds)
+        if not holds:
+            line = f"{CLAIM_MARK} {claim}" + (f" ({detail})" if detail != "" else "")
+            self.failed_claims.append(line)
+            if self.strict and asserted:
+                raise AssertionError(f"{line}; this is the reference run of the default profile, "
+                                     "where every claim is asserted")
+            print(line)
+        return holds
+
+    def optional(self, load):
+        """``load()``, or ``None`` when it raises :class:`~backfill_utils.io.MissingArtifactError`
+        on a run other than the reference run (the message is printed: what is missing and
+        the target that makes it). On the reference run of the default profile the error
+        is raised: its outputs are committed."""
+        try:
+            return load()
+        except io.MissingArtifactError as exc:
+            if self.strict:
+                raise
+            print(f"NOT RENDERED on this run: {exc}")
+            return None
+
+    def check_claims(self, claims: pd.DataFrame, asserted=None) -> pd.DataFrame:
+        """Report every checked claim of a claims table (``tables.claims``, or
+        ``claims.over_seeds`` with a ``verdict`` over seeds) that does not hold; when
+        ``strict``, assert those selected by the boolean mask ``asserted`` (default: all):
+        with verdicts, an asserted claim must hold by more than two standard deviations
+        (``claims.HOLDS``). Returns the failed rows."""
+        from .claims import HOLDS
+
+        checked = claims["checked"].astype(bool)
+        failed = claims[checked & ~claims["holds"].astype(bool)]
+        mask = (pd.Series(True, index=claims.index) if asserted is None
+                else pd.Series(asserted, index=claims.index).astype(bool))
+        with_verdict = "verdict" in claims.columns
+        fatal = []
+        for i, row in claims[checked].iterrows():
+            where = f"{row['setting']} setting: " if "setting" in row else ""
+            numbers = f"value {row['value']:.2f}, reference {row['reference']:.2f}"
+            if with_verdict:
+                numbers += f", difference {row['diff']:.2f} +- {row['diff_sd']:.2f} over {row['seeds']} seed(s)"
+            ok = bool(row["holds"])
+            if not ok:
+                line = f"{CLAIM_MARK} {where}{row['claim']} ({numbers})"
+                self.failed_claims.append(line)
+                print(line)
+            elif with_verdict and row["verdict"] != HOLDS:
+                print(f"claim holds within noise only: {where}{row['claim']} ({numbers})")
+            beyond = row["verdict"] == HOLDS if with_verdict else ok
+            if self.strict and mask[i] and not beyond:
+                fatal.append(f"{where}{row['claim']} ({row['verdict'] if with_verdict else 'fails'}; {numbers})")
+        if failed.empty:
+            print(f"all {int(checked.sum())} checked claims hold on this run")
+        if fatal:
+            raise AssertionError("on the reference run of the default profile every asserted claim must "
+                                 "hold" + (" by more than two standard deviations" if with_verdict else "")
+                                 + ":\n" + "\n".join(fatal))
+        return failed
+
+
+def describe(cfg: dict, out: Path) -> str:
+    """One line: profile, dataset, seed, overrides and output folder."""
+    try:
+        where = out.relative_to(C.REPO_ROOT)
+    except ValueError:
+        where = out
+    changes = {k: v for k, v in cfg.get("run_changes", {}).items() if k not in ("dataset", "seed")}
+    return (f"profile={cfg['profile']} dataset={cfg['dataset']} seed={cfg['seed']} "
+            f"overrides={changes or 'none'} -> {where}/")
+
+
+def setup(profile: str | None = None, dataset: str | None = None, data_root: str | None = None,
+          seed: int | None = None, overrides: Mapping | str | None = None, download: bool = False,
+          *, kind: str = "render", style: bool = True) -> Run:
+    """Load the run's configuration and set the notebook up (see the module docstring).
+
+    ``kind``: ``"compute"`` (may train and evaluate, writes to the cache) or
+    ``"render"`` (reads the cache only). Prints one line (:func:`describe`).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    cfg = C.load_profile(profile, dataset=dataset, data_root=data_root, seed=seed,
+                         overrides=overrides, download=bool(download))
+    out = C.output_dir(cfg)
+    strict = cfg["run_name"] == "default"
+    params = {k: v for k, v in dict(profile=cfg["profile"], dataset=dataset, data_root=data_root,
+                                    seed=seed, overrides=overrides).items() if v not in (None, "", {})}
+    io.set_mode(kind, hint="with the same parameters (" + ", ".join(f"{k}={v!r}" for k, v in params.items()) + ")")
+    if style:
+        from . import plots
+
+        plots.style()
+    policy = "claims asserted" if strict else "claims reported, not asserted"
+    print(f"{describe(cfg, out)} ({kind} notebook; {policy}; CPU code path {C.code_path()})")
+    return Run(cfg=cfg, out=out, strict=strict, kind=kind)

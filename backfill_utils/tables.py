@@ -1,0 +1,177 @@
+"""Tables and claims from the summaries of the registered methods.
+
+* :func:`main_comparison` -- one row per (setting, method) of the ``main`` group;
+* :func:`table1` -- Table 1: AUC_mAP and AUC_CMC (trapezoid and plain mean) and the
+  relative gains, long or one row per method with the settings side by side;
+* :func:`table2_ablation` -- Table 2 (a): each ``ablation`` method's components
+  (from its registration and the profile's recipe) with its AUCs;
+* :func:`claims` -- the phenomena the paper shows, checked on one setting and one seed
+  (:mod:`backfill_utils.claims` turns several seeds into verdicts).
+
+Summaries with a ``seed`` column (the compatibility stage trained over several seeds)
+give means, sample standard deviations (``*_sd``) and the number of ``seeds``.
+
+The rows of every table are the registry's methods in registration order
+(:func:`backfill_utils.methods.names`); a method registered in the ``main`` group is a
+row of Table 1 without any change here.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from . import methods as MM
+
+__all__ = ["MAIN_COLUMNS", "main_comparison", "table1", "table2_ablation", "claims", "BASELINES"]
+
+MAIN_COLUMNS = ["dataset", "setting", "method", "query_passes", "auc_map", "auc_top1",
+                "final_map", "final_top1", "rel_gain_map", "rel_gain_top1", "negative_flips_total"]
+#: The compatible-training baselines the paper's method is claimed to beat (Table 1).
+BASELINES = ("BCT", "FCT", "FastFill", "BiCT")
+
+
+def _ordered(summary: pd.DataFrame, names: list[str]) -> pd.DataFrame:
+    """Rows of ``names`` in that order, settings in order of appearance."""
+    t = summary[summary["method"].isin(names)].copy()
+    t["_o"] = t["method"].map({m: i for i, m in enumerate(names)})
+    t["_s"] = t["setting"].map({s: i for i, s in enumerate(dict.fromkeys(summary["setting"]))})
+    by = ["dataset", "_s", "_o"] if "dataset" in t else ["_s", "_o"]
+    return t.sort_values(by, kind="stable").drop(columns=["_o", "_s"])
+
+
+
+
+def main_comparison(summary: pd.DataFrame, names=None) -> pd.DataFrame:
+    """The ``main_comparison.csv`` table: one row per (setting, method) of ``names``
+    (default: the ``main`` group), columns :data:`MAIN_COLUMNS`."""
+    names = list(names or MM.names("main"))
+    t = summary[summary["method"].isin(names)].copy()
+    t["order"] = t["method"].map({m: i for i, m in enumerate(names)})
+    return t.sort_values(["setting", "order"], kind="stable")[MAIN_COLUMNS].reset_index(drop=True)
+
+
+def _over_seeds(summary: pd.DataFrame) -> pd.DataFrame:
+    """``summary`` with one row per (dataset, setting, method): the mean over its ``seed``
+    column, ``<metric>_sd`` and ``seeds`` added (:func:`backfill_utils.seeds.seed_stats`);
+    a summary without ``seed`` gets ``seeds`` 1 and NaN standard deviations."""
+    from .seeds import SUMMARY_METRICS, seed_stats
+
+    if "seed" not in summary.columns:
+        summary = summary.assign(seed=0)
+    keys = [k for k in ("dataset", "setting", "method") if k in summary.columns]
+    stats = seed_stats(summary, SUMMARY_METRICS, by=keys)
+    rest = summary.drop_duplicates(keys)[keys + [c for c in ("query_passes", "extra_params")
+                                                 if c in summary.columns]]
+    return stats.merge(rest, on=keys, how="left")
+
+
+def table1(summary: pd.DataFrame, names=None, *, layout: str = "long") -> pd.DataFrame:
+    """Table 1: per (dataset, setting, method) AUC_mAP, AUC_CMC top-1 (trapezoid and
+    plain mean of the points) and the relative gains in percent; rows: ``names``
+    (default: the ``main`` group).
+
+    Over seeds: a ``summary`` with a ``seed`` column (:func:`backfill_utils.seeds.evaluate_seeds`)
+    gives the mean over the seeds, the sample standard deviations ``AUC_mAP_sd``,
+    ``AUC_top1_sd``, ``gain_mAP_%_sd``, ``gain_top1_%_sd`` and the number of ``seeds``
+    (NaN standard deviations for one seed).
+
+    ``layout="wide"``: one row per (dataset, method) with the (mean) trapezoid AUCs and
+    gains of each setting side by side (columns ``"<setting> AUC_mAP"``, ...).
+    """
+    if layout not in ("long", "wide"):
+        raise ValueError(f"layout must be 'long' or 'wide', got {layout!r}")
+    names = list(names or MM.names("main"))
+    if layout == "wide":
+        t = table1(summary, names)
+        settings = list(dict.fromkeys(t["setting"]))
+        cols = ["AUC_mAP", "AUC_top1", "gain_mAP_%", "gain_top1_%"]
+        wide = t.pivot_table(index=["dataset", "method"], columns="setting", values=cols, sort=False,
+                             dropna=False)  # keep an undefined gain (NaN) of one setting
+        wide.columns = [f"{s} {c}" for c, s in wide.columns]
+        wide = wide[[f"{s} {c}" for s in settings for c in cols]].reset_index()
+        wide["_o"] = wide["method"].map({m: i for i, m in enumerate(names)})
+        return wide.sort_values(["dataset", "_o"], kind="stable").drop(columns="_o").reset_index(drop=True)
+    t = _ordered(_over_seeds(summary), names)
+    out = pd.DataFrame({
+        "dataset": t["dataset"], "setting": t["setting"], "method": t["method"],
+        "query_passes": t["query_passes"], "seeds": t["seeds"],
+        "AUC_mAP": t["auc_map"], "AUC_mAP_sd": t["auc_map_sd"],
+        "AUC_top1": t["auc_top1"], "AUC_top1_sd": t["auc_top1_sd"],
+        "mean_mAP": t["mean_map"], "mean_top1": t["mean_top1"],
+        "gain_mAP_%": 100.0 * t["rel_gain_map"], "gain_mAP_%_sd": 100.0 * t["rel_gain_map_sd"],
+        "gain_top1_%": 100.0 * t["rel_gain_top1"], "gain_top1_%_sd": 100.0 * t["rel_gain_top1_sd"],
+    })
+    return out.reset_index(drop=True)
+
+
+def table2_ablation(summary: pd.DataFrame, cfg: dict, names=None) -> pd.DataFrame:
+    """Table 2 (ablation): the components each method uses ("yes"/"-": psi, CMCL,
+    L_rev, rho, from :func:`backfill_utils.methods.components` under the profile
+    ``cfg``) and its AUCs, per setting; rows: ``names`` (default: the ``ablation`` group).
+    Over seeds (a ``seed`` column): means, ``*_sd`` and ``seeds`` as in :func:`table1`."""
+    names = list(names or MM.names("ablation"))
+    marks = {n: {k: ("yes" if v else "-") for k, v in MM.components(n, cfg).items()} for n in names}
+    rows = []
+    for _, r in _ordered(_over_seeds(summary), names).iterrows():
+        rows.append({"dataset": r["dataset"], "setting": r["setting"], "method": r["method"],
+                     **marks[r["method"]], "seeds": r["seeds"], "AUC_mAP": r["auc_map"],
+                     "AUC_mAP_sd": r["auc_map_sd"], "AUC_top1": r["auc_top1"], "AUC_top1_sd": r["auc_top1_sd"],
+                     "gain_mAP_%": 100.0 * r["rel_gain_map"], "flips_total": r["negative_flips_total"]})
+    return pd.DataFrame(rows)
+
+
+def _claim(rows: list, claim: str, value: float, relation: str, reference: float, methods: tuple) -> None:
+    holds = {">": value > reference, ">=": value >= reference, "<": value < reference}[relation]
+    rows.append((claim, float(value), relation, float(reference), "|".join(methods), bool(holds)))
+
+
+def claims(curves: pd.DataFrame, summary: pd.DataFrame, *, tol_step: float = 0.5,
+           tol_final: float = 0.5) -> pd.DataFrame:
+    """The phenomena the paper shows, checked on one setting and one seed (``curves`` and
+    ``summary`` of that setting, :func:`backfill_utils.experiments.evaluate_setting`).
+
+    Rank merge rises and runs from old/old to new/new; each component of the
+    paper's method adds (RM+psi >= RM, CMCL > L_rev only, L_rev in the CMCL objective >
+    none, rho > no rho); the paper's
+    method beats rank merge and the compatible-training baselines (:data:`BASELINES`
+    that are in the summary) on both AUCs and ends near new/new; joint CMCL beats the
+    single and separate variants and flips less than separate.
+
+    Returns one row per claim: ``claim``, ``checked`` (rows starting with
+    ``(reported)`` are context, not claims), ``value``, ``relation`` (``>``, ``>=``,
+    ``<``), ``reference``, ``methods`` (the methods it compares, ``|``-separated) and
+    ``holds`` (``value relation reference``). :func:`backfill_utils.claims.over_seeds`
+    turns the rows of several seeds into verdicts.
+    """
+    s = summary.set_index("method")
+    rm = curves[curves["method"] == "RM"].sort_values("ratio")
+    steps = np.diff(rm["mAP"].to_numpy())
+    old, new = s.loc["old"], s.loc["new"]
+    rows: list = []
+    _claim(rows, "RM rises: no step down by more than %.1f mAP" % tol_step, steps.min(), ">=", -tol_step, ("RM",))
+    gap = max(abs(rm["mAP"].iloc[0] - old["final_map"]), abs(rm["mAP"].iloc[-1] - new["final_map"]))
+    _claim(rows, "RM endpoints equal old/old and new/new (mAP, within 1e-6)", gap, "<", 1e-6, ("RM", "old", "new"))
+    for a, rel, b in (("RM+psi", ">=", "RM"), ("RM+psi+CMCL", ">", "RM+psi"), ("RM+psi+CMCL", ">", "CMCL w/o L_rev"),
+                      ("Ours", ">", "RM+psi+CMCL")):
+        if a in s.index and b in s.index:
+            _claim(rows, f"{a} {rel} {b} on AUC_mAP", s.loc[a, "auc_map"], rel, s.loc[b, "auc_map"], (a, b))
+    for b in [x for x in ("RM", *BASELINES) if x in s.index]:
+        for k in ("auc_map", "auc_top1"):
+            _claim(rows, f"Ours > {b} on {k}", s.loc["Ours", k], ">", s.loc[b, k], ("Ours", b))
+    _claim(rows, "Ours final mAP >= new/new - %.1f" % tol_final, s.loc["Ours", "final_map"], ">=",
+           new["final_map"] - tol_final, ("Ours", "new"))
+    for v in [x for x in ("CMCL-single", "CMCL-separate") if x in s.index]:
+        _claim(rows, f"joint CMCL (Ours) > {v} on AUC_mAP", s.loc["Ours", "auc_map"], ">", s.loc[v, "auc_map"],
+               ("Ours", v))
+    if "CMCL-separate" in s.index:
+        # negative flips against old/old (queries right under old/old, wrong now),
+        # averaged over the ratios r > 0; the per-step total is reported beside it
+        vs_old = lambda m: float(curves[(curves["method"] == m) & (curves["ratio"] > 0)]["negative_flips_vs_old"].mean())  # noqa: E731
+        _claim(rows, "joint CMCL (Ours) flips less than separate: mean negative flips vs old/old",
+               vs_old("Ours"), "<", vs_old("CMCL-separate"), ("Ours", "CMCL-separate"))
+        _claim(rows, "(reported) joint vs separate: total of per-step negative flips",
+               s.loc["Ours", "negative_flips_total"], "<", s.loc["CMCL-separate", "negative_flips_total"],
+               ("Ours", "CMCL-separate"))
+    out = pd.DataFrame(rows, columns=["claim", "value", "relation", "reference", "methods", "holds"])
+    out.insert(1, "checked", ~out["claim"].str.startswith("(reported)"))
+    return out

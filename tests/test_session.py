@@ -1,0 +1,142 @@
+"""Notebook set-up: parameters and overrides, the run's own folder, the claim policy."""
+import matplotlib
+import pandas as pd
+import pytest
+
+from backfill_utils import config as C
+from backfill_utils import io
+from backfill_utils import session
+
+
+def test_parse_overrides_accepts_mappings_and_yaml_strings():
+    assert C.parse_overrides("{train: {epochs: 5}}") == {"train": {"epochs": 5}}
+    assert C.parse_overrides('{"train": {"epochs": 5}}') == {"train": {"epochs": 5}}
+    assert C.parse_overrides({"seed": 1}) == {"seed": 1}
+    assert C.parse_overrides(None) == {} == C.parse_overrides("  ")
+    with pytest.raises(ValueError, match="mapping of profile keys"):
+        C.parse_overrides("[1, 2]")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        C.parse_overrides("{train: {epochs: 5}")
+
+
+def test_overrides_use_the_strict_profile_check():
+    cfg = C.load_profile("smoke", overrides="{train: {epochs: 1}, compat: {epochs: 2}}")
+    assert cfg["train"]["epochs"] == 1 and cfg["compat"]["epochs"] == 2 and cfg["train"]["lr"] == 0.1
+    with pytest.raises(KeyError, match=r"unknown configuration key 'epoch'; known keys: \[.*'epochs'"):
+        C.load_profile("smoke", overrides={"train": {"epoch": 1}})
+    with pytest.raises(KeyError, match="'trian'.*known keys"):
+        C.load_profile("smoke", overrides="{trian: {epochs: 1}}")
+    # explicit parameters are applied after the overrides
+    assert C.load_profile("smoke", overrides={"seed": 4}, seed=5)["seed"] == 5
+
+
+def test_run_folders_never_collide():
+    base = C.load_profile("default")
+    assert base["reference_run"] and C.output_dir(base) == C.RESULTS_DIR
+    same = C.load_profile("default", overrides={"train": {"epochs": base["train"]["epochs"]}}, seed=0,
+                          data_root="/elsewhere")
+    assert C.output_dir(same) == C.RESULTS_DIR, "no effective change, the same run (data_root is a location)"
+    folders = {
+        "smoke": C.load_profile("smoke"),
+        "default_cifar100": C.load_profile("default", dataset="cifar100"),
+        "default_seed3": C.load_profile("default", seed=3),
+        "e1": C.load_profile("default", overrides={"train": {"epochs": 1}}),
+        "e2": C.load_profile("default", overrides={"train": {"epochs": 2}}),
+        "smoke_e1": C.load_profile("smoke", overrides="{train: {epochs: 1}}"),
+    }
+    dirs = {k: C.output_dir(v) for k, v in folders.items()}
+    assert len(set(dirs.values())) == len(dirs), dirs
+    assert dirs["smoke"] == C.RESULTS_DIR / "smoke"
+    assert dirs["default_cifar100"] == C.RESULTS_DIR / "default_cifar100"
+    assert dirs["default_seed3"] == C.RESULTS_DIR / "default_seed3"
+    for k in ("e1", "e2", "smoke_e1"):
+        assert dirs[k].parent == C.RESULTS_DIR and dirs[k].name.startswith(("default_", "smoke_")), dirs[k]
+        assert not folders[k]["reference_run"]
+
+
+def test_results_env_overrides_the_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv(C.RESULTS_ENV, str(tmp_path))
+    assert C.output_dir(C.load_profile("smoke", seed=9)) == tmp_path.resolve()
+
+
+def test_a_non_default_run_writes_only_under_its_own_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(C, "RESULTS_DIR", tmp_path / "results")
+    run = session.setup("smoke", overrides="{train: {epochs: 1}}", kind="render")
+    assert run.out.parent == tmp_path / "results" and not run.strict and run.kind == "render"
+    assert io.get_mode() == "render"
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("profile=smoke dataset=synthetic seed=0 overrides={'train': {'epochs': 1}} -> ")
+    assert "claims reported, not asserted" in line
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+    run.figure(fig, "f")
+    plt.close(fig)
+    run.table(pd.DataFrame({"a": [1.0]}), "t")
+    files = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    assert files and all(p.parts[:2] == ("results", run.out.name) for p in files), files
+    assert {p.name for p in files} == {"f.png", "f.pdf", "t.csv", "t.md", "t.tex"}
+
+
+def test_setup_rejects_bad_input():
+    with pytest.raises(ValueError, match="kind must be one of"):
+        session.setup("smoke", kind="draw")
+    with pytest.raises(KeyError, match="known keys"):
+        session.setup("smoke", overrides={"compat": {"epoch": 1}})
+    with pytest.raises(FileNotFoundError, match="available profiles"):
+        session.setup("nope")
+
+
+def test_claims_are_asserted_on_the_reference_run_only(capsys):
+    claims = pd.DataFrame({"claim": ["a > b", "c > d", "(reported) e"], "checked": [True, True, False],
+                           "value": [1.0, 3.0, 0.0], "reference": [2.0, 1.0, 1.0],
+                           "holds": [False, True, False], "setting": ["open", "extended", "extended"]})
+    relaxed = session.Run(cfg={}, out=C.RESULTS_DIR / "x", strict=False, kind="compute")
+    failed = relaxed.check_claims(claims)
+    assert list(failed["claim"]) == ["a > b"]
+    out = capsys.readouterr().out
+    assert f"{session.CLAIM_MARK} open setting: a > b (value 1.00, reference 2.00)" in out
+    assert relaxed.expect(False, "x wins", "1 vs 2") is False
+    assert f"{session.CLAIM_MARK} x wins (1 vs 2)" in capsys.readouterr().out
+    strict = session.Run(cfg={}, out=C.RESULTS_DIR, strict=True, kind="compute")
+    strict.check_claims(claims, asserted=claims.setting == "extended")  # the failing one is not asserted
+    with pytest.raises(AssertionError, match="open setting: a > b"):
+        strict.check_claims(claims)
+    with pytest.raises(AssertionError, match="x wins"):
+        strict.expect(False, "x wins")
+    assert strict.expect(True, "y")
+
+
+def test_no_backend_is_forced_at_import():
+    import importlib
+
+    from backfill_utils import plots
+
+    before = matplotlib.get_backend()
+    importlib.reload(plots)
+    assert matplotlib.get_backend() == before
+    assert "matplotlib.use(" not in (C.REPO_ROOT / "backfill_utils" / "plots.py").read_text()
+
+
+def test_download_reaches_every_dataset_loader(monkeypatch):
+    from backfill_utils import data as D
+    from backfill_utils import embed as E
+    from backfill_utils import train as T
+
+    seen = []
+    real = D.get_dataset
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("download"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(D, "get_dataset", spy)
+    cfg = C.load_profile("smoke", download=True,
+                         overrides={"dataset_options": {"num_classes": 4, "train_per_class": 4, "test_per_class": 2}})
+    assert cfg["download"] is True
+    assert C.load_profile("smoke", download=True)["run_name"] == "smoke"  # where data comes from: no new run
+    E._split_dataset(cfg, "test", [0, 1], augment=False)
+    T.build_train_dataset(T.model_spec(cfg, "extended", "old"), None, cfg["download"])
+    assert seen == [True, True]
+    assert C.load_profile("smoke")["download"] is False

@@ -1,0 +1,78 @@
+"""Tables and claims (tables.py) from a summary, rows from the registry."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from backfill_utils import config as C
+from backfill_utils import methods as MM
+from backfill_utils import tables as T
+
+
+def fake_summary(settings=("extended", "open")):
+    rows = []
+    for s in settings:
+        for i, m in enumerate(MM.names()):
+            rows.append({"dataset": "synthetic", "setting": s, "method": m, "query_passes": MM.get(m).query_passes,
+                         "auc_map": 10.0 + i, "auc_top1": 20.0 + i, "mean_map": 10.0 + i,
+                         "mean_top1": 20.0 + i, "final_map": 30.0 + i, "final_top1": 40.0 + i,
+                         "rel_gain_map": 0.1 * i, "rel_gain_top1": 0.2 * i, "negative_flips_total": float(i)})
+    return pd.DataFrame(rows)
+
+
+def test_table1_rows_are_the_main_group():
+    summary = fake_summary()
+    t1 = T.table1(summary)
+    assert len(t1) == 2 * len(MM.names("main"))
+    assert list(t1.method[:len(MM.names("main"))]) == MM.names("main")
+    assert list(t1.setting.unique()) == ["extended", "open"]
+    assert t1.set_index(["setting", "method"]).loc[("extended", "new"), "gain_mAP_%"] == pytest.approx(10.0)
+    wide = T.table1(summary, layout="wide")
+    assert list(wide.method) == MM.names("main") and "open AUC_mAP" in wide.columns
+    with pytest.raises(ValueError, match="layout"):
+        T.table1(summary, layout="tall")
+    main = T.main_comparison(summary)
+    assert list(main.columns) == T.MAIN_COLUMNS and set(main.method) == set(MM.names("main"))
+
+
+def test_table2_marks_the_components():
+    cfg = C.load_profile("smoke")
+    t2 = T.table2_ablation(fake_summary(), cfg)
+    assert list(t2.method[:5]) == MM.names("ablation") and set(t2["rho"]) == {"yes", "-"}
+    marks = t2.set_index("method").iloc[:5]
+    assert marks.loc["RM", ["psi", "CMCL", "L_rev", "rho"]].tolist() == ["-"] * 4
+    assert marks.loc["RM+psi", ["psi", "CMCL", "L_rev", "rho"]].tolist() == ["yes", "-", "yes", "-"]
+    assert marks.loc["CMCL w/o L_rev", ["CMCL", "L_rev"]].tolist() == ["yes", "-"]
+    assert marks.loc["Ours", ["psi", "CMCL", "L_rev", "rho"]].tolist() == ["yes"] * 4
+
+
+def test_claims_compare_the_named_methods():
+    summary = fake_summary(("extended",))
+    r = np.linspace(0, 1, 11)
+    curves = pd.concat([pd.DataFrame({"method": m, "ratio": r, "mAP": 10.0 + 20 * r,
+                                      "negative_flips_vs_old": 1.0}) for m in MM.names()])
+    s = summary.set_index("method")
+    curves.loc[curves.method == "RM", "mAP"] = np.linspace(s.loc["old", "final_map"], s.loc["new", "final_map"], 11)
+    cl = T.claims(curves, summary).set_index("claim")
+    # Ours is registered last, so it has the highest fake AUC: every "Ours > baseline" claim holds
+    for b in T.BASELINES:
+        assert cl.loc[f"Ours > {b} on auc_map", "holds"] and cl.loc[f"Ours > {b} on auc_top1", "holds"]
+    assert cl.loc["RM endpoints equal old/old and new/new (mAP, within 1e-6)", "holds"]
+    assert not cl.loc["(reported) joint vs separate: total of per-step negative flips", "checked"]
+    # a baseline that is not in the summary is left out, not an error
+    cl2 = T.claims(curves[curves.method != "BiCT"], summary[summary.method != "BiCT"])
+    assert not cl2["claim"].str.contains("BiCT").any()
+
+
+def test_table1_over_seeds_gives_mean_and_sample_sd():
+    a, b = fake_summary(("extended",)), fake_summary(("extended",))
+    b["auc_map"] = b["auc_map"] + 2.0  # seed 1: every AUC_mAP 2 points higher
+    b.loc[b.method.isin(["old", "new", "offline"]), "auc_map"] -= 2.0  # references do not depend on the seed
+    t1 = T.table1(pd.concat([a.assign(seed=0), b.assign(seed=1)])).set_index("method")
+    assert (t1["seeds"] == 2).all()
+    assert t1.loc["Ours", "AUC_mAP"] == pytest.approx(a.set_index("method").loc["Ours", "auc_map"] + 1.0)
+    assert t1.loc["Ours", "AUC_mAP_sd"] == pytest.approx(np.std([0.0, 2.0], ddof=1))
+    assert t1.loc["old", "AUC_mAP_sd"] == 0.0
+    single = T.table1(a)  # no seed column: one seed, sd undefined
+    assert (single["seeds"] == 1).all() and single["AUC_mAP_sd"].isna().all()
+    t2 = T.table2_ablation(pd.concat([a.assign(seed=0), b.assign(seed=1)]), C.load_profile("smoke"))
+    assert t2.set_index("method").loc["Ours", "AUC_mAP_sd"] == pytest.approx(np.sqrt(2.0))
