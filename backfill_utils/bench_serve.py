@@ -63,6 +63,8 @@ from tqdm import tqdm
 
 from . import backfill as bf
 from . import compat
+from .compat_train import fit_reverse
+from .recipes import RevPsiRecipe
 from .bench import make_data
 from .serve import OnlineBackfillIndex
 
@@ -279,8 +281,8 @@ def _worker(args: argparse.Namespace) -> dict:
     data = {"old": raw["old"][:n], "new": raw["new"][:n], "q_new": raw["new"][n:n + n_q]}
     tr = slice(n + n_q, None)
     t0 = time.perf_counter()
-    psi, _, hist = compat.train_reverse(raw["new"][tr], raw["old"][tr], epochs=args.psi_epochs, seed=args.seed,
-                                        disable=not progress)
+    recipe = RevPsiRecipe(epochs=args.psi_epochs, seed=args.seed)
+    psi, _, hist = fit_reverse(recipe, raw["new"][tr], raw["old"][tr], disable=not progress)
     psi_s = time.perf_counter() - t0
     rho = compat.LearnableEmbedding(args.dim).eval()
     del raw
