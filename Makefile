@@ -26,7 +26,7 @@ PINNED_ENV := ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=COMPATIBLE ONEDNN_MAX_CPU_ISA=AV
 ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install reproduce test tune regimes lab bench gpu-check clean clean-cache
+.PHONY: install reproduce test tune regimes lab bench bench-serve gpu-check clean clean-cache
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -62,6 +62,11 @@ lab: install
 
 bench: install
 	$(PY) -m backfill_utils.bench
+
+# about 35 minutes on 2 cores: the faiss index over the mixed gallery at 100k and 1M items
+# against one faiss index (writes results/bench/serve.json)
+bench-serve: install
+	$(PY) -m backfill_utils.bench_serve
 
 # A few minutes on a machine with an NVIDIA GPU: the paper recipe's training throughput on
 # synthetic CIFAR-size data, and the engine on CUDA against the CPU (exit 1 if not identical).
