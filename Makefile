@@ -60,11 +60,13 @@ test: install
 lab: install
 	$(if $(PIN),env $(PINNED_ENV)) $(VENV)/bin/jupyter lab notebooks
 
+# the exact engine (about 15 minutes on 2 cores; results/bench/bench.json), then the faiss index
+# over the mixed gallery at 100k and 1M items against one faiss index (about 35 minutes;
+# results/bench/serve.json)
 bench: install
 	$(PY) -m backfill_utils.bench
+	$(PY) -m backfill_utils.bench_serve
 
-# about 35 minutes on 2 cores: the faiss index over the mixed gallery at 100k and 1M items
-# against one faiss index (writes results/bench/serve.json)
 bench-serve: install
 	$(PY) -m backfill_utils.bench_serve
 
