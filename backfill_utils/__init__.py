@@ -4,8 +4,11 @@ Reproduction package for Seo et al., "Metric Compatible Training for Online
 Backfilling in Large-Scale Retrieval" (WACV 2025). One concept per module:
 config, io, session, data (with dataset_registry, synthetic, layouts, ...),
 models, distances, losses, recipes, compat (+ compat_inputs, compat_train),
-train, embed, metrics, orders, backfill, methods (the method registry),
-experiments (+ order_study, query_cost), tables, illustrate, plots (+
-thumbnails, animation), run, bench. See README.md.
+train (+ parallel), embed, metrics (the exact engine: engine, counting,
+counting_numba, phases), orders, backfill, methods (the method registry),
+experiments (+ order_study, query_cost), seeds, claims, tuning, sensitivity,
+regimes, report, tables, illustrate, plots (+ study_plots, thumbnails,
+animation), serve (+ serve_parts, serve_side: faiss over the mixed gallery),
+run, bench, bench_serve, gpu_check. See README.md.
 """
 __version__ = "0.1.0"
