@@ -26,7 +26,7 @@ PINNED_ENV := ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=COMPATIBLE ONEDNN_MAX_CPU_ISA=AV
 ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install reproduce test tune regimes lab bench bench-serve gpu-check clean clean-cache
+.PHONY: install reproduce test tune regimes lab bench bench-serve gpu-check scale-cost clean clean-cache
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -77,6 +77,13 @@ bench-serve: install
 GPU_ARGS ?=
 gpu-check: install
 	$(PY) -m backfill_utils.gpu_check --out results/gpu_check.json $(GPU_ARGS)
+
+# About 2 minutes on 2 cores: what the paper profile would cost on CIFAR-100, Tiny-ImageNet, ImageNet-1K
+# and Places-365 (results/bench/scale.json and the README's SCALE block); after make gpu-check on a GPU
+# machine, make scale-cost SCALE_ARGS="--gpu-json results/gpu_check.json" fills the GPU column.
+SCALE_ARGS ?=
+scale-cost: install
+	BACKFILL_THREADS=1 $(PY) -m backfill_utils.scale_cost --readme $(SCALE_ARGS)
 
 # Removes executed notebooks only (of every run); never the cache of trained models or results.
 clean:
