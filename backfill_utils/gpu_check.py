@@ -201,7 +201,8 @@ def main(argv=None) -> dict:
     cfg = profile(args)  # (sets the torch threads from $BACKFILL_THREADS, as every entry point)
     if args.threads:
         torch.set_num_threads(args.threads)
-    summary: dict[str, Any] = {"environment": environment(device)}
+    summary: dict[str, Any] = {"environment": environment(device),
+                               "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     old_cache = os.environ.get(C.CACHE_ENV)
     with tempfile.TemporaryDirectory(prefix="gpu_check_cache_") as tmp:
         os.environ[C.CACHE_ENV] = tmp  # never touch the project's cache of trained models

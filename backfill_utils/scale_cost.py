@@ -263,6 +263,10 @@ def load_gpu(path: Path) -> dict:
         raise ValueError(f"{path} is not a gpu_check JSON (no {err}): write one with make gpu-check") from None
     if not str(device).startswith("cuda"):
         raise ValueError(f"{path} was measured on {device!r}, not a GPU: run make gpu-check on a GPU machine")
+    width = gpu.get("config", {}).get("width", 64)
+    if width != 64:
+        raise ValueError(f"{path} was measured with --width {width}, not the paper's ResNet-18 (64): "
+                         "run make gpu-check without --width")
     return gpu
 
 

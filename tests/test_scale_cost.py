@@ -137,6 +137,10 @@ def test_bad_inputs_name_the_file(tmp_path, readme):
     other.write_text(json.dumps({"environment": {"device": "cuda"}}))
     with pytest.raises(ValueError, match="other.json is not a gpu_check JSON"):
         S.load_gpu(other)
+    narrow = tmp_path / "narrow.json"
+    narrow.write_text(json.dumps({**GPU, "config": {"width": 8}}))
+    with pytest.raises(ValueError, match="narrow.json was measured with --width 8"):
+        S.load_gpu(narrow)
     no_markers = tmp_path / "plain.md"
     no_markers.write_text("# nothing here\n")
     with pytest.raises(ValueError, match="plain.md needs exactly one"):
