@@ -287,6 +287,34 @@ def summarize_statistics(
     return out
 
 
+def _checked_inputs(query_embeddings: Any, query_labels: Any, gallery_embeddings: Any,
+                   gallery_labels: Any, exclude_self: bool) -> tuple:
+    """The four inputs of :func:`evaluate_retrieval` as tensors / label arrays, checked
+    against each other (an error naming the input otherwise)."""
+    q = as_embedding_tensor(query_embeddings, "query_embeddings")
+    g = as_embedding_tensor(gallery_embeddings, "gallery_embeddings")
+    ql = as_label_array(query_labels, "query_labels")
+    gl = as_label_array(gallery_labels, "gallery_labels")
+    if len(ql) != q.shape[0]:
+        raise ValueError(f"query_labels has {len(ql)} entries but query_embeddings has {q.shape[0]} rows")
+    if len(gl) != g.shape[0]:
+        raise ValueError(f"gallery_labels has {len(gl)} entries but gallery_embeddings has {g.shape[0]} rows")
+    if q.shape[1] != g.shape[1]:
+        raise ValueError(
+            f"query_embeddings has shape {tuple(q.shape)} but gallery_embeddings has shape "
+            f"{tuple(g.shape)}: the embedding dimensions must agree"
+        )
+    if exclude_self and q.shape[0] != g.shape[0]:
+        raise ValueError(
+            f"exclude_self=True needs query i to be gallery item i, but there are "
+            f"{q.shape[0]} queries and {g.shape[0]} gallery items; pass exclude_self=False "
+            "for a separate query set"
+        )
+    if q.shape[0] == 0 or g.shape[0] == 0:
+        raise ValueError(f"empty query set or gallery (shapes {tuple(q.shape)}, {tuple(g.shape)})")
+    return q, g, ql, gl
+
+
 def evaluate_retrieval(
     query_embeddings: Any,
     query_labels: Any,
@@ -340,27 +368,8 @@ def evaluate_retrieval(
     """
     ks = validate_ks(ks)
     check_on_no_relevant(on_no_relevant)
-    q = as_embedding_tensor(query_embeddings, "query_embeddings")
-    g = as_embedding_tensor(gallery_embeddings, "gallery_embeddings")
-    ql = as_label_array(query_labels, "query_labels")
-    gl = as_label_array(gallery_labels, "gallery_labels")
-    if len(ql) != q.shape[0]:
-        raise ValueError(f"query_labels has {len(ql)} entries but query_embeddings has {q.shape[0]} rows")
-    if len(gl) != g.shape[0]:
-        raise ValueError(f"gallery_labels has {len(gl)} entries but gallery_embeddings has {g.shape[0]} rows")
-    if q.shape[1] != g.shape[1]:
-        raise ValueError(
-            f"query_embeddings has shape {tuple(q.shape)} but gallery_embeddings has shape "
-            f"{tuple(g.shape)}: the embedding dimensions must agree"
-        )
-    if exclude_self and q.shape[0] != g.shape[0]:
-        raise ValueError(
-            f"exclude_self=True needs query i to be gallery item i, but there are "
-            f"{q.shape[0]} queries and {g.shape[0]} gallery items; pass exclude_self=False "
-            "for a separate query set"
-        )
-    if q.shape[0] == 0 or g.shape[0] == 0:
-        raise ValueError(f"empty query set or gallery (shapes {tuple(q.shape)}, {tuple(g.shape)})")
+    q, g, ql, gl = _checked_inputs(query_embeddings, query_labels, gallery_embeddings, gallery_labels,
+                                   exclude_self)
     qc, gc = encode_labels(ql, gl)
     stats = retrieval_statistics(
         q, g, None, None, qc, gc, exclude_self=exclude_self, chunk_size=chunk_size,
