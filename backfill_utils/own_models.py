@@ -47,7 +47,7 @@ from . import methods as MM
 from . import metrics as MT
 
 __all__ = ["FILES", "OwnEmbeddings", "NeedsClassifier", "OwnData", "load_own_embeddings", "check_own_embeddings",
-           "export_profile_embeddings", "train_own", "evaluate_own"]
+           "export_profile_embeddings", "train_own", "evaluate_own", "export_modules", "served_index"]
 
 FILES = ("old_train", "new_train", "train_labels", "old_test", "new_test", "test_labels")
 _EMB = ("old_train", "new_train", "old_test", "new_test")
@@ -298,6 +298,38 @@ def evaluate_own(emb: OwnEmbeddings, cfg: dict, names=None, *,
                      **B.summarize_curve(curve, *refs)})
         curves.append(curve.assign(method=n)[["method", *curve.columns]])
     return pd.concat(curves, ignore_index=True), pd.DataFrame(rows), trained, skipped
+
+
+def export_modules(trained: Mapping[str, MM.Trained], folder: Any) -> list[Path]:
+    """Write every trained module as ``<folder>/<method>_<slot>.{pt,json}`` (state dict
+    and config, :func:`backfill_utils.compat.save_module`; ``compat.load_module`` reads
+    it back). Characters other than letters, digits, ``-`` and ``_`` in a method's name
+    become ``_``. Returns the ``.pt`` paths."""
+    from . import compat as K
+
+    out = []
+    for name, t in trained.items():
+        stem = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
+        for slot, module in t.modules().items():
+            out.append(K.save_module(module, Path(folder) / f"{stem}_{slot}")[0])
+    return out
+
+
+def served_index(emb: OwnEmbeddings, cfg: dict, name: str, trained: MM.Trained | None, ratio: float, **kwargs):
+    """The :class:`~backfill_utils.serve.OnlineBackfillIndex` of method ``name`` over the
+    own test gallery (ids = rows), backfilled to ``ratio`` in the profile's random order
+    (the order of :func:`evaluate_own`); ``kwargs``: the index's (``factory``, ...)."""
+    from .serve import OnlineBackfillIndex
+    from .serve_registry import index_arguments
+
+    m = MM.get(name)
+    index = OnlineBackfillIndex(emb.old_test.shape[1], emb.new_test.shape[1],
+                                **index_arguments(m, trained or MM.Trained()), **kwargs)
+    n = len(emb.test_labels)
+    index.add_old(np.arange(n), emb.old_test)
+    batch = B.random_order(n, int(cfg["eval"]["order_seed"]))[:B.backfilled_count(ratio, n)]
+    index.backfill(batch, emb.new_test[batch])
+    return index
 
 
 class _Refs:
