@@ -120,3 +120,21 @@ def test_backfill_to_moves_forward_only(tiny_cfg):
         served.backfill_to(2)
     with pytest.raises(ValueError, match="count must be in"):
         served.backfill_to(len(served.order) + 1)
+
+
+def test_simulate_all_serves_the_registry_under_load(tiny_cfg):
+    """Rank merge at ratio 0 is old/old and at ratio 1 new/new: the offline service's numbers."""
+    from backfill_utils import serve_sim as S
+
+    q, lat, plan = S.simulate_all(tiny_cfg, SETTING, ["offline", "RM", "Ours"], {"queries_per_tick": 40, "ticks": 4},
+                                  backbone_ms={"old": 1.0, "new": 2.0}, progress=False)
+    assert plan.throughput == 50 and list(dict.fromkeys(q.method)) == ["offline", "RM", "Ours"]
+    by = {m: q[q.method == m].reset_index(drop=True) for m in ("offline", "RM", "Ours")}
+    for t in (0, len(by["RM"]) - 1):
+        for col in ("top1", "map_at_k"):
+            assert by["RM"][col].iloc[t] == by["offline"][col].iloc[t], (t, col)
+    fwd = lat.groupby("method")["forward_ms"].agg(["min", "max"])
+    assert tuple(fwd.loc["RM"]) == (3.0, 3.0) and tuple(fwd.loc["Ours"]) == (2.0, 2.0)
+    assert tuple(fwd.loc["offline"]) == (1.0, 2.0)
+    again, _, _ = S.simulate_all(tiny_cfg, SETTING, ["Ours"], {"queries_per_tick": 40, "ticks": 4}, progress=False)
+    assert again.equals(by["Ours"])
