@@ -8,7 +8,9 @@ the method's backfill order (``throughput`` items per simulated second: the
 embedding), then the tick's queries are served one by one by ``index.search``. The
 interleaving is fixed, so the **quality** columns (top-1 and mAP@k of the tick's
 labelled queries, leave-one-out: the query's own gallery item is dropped) are the same
-numbers for the same seed. The **latency** columns are measured wall-clock times of
+numbers for the same seed. The stream replays the same seeded sample of labelled
+queries at every tick (:func:`query_stream`), so a curve moves with the backfill, not
+with the sample. The **latency** columns are measured wall-clock times of
 this machine (``time.perf_counter`` around each ``index.search`` call, batch 1, and
 around the worker's ``backfill`` call) and vary from run to run; they are kept in
 their own table.
@@ -64,9 +66,9 @@ class LoadPlan:
     def for_gallery(cls, n: int, *, throughput: float | None = None, queries_per_tick: int | None = None,
                     ticks: int = 20, **kw: Any) -> "LoadPlan":
         """A plan whose backfill of ``n`` items takes ``ticks`` ticks of 1 s unless
-        ``throughput`` is given; ``queries_per_tick`` default ``min(n, 100)``."""
+        ``throughput`` is given; ``queries_per_tick`` default ``min(n, 250)``."""
         return cls(throughput=float(throughput) if throughput else n / ticks,
-                   queries_per_tick=int(queries_per_tick or min(n, 100)), **kw)
+                   queries_per_tick=int(queries_per_tick or min(n, 250)), **kw)
 
 
 def ap_at_k(hits: np.ndarray, n_relevant: np.ndarray) -> np.ndarray:
@@ -84,12 +86,11 @@ def ap_at_k(hits: np.ndarray, n_relevant: np.ndarray) -> np.ndarray:
 
 
 def query_stream(n: int, plan: LoadPlan, n_ticks: int) -> list[np.ndarray]:
-    """Rows of the queries of each tick: a seeded permutation of the ``n`` test items,
-    cycled (every item is queried before any is queried twice)."""
-    rng = np.random.default_rng(plan.seed)
-    need = n_ticks * plan.queries_per_tick
-    rows = np.concatenate([rng.permutation(n) for _ in range(-(-need // n))])[:need]
-    return np.split(rows, n_ticks)
+    """Rows of the queries of each tick: the same seeded sample of ``queries_per_tick``
+    of the ``n`` test items at every tick (without replacement), so that what changes
+    from tick to tick is the gallery, not the sample of queries."""
+    rows = np.sort(np.random.default_rng(plan.seed).choice(n, min(n, plan.queries_per_tick), replace=False))
+    return [rows] * n_ticks
 
 
 def backfill_schedule(n: int, plan: LoadPlan) -> np.ndarray:

@@ -57,9 +57,11 @@ def test_schedule_and_stream():
     assert S.backfill_schedule(30, plan).tolist() == [0, 14, 28, 30, 30]
     assert S.backfill_schedule(5, S.LoadPlan(throughput=100, settle_ticks=0)).tolist() == [0, 5]
     stream = S.query_stream(30, plan, 4)
-    rows = np.concatenate(stream)
-    assert [len(s) for s in stream] == [25] * 4 and sorted(rows[:30]) == list(range(30))
-    assert all(np.array_equal(a, b) for a, b in zip(stream, S.query_stream(30, plan, 4)))
+    assert [len(s) for s in stream] == [25] * 4 and len(set(stream[0].tolist())) == 25
+    assert all(np.array_equal(s, stream[0]) for s in stream) and stream[0].max() < 30
+    assert np.array_equal(stream[0], S.query_stream(30, plan, 2)[1])
+    assert not np.array_equal(stream[0], S.query_stream(30, S.LoadPlan(throughput=7, queries_per_tick=25, seed=1), 1)[0])
+    assert len(S.query_stream(10, plan, 1)[0]) == 10  # at most the gallery
     assert S.LoadPlan.for_gallery(200).throughput == 10 and S.LoadPlan.for_gallery(50).queries_per_tick == 50
     with pytest.raises(ValueError, match="throughput and tick_s must be positive"):
         S.LoadPlan(throughput=0)
