@@ -245,6 +245,30 @@ def train_own(emb: OwnEmbeddings, cfg: dict, name: str, *, progress: bool = True
     return X._trained_from_arrays(arrays)
 
 
+def _train_job(paths: dict, cfg: dict, name: str, normalize: bool) -> None:
+    """A worker process's job (:mod:`backfill_utils.parallel`): read the files, train, cache."""
+    try:
+        train_own(load_own_embeddings(paths, normalize=normalize), cfg, name, progress=False)
+    except NeedsClassifier:
+        pass
+
+
+def _pretrain(paths: Mapping[str, Any] | None, emb: OwnEmbeddings, cfg: dict, names, normalize: bool,
+              progress: bool) -> None:
+    """Train the package's own registrations of ``names`` in ``$BACKFILL_WORKERS`` worker
+    processes (each reads ``paths``, the files ``emb`` came from), so that the caller's
+    :func:`train_own` reads them from the cache; nothing happens with one worker."""
+    from . import parallel
+
+    if paths is None or parallel.workers() < 2:
+        return
+    todo = [n for n in names if MM.get(n).trainable and MM.is_builtin(n)
+            and not io.cache_path("compat", _own_key(emb, cfg, n)).is_file()]
+    if len(todo) > 1:
+        jobs = [({k: str(v) for k, v in paths.items()}, cfg, n, normalize) for n in todo]
+        parallel.run_jobs(_train_job, jobs, desc="train on own embeddings", progress=progress, labels=todo)
+
+
 def _plan(names, emb: OwnEmbeddings) -> tuple[list[str], dict[str, str]]:
     """Methods of ``names`` that own embeddings can serve, and the skipped ones with why."""
     keep, skipped = [], {}
@@ -260,8 +284,8 @@ def _plan(names, emb: OwnEmbeddings) -> tuple[list[str], dict[str, str]]:
     return keep, skipped
 
 
-def evaluate_own(emb: OwnEmbeddings, cfg: dict, names=None, *,
-                 progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, dict, dict]:
+def evaluate_own(emb: OwnEmbeddings, cfg: dict, names=None, *, paths: Mapping[str, Any] | None = None,
+                 normalize: bool = True, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, dict, dict]:
     """Curves and summary of ``names`` (default: the ``main`` group) on own embeddings.
 
     Returns ``(curves, summary, trained, skipped)``: the long curve table (``method``
@@ -269,9 +293,11 @@ def evaluate_own(emb: OwnEmbeddings, cfg: dict, names=None, *,
     row per method (``query_passes``, ``extra_params`` and
     :func:`~backfill_utils.backfill.summarize_curve`), ``{name: Trained}`` of the trained
     methods and ``{name: reason}`` of the skipped ones. Ratios and backfill order: the
-    profile's (``eval``).
+    profile's (``eval``). ``paths`` (the files ``emb`` was read from, with ``normalize``
+    as read): train in ``$BACKFILL_WORKERS`` processes first (the same modules as here).
     """
     keep, skipped = _plan(list(names or MM.names("main")), emb)
+    _pretrain(paths, emb, cfg, keep, normalize, progress)
     data = OwnData(emb, progress=progress)
     y, r = emb.test_labels, X.ratios(cfg)
     refs = [MT.evaluate_retrieval(data.test(role), y, data.test(role), y, exclude_self=True,

@@ -140,3 +140,28 @@ def test_training_is_cached_by_content(own_run, monkeypatch):
     assert other.digest() != emb.digest() and OM._own_key(other, cfg, "FCT") != OM._own_key(emb, cfg, "FCT")
     with pytest.raises(OM.NeedsClassifier, match="bct"):
         OM.train_own(emb, cfg, "BiCT")
+
+
+def test_worker_processes_train_the_same_modules(tmp_path, monkeypatch):
+    """With 2 workers the modules are trained in worker processes (read from the files) and
+    read from the cache here: the same weights as one process trains."""
+    monkeypatch.setenv("BACKFILL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("BACKFILL_THREADS", "1")
+    cfg = C.load_profile("smoke", compat={"epochs": 1, "batch_size": 32})
+    paths = save(tmp_path, make_arrays(n_train=80, n_test=20))
+    emb = OM.load_own_embeddings(paths)
+    names = ["RM", "FCT", "RM+psi"]
+    monkeypatch.setenv("BACKFILL_WORKERS", "2")
+    OM._pretrain(paths, emb, cfg, names, True, False)
+    from backfill_utils import io
+    for n in ("FCT", "RM+psi"):  # written by the workers
+        assert io.cache_path("compat", OM._own_key(emb, cfg, n)).is_file(), n
+    _, s2, t2, _ = OM.evaluate_own(emb, cfg, names, paths=paths, progress=False)
+    monkeypatch.setenv("BACKFILL_CACHE", str(tmp_path / "cache1"))
+    monkeypatch.setenv("BACKFILL_WORKERS", "1")
+    _, s1, t1, _ = OM.evaluate_own(emb, cfg, names, progress=False)
+    for n in ("FCT", "RM+psi"):
+        for slot, module in t1[n].modules().items():
+            for k, v in module.state_dict().items():
+                assert np.array_equal(v.numpy(), t2[n].modules()[slot].state_dict()[k].numpy()), (n, slot, k)
+    assert s1.equals(s2)
