@@ -227,27 +227,25 @@ def simulate_all(cfg: dict, setting: str, names, plan_kw: Mapping | None = None,
 
 
 def load_figure(quality: pd.DataFrame, latency: pd.DataFrame, plan: LoadPlan, n_items: int, title: str = ""):
-    """Top-1 and mAP@k of the query stream, and p50 / p99 query latency (search +
+    """Top-1 and mAP@k of the query stream, and the p50 and p99 query latency (search +
     stated forward cost), against the simulated elapsed time; a dotted line where the
     backfill completes."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.6))
+    fig, axes = plt.subplots(1, 4, figsize=(16.5, 3.6))
     done = math.ceil(n_items / (plan.throughput * plan.tick_s)) * plan.tick_s
-    for name in dict.fromkeys(quality["method"]):
-        st = MM.style(name)
-        qa, la = quality[quality.method == name], latency[latency.method == name]
-        axes[0].plot(qa.elapsed_s, qa.top1, label=name, **st)
-        axes[1].plot(qa.elapsed_s, qa.map_at_k, label=name, **st)
-        axes[2].plot(la.elapsed_s, la.total_p50_ms, label=f"{name} p50", **st)
-        axes[2].plot(la.elapsed_s, la.total_p99_ms, **{**st, "ls": ":", "lw": 1.0}, label=f"{name} p99")
-    for ax, what in zip(axes, ("CMC top-1 (%)", f"mAP@{plan.k} (%)", "latency per query (ms)")):
+    panels = ((quality, "top1", "CMC top-1 (%)"), (quality, "map_at_k", f"mAP@{plan.k} (%)"),
+              (latency, "total_p50_ms", "p50 latency per query (ms)"),
+              (latency, "total_p99_ms", "p99 latency per query (ms)"))
+    for ax, (frame, col, what) in zip(axes, panels):
+        for name in dict.fromkeys(quality["method"]):
+            part = frame[frame.method == name]
+            ax.plot(part.elapsed_s, part[col], label=name, **MM.style(name))
         ax.axvline(done, color="0.6", lw=0.8, ls=":")
         ax.set_xlabel("elapsed (simulated s)")
         ax.set_ylabel(what)
-    axes[2].set_yscale("log")
+    axes[3].set_yscale("log")
     axes[1].legend(fontsize=8, loc="lower right")
-    axes[2].legend(fontsize=7, ncol=2, loc="upper left")
     fig.suptitle(title or f"serving while the gallery is backfilled at {plan.throughput:g} items/s", fontsize=10)
     fig.tight_layout()
     return fig
