@@ -138,3 +138,15 @@ def test_simulate_all_serves_the_registry_under_load(tiny_cfg):
     assert tuple(fwd.loc["offline"]) == (1.0, 2.0)
     again, _, _ = S.simulate_all(tiny_cfg, SETTING, ["Ours"], {"queries_per_tick": 40, "ticks": 4}, progress=False)
     assert again.equals(by["Ours"])
+
+
+def test_profile_embeddings_exported_for_own_models(tiny_cfg, tmp_path):
+    """notebooks/61's default: the profile's cached embeddings as the six .npy files."""
+    from backfill_utils import own_models as OM
+
+    paths = OM.export_profile_embeddings(tiny_cfg, SETTING, tmp_path)
+    assert sorted(paths) == sorted(OM.FILES) and all(p.parent == tmp_path for p in paths.values())
+    emb = OM.load_own_embeddings(paths, normalize=False)
+    data = X.SettingData(tiny_cfg, SETTING, progress=False)
+    assert np.array_equal(emb.old_train, data.embeddings("old")[0]) and np.array_equal(emb.train_labels, data.labels)
+    assert np.array_equal(emb.new_test, data.test("new")) and np.array_equal(emb.test_labels, data.test_labels)
