@@ -36,7 +36,8 @@ RM                  --                  --                --                  Tr
 RM+psi (+CMCL)      psi                 --                --                  False
 Ours, CMCL-sep.     psi                 rho               --                  False
 naive, BCT          -- (identity)       --                --                  False
-FCT, FastFill       -- (identity)       --                h (first output)    False
+FCT, FastFill,      -- (identity)       --                h (first output)    False
+BiCT (BCT query)
 ==================  ==================  ================  ==================  ========
 
 A registered method builds the index in one call, :meth:`OnlineBackfillIndex.from_method`
