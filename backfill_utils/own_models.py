@@ -286,7 +286,9 @@ def _plan(names, emb: OwnEmbeddings) -> tuple[list[str], dict[str, str]]:
 
 def evaluate_own(emb: OwnEmbeddings, cfg: dict, names=None, *, paths: Mapping[str, Any] | None = None,
                  normalize: bool = True, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, dict, dict]:
-    """Curves and summary of ``names`` (default: the ``main`` group) on own embeddings.
+    """Curves and summary of ``names`` on own embeddings (default: the package's own
+    registrations of the ``main`` group; a method registered in a notebook joins when
+    named, so that one registered by another notebook of the same kernel does not).
 
     Returns ``(curves, summary, trained, skipped)``: the long curve table (``method``
     first, the columns of :func:`backfill_utils.experiments.method_curve`), one summary
@@ -296,7 +298,7 @@ def evaluate_own(emb: OwnEmbeddings, cfg: dict, names=None, *, paths: Mapping[st
     profile's (``eval``). ``paths`` (the files ``emb`` was read from, with ``normalize``
     as read): train in ``$BACKFILL_WORKERS`` processes first (the same modules as here).
     """
-    keep, skipped = _plan(list(names or MM.names("main")), emb)
+    keep, skipped = _plan(list(names or [n for n in MM.names("main") if MM.is_builtin(n)]), emb)
     _pretrain(paths, emb, cfg, keep, normalize, progress)
     data = OwnData(emb, progress=progress)
     y, r = emb.test_labels, X.ratios(cfg)

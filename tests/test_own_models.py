@@ -166,3 +166,16 @@ def test_worker_processes_train_the_same_modules(tmp_path, monkeypatch):
             for k, v in module.state_dict().items():
                 assert np.array_equal(v.numpy(), t2[n].modules()[slot].state_dict()[k].numpy()), (n, slot, k)
     assert s1.equals(s2)
+
+
+def test_a_method_registered_elsewhere_joins_only_when_named(own_run):
+    cfg, emb, (curves, summary, trained, skipped) = own_run
+    MM.register(MM.Method("RM copy", dict(color="k", ls="-"), "a notebook's method", ("main",), two_pass=True))
+    try:
+        _, s_default, _, _ = OM.evaluate_own(emb, cfg, progress=False)  # the trainings come from the cache
+        _, s_named, _, _ = OM.evaluate_own(emb, cfg, ["RM", "RM copy"], progress=False)
+    finally:
+        MM.unregister("RM copy")
+    assert "RM copy" not in set(s_default["method"]) and s_default.equals(summary)
+    assert list(s_named["method"]) == ["RM", "RM copy"]
+    assert s_named.drop(columns="method").iloc[0].equals(s_named.drop(columns="method").iloc[1])
