@@ -83,6 +83,7 @@ GROUPS: dict[str, str] = {
     "settings": "the heterogeneous and open-class settings (48)",
     "order_study": "the methods run under both orders in the backfill-order study (49)",
     "animation": "the curves of the backfilling animation (40)",
+    "serving": "served by the faiss index while a backfill worker runs, under query load (54)",
 }
 #: Trained-module slots: psi (query -> old space), rho (new side), h (old gallery -> query space).
 SLOTS = ("psi", "rho", "h")
@@ -377,13 +378,13 @@ for _m in [
     Method("new", dict(color="#000000", ls=":"), "new/new: the new model on a fully backfilled gallery",
            ("main", "fig2", "settings"), reference="new"),
     Method("offline", dict(color="#7f7f7f", ls="--"), "offline backfilling: old/old until r = 1, then new/new",
-           ("main", "fig2", "flips", "settings"), backbone="old", reference="offline"),
+           ("main", "fig2", "flips", "settings", "serving"), backbone="old", reference="offline"),
     Method("naive", dict(color="#bcbd22", ls="-"), "phi_new queries against the mixed gallery",
            ("main", "flips")),
     Method("BCT", dict(color="#9467bd", ls="-"), "backward-compatible new model (influence loss) "
            "against the mixed gallery", ("main", "flips", "settings"), backbone="bct"),
     _forward("FCT", FCTRecipe, dict(color="#8c564b", ls="-"), "phi_new queries; old items hold h(phi_old), "
-             "h regressed to phi_new", ("main", "flips", "settings", "order_study"), _fit_fct,
+             "h regressed to phi_new", ("main", "flips", "settings", "order_study", "serving"), _fit_fct,
              train_roles=("old", "new")),
     _forward("FastFill", FastFillRecipe, dict(color="#e377c2", ls="-"), "FCT's h with uncertainty and the "
              "new classifier's cross-entropy; backfilled by descending uncertainty",
@@ -394,7 +395,7 @@ for _m in [
              backbone="bct", train_roles=("old", "bct")),
     Method("RM", dict(color="#1f77b4", ls="-"), "rank merge: phi_old and phi_new searches merged by "
            "distance (two query passes)", ("main", "fig2", "ablation", "distances", "flips", "settings",
-                                           "order_study", "animation"),
+                                           "order_study", "animation", "serving"),
            two_pass=True, components=_components_rm),
     _reverse("RM+psi", RevPsiRecipe, dict(color="#17becf", ls="-"), "psi trained with L_rev only "
              "(before CMCL)", ("main", "ablation", "cmcl_variants", "distances", "flips")),
@@ -411,7 +412,7 @@ for _m in [
     _reverse("Ours", CMCLPsiRhoRecipe, dict(color="#d62728", ls="-", lw=2.2), "psi and rho trained "
              "jointly with CMCL + L_rev (the paper's method)",
              ("main", "ablation", "cmcl_variants", "distances", "flips", "settings", "order_study",
-              "animation"), variant="joint"),
+              "animation", "serving"), variant="joint"),
 ]:
     register(_m)
 del _m

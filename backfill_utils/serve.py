@@ -36,12 +36,13 @@ RM                  --                  --                --                  Tr
 RM+psi (+CMCL)      psi                 --                --                  False
 Ours, CMCL-sep.     psi                 rho               --                  False
 naive, BCT          -- (identity)       --                --                  False
-FCT, FastFill       -- (identity)       --                h (first output)    False
+FCT, FastFill,      -- (identity)       --                h (first output)    False
+BiCT (BCT query)
 ==================  ==================  ================  ==================  ========
 
-A method registry can build the index in one call by passing a trained
-method's modules to these arguments (``from_method``; FastFill's backfill order
-stays the caller's: backfill in that order). Thread safety: searches share a
+A registered method builds the index in one call, :meth:`OnlineBackfillIndex.from_method`
+(:mod:`backfill_utils.serve_registry`; FastFill's backfill order comes with
+``serve_registry.served_method``: backfill in that order). Thread safety: searches share a
 readers-writer lock, mutations hold it alone, so a query never sees an item on
 both sides or on neither; faiss releases the GIL while it searches.
 
@@ -126,11 +127,7 @@ class OnlineBackfillIndex:
     gradients, batched) or a callable on float32 numpy arrays; see
     :class:`~backfill_utils.serve_parts.Transform`.
 
-    Extension point: a ``from_method`` classmethod (once the method registry
-    exposes trained modules) maps a registered method onto these arguments as
-    the module docstring's table does -- psi to ``query_transform``, rho to
-    ``new_transform``, h to ``gallery_transform``, two query passes to
-    ``two_pass`` -- and the embedding dimensions to ``d_old`` / ``d_new``.
+    A registered method builds its index in one call: :meth:`from_method`.
     """
 
     def __init__(self, d_old: int, d_new: int, *, query_transform: Callable | None = None,
@@ -172,6 +169,21 @@ class OnlineBackfillIndex:
     def for_gallery_transform(cls, d_old: int, d_new: int, h: Callable, **kwargs: Any) -> "OnlineBackfillIndex":
         """FCT / FastFill: old items are stored as ``h(phi_old)``; the new query searches both sides."""
         return cls(d_old, d_new, gallery_transform=h, **kwargs)
+
+    @classmethod
+    def from_method(cls, cfg: dict, setting: str, name: str, **kwargs: Any) -> "OnlineBackfillIndex":
+        """The index of registered method ``name`` in ``setting``, its modules trained or
+        loaded from the cache, filled with the old gallery of the test split (ids = rows).
+
+        The slots map as in the module docstring (psi, rho, h, two passes); the
+        references old/new/offline are an error. ``kwargs``: those of
+        :func:`backfill_utils.serve_registry.served_method` (``recipe``, ``seed``,
+        ``split``, ``fill``, ``factory``, ``search_params``, ...), which also returns
+        the gallery's new embeddings and the method's backfill order.
+        """
+        from .serve_registry import served_method
+
+        return served_method(cfg, setting, name, **kwargs).index
 
     @classmethod
     def rank_merge(cls, d_old: int, d_new: int, **kwargs: Any) -> "OnlineBackfillIndex":

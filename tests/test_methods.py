@@ -21,6 +21,7 @@ def test_the_papers_methods_and_groups():
                                 "RM+psi", "RM+psi+CMCL", "Ours"]
     assert MM.names("ablation") == ["RM", "RM+psi", "RM+psi+CMCL", "CMCL w/o L_rev", "Ours"]
     assert MM.names("cmcl_variants") == ["RM+psi", "CMCL-single", "CMCL-separate", "Ours"]
+    assert MM.names("serving") == ["offline", "FCT", "RM", "Ours"]
     for g in MM.GROUPS:
         assert MM.names(g), f"group {g} is empty"
     with pytest.raises(ValueError, match="unknown group 'nope'"):
