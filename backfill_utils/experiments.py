@@ -173,7 +173,9 @@ def compat_key(cfg: dict, setting: str, name: str, recipe: Any = None, seed: int
             "passes": int(cfg["embed"]["train_passes"])}
 
 
-def _trained_to_arrays(name: str, trained: MM.Trained, slots: tuple[str, ...]) -> dict:
+def trained_to_arrays(name: str, trained: MM.Trained, slots: tuple[str, ...]) -> dict:
+    """A method's trained modules (state dict + config per slot) and history as the arrays of a
+    cache file; an error naming the method if a module cannot be rebuilt from its config."""
     if not isinstance(trained, MM.Trained):
         raise TypeError(f"the fit of {name!r} must return a methods.Trained, got {type(trained).__name__}")
     got = tuple(trained.modules())
@@ -198,7 +200,8 @@ def _trained_to_arrays(name: str, trained: MM.Trained, slots: tuple[str, ...]) -
     return out
 
 
-def _trained_from_arrays(arrays: dict) -> MM.Trained:
+def trained_from_arrays(arrays: dict) -> MM.Trained:
+    """The inverse of :func:`trained_to_arrays`: the modules rebuilt (eval mode) and the history."""
     modules = {}
     for slot in MM.SLOTS:
         if f"{slot}::config" not in arrays:
@@ -229,11 +232,11 @@ def train_method(cfg: dict, setting: str, name: str, *, recipe: Any = None, seed
 
     def compute():
         d = (data or SettingData(cfg, setting, progress=progress)).restricted(m.train_roles, seed)
-        return _trained_to_arrays(name, m.fit(d, recipe), m.slots)
+        return trained_to_arrays(name, m.fit(d, recipe), m.slots)
 
     arrays = io.cached_arrays("compat", compat_key(cfg, setting, name, recipe, seed), compute,
                               what=f"the trained modules of {name} ({setting} setting)")
-    return _trained_from_arrays(arrays)
+    return trained_from_arrays(arrays)
 
 
 # --------------------------------------------------------------------------- systems
@@ -303,7 +306,9 @@ class _References:
         return self._refs
 
 
-def _reference_curve(kind: str, refs: _References, r: np.ndarray) -> pd.DataFrame:
+def reference_curve(kind: str, refs: Any, r: np.ndarray) -> pd.DataFrame:
+    """The curve of a reference (``old``, ``new`` or ``offline``) at ratios ``r``; ``refs.get()``
+    gives the per-query metrics of old/old and new/new."""
     old_ref, new_ref = refs.get()
     if kind == "offline":
         return B.offline_curve(old_ref, new_ref, r)
@@ -346,7 +351,7 @@ def method_curve(cfg: dict, setting: str, name: str, *, recipe: Any = None, seed
         r = ratios(cfg)
         extra = 0
         if m.reference is not None:
-            curve = _reference_curve(m.reference, refs, r)
+            curve = reference_curve(m.reference, refs, r)
         else:
             system = build_system(cfg, setting, name, recipe=recipe, seed=seed, data=d, progress=progress)
             curve = B.backfill_curve(system, d.test_labels, d.test_labels, ratios=r, exclude_self=True,

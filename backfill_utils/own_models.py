@@ -238,11 +238,11 @@ def train_own(emb: OwnEmbeddings, cfg: dict, name: str, *, progress: bool = True
 
     def compute():
         trained = m.fit(OwnData(emb, progress=progress), recipe)
-        return X._trained_to_arrays(name, trained, m.slots)
+        return X.trained_to_arrays(name, trained, m.slots)
 
     arrays = io.cached_arrays("compat", _own_key(emb, cfg, name), compute,
                               what=f"the modules of {name} trained on own embeddings")
-    return X._trained_from_arrays(arrays)
+    return X.trained_from_arrays(arrays)
 
 
 def _train_job(paths: dict, cfg: dict, name: str, normalize: bool) -> None:
@@ -315,7 +315,7 @@ def evaluate_own(emb: OwnEmbeddings, cfg: dict, names=None, *, paths: Mapping[st
                 skipped[n] = f"needs more than embeddings ({exc})"
                 continue
         if m.reference is not None:
-            curve = X._reference_curve(m.reference, _Refs(refs), r)
+            curve = X.reference_curve(m.reference, _Refs(refs), r)
         else:
             system = (m.system or X.make_system)(m, data.test("old"), data.test(m.backbone),
                                                  trained.get(n, MM.Trained()), order)
@@ -361,7 +361,7 @@ def served_index(emb: OwnEmbeddings, cfg: dict, name: str, trained: MM.Trained |
 
 
 class _Refs:
-    """The references in the shape ``experiments._reference_curve`` reads."""
+    """The references in the shape ``experiments.reference_curve`` reads."""
 
     def __init__(self, refs) -> None:
         self._refs = tuple(refs)
