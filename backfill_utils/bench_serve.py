@@ -50,10 +50,9 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import faiss
 import numpy as np
@@ -61,6 +60,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from . import io
 from . import backfill as bf
 from . import compat
 from .compat_train import fit_reverse
@@ -383,18 +383,7 @@ def goals(table: pd.DataFrame, rows: list[dict], target_size: int = 1_000_000) -
 
 
 def _write_json(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, default=float)
-            fh.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    io.atomic_write_json(path, obj, default=float)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import io
 from . import backfill as bf
 from . import config as C
 from . import data as D
@@ -161,18 +162,7 @@ def compare_devices(old: np.ndarray, new: np.ndarray, labels: np.ndarray, device
 
 
 def _write_json(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2)
-            fh.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    io.atomic_write_json(path, obj)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

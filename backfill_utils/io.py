@@ -31,8 +31,9 @@ import contextlib
 import importlib
 import json
 import os
+import threading
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import pandas as pd
@@ -81,7 +82,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp{path.suffix}")
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -98,6 +99,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically."""
     return atomic_write(path, lambda p: p.write_bytes(data))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, **dump_kwargs: Any) -> Path:
+    """``json.dump(obj)`` (indent 2 unless given, a final newline) to ``path`` atomically."""
+    dump_kwargs.setdefault("indent", 2)
+    return atomic_write_text(path, json.dumps(obj, **dump_kwargs) + "\n")
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> Path:

@@ -61,7 +61,6 @@ from __future__ import annotations
 import json
 import operator
 import os
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -69,7 +68,7 @@ from typing import Any, Callable
 import faiss
 import numpy as np
 
-from . import __version__
+from . import __version__, io
 from .serve_parts import (RWLock, Transform, as_ids, as_matrix, contains_sorted, merge_topk, read_index_file,
                           transform_from_state, transform_state)
 from .serve_side import FaissSide
@@ -418,20 +417,13 @@ class OnlineBackfillIndex:
         for name, st in sides.items():
             arrays.update({f"{name}.{key}": value for key, value in st.items()})
         arrays["meta"] = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:  # a file object: np.savez adds no ".npz" to the name
                 np.savez(fh, **arrays)
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
+
+        return io.atomic_write(path, write)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, query_transform: Any = _UNSET, new_transform: Any = _UNSET,
