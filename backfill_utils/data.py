@@ -83,6 +83,26 @@ def _dataset_root(key: str, root: str | os.PathLike | None):
     return resolve_root(root, default_sub, key)
 
 
+def check_dataset_options(name: str, options: dict | None) -> None:
+    """Raise :class:`DatasetError` before anything runs if ``options`` (a profile's
+    ``dataset_options``) cannot be right for dataset ``name``: an unknown key of the
+    synthetic generator, or any option for a dataset that takes none (cifar100,
+    tinyimagenet, imagenet, imagefolder). The torchvision sets and places365 pass
+    their options to torchvision, which checks them.
+
+    >>> try:
+    ...     check_dataset_options("synthetic", {"num_classes": 4, "test_per_clas": 2})
+    ... except DatasetError as err:
+    ...     print(str(err).split(";")[0])
+    synthetic: unknown dataset_options key(s) ['test_per_clas']
+    """
+    key, options = check_name(name), dict(options or {})
+    if key == "synthetic":
+        split_options("train", options)
+    elif options and (key == "cifar100" or key not in TORCHVISION_DATASETS and key != "places365"):
+        raise DatasetError(f"{key}: unexpected dataset_options {sorted(options)} (this dataset takes none)")
+
+
 def get_dataset(name: str, split: str = "train", *, root: str | os.PathLike | None = None,
                 download: bool = False, transform: Callable | None = None, **options) -> Dataset:
     """A dataset by name; items are ``(transform(image), label)``, ``.targets`` is int64.

@@ -75,9 +75,13 @@ def check_parameters(path: Path, params: dict) -> None:
 def resolve(profile: str, params: dict) -> dict:
     """The run's configuration from the profile and the notebook parameters
     (raises on an unknown profile or override key, before anything runs)."""
+    from .data import check_dataset_options
+
     keys = {k: params.get(k) for k in ("dataset", "data_root", "seed")}
-    return C.load_profile(profile, overrides=params.get("overrides"),
-                          download=bool(params.get("download", False)), **keys)
+    cfg = C.load_profile(profile, overrides=params.get("overrides"),
+                         download=bool(params.get("download", False)), **keys)
+    check_dataset_options(cfg["dataset"], cfg.get("dataset_options"))
+    return cfg
 
 
 def prepare(profile: str, params: dict, select: list[str] | None = None) -> tuple[list[Path], dict]:

@@ -172,6 +172,9 @@ def setup(profile: str | None = None, dataset: str | None = None, data_root: str
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     cfg = C.load_profile(profile, dataset=dataset, data_root=data_root, seed=seed,
                          overrides=overrides, download=bool(download))
+    from .data import check_dataset_options
+
+    check_dataset_options(cfg["dataset"], cfg.get("dataset_options"))
     out = C.output_dir(cfg)
     strict = cfg["run_name"] == "default"
     params = {k: v for k, v in dict(profile=cfg["profile"], dataset=dataset, data_root=data_root,

@@ -423,6 +423,11 @@ def split_options(split: str, options: dict) -> dict:
     """
     options = dict(options)
     sizes = {s: options.pop(f"{s}_per_class", None) for s in ("train", "test")}
+    known = [k for k in inspect.signature(make_synthetic).parameters if k != "split"]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise DatasetError(f"synthetic: unknown dataset_options key(s) {unknown}; known: "
+                           f"{sorted(known + ['train_per_class', 'test_per_class'])}")
     if sizes[split] is not None:
         if options.get("per_class") is not None:
             raise DatasetError(f"synthetic: pass either per_class or {split}_per_class, not both")

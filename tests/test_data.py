@@ -91,7 +91,7 @@ def test_synthetic_knobs_change_images_and_are_validated():
         make_synthetic("train", num_classes=0)
     with pytest.raises(DatasetError, match="split"):
         make_synthetic("validation")
-    with pytest.raises(TypeError):
+    with pytest.raises(DatasetError, match=r"unknown dataset_options key\(s\) \['no_such_knob'\]"):
         get_dataset("synthetic", "train", no_such_knob=1)
 
 
@@ -422,3 +422,15 @@ def test_synthetic_batched_augmentation_path():
     transforms._synthetic_stats.cache_clear()
     eval_transform("synthetic", 32, mean=(0.5,) * 3, std=(0.25,) * 3)
     assert transforms._synthetic_stats.cache_info().misses == 0
+
+
+def test_misspelt_dataset_option_is_an_error_before_any_notebook_runs(tmp_path):
+    from backfill_utils import run as R
+    from backfill_utils.data import check_dataset_options
+
+    with pytest.raises(DatasetError, match=r"unknown dataset_options key\(s\) \['test_per_clas'\].*test_per_class"):
+        R.prepare("smoke", {"overrides": "{dataset_options: {test_per_clas: 5}}"})
+    with pytest.raises(DatasetError, match="cifar100: unexpected dataset_options"):
+        check_dataset_options("cifar100", {"small": True})
+    check_dataset_options("synthetic", {"num_classes": 3, "train_per_class": 4, "test_per_class": 2})
+    check_dataset_options("places365", {"small": True})  # torchvision checks its own options
