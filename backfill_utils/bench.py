@@ -375,15 +375,7 @@ def render_markdown(result: dict) -> str:
 
 def write_readme(result: dict, readme: Path = README) -> None:
     """Replace the README block between the BENCH markers (atomically)."""
-    text = readme.read_text()
-    if README_START not in text or README_END not in text:
-        raise ValueError(f"{readme} has no {README_START} ... {README_END} block")
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    new = head + README_START + "\n" + render_markdown(result) + README_END + tail
-    tmp = readme.with_name(readme.name + ".tmp")
-    tmp.write_text(new)
-    os.replace(tmp, readme)
+    io.replace_block(readme, README_START, README_END, render_markdown(result))
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -107,6 +107,30 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, **dump_kwargs: Any) -> 
     return atomic_write_text(path, json.dumps(obj, **dump_kwargs) + "\n")
 
 
+def replace_block(path: str | os.PathLike, start: str, end: str, body: str | Callable[[], str],
+                  hint: str = "") -> Path:
+    r"""Replace the text between the markers ``start`` and ``end`` of the file ``path``
+    (a README's generated block) with ``body`` (a string, or a function giving it, called
+    after the markers are checked), atomically; the rest stays byte for byte.
+    An error naming the file if it does not hold exactly one ``start ... end`` pair
+    (``hint`` is added to the message: where the markers belong).
+
+    >>> import tempfile
+    >>> p = Path(tempfile.mkdtemp()) / "R.md"
+    >>> _ = p.write_text("a\n<!-- S -->\nold\n<!-- E -->\nz\n")
+    >>> replace_block(p, "<!-- S -->", "<!-- E -->", "new\n").read_text()
+    'a\n<!-- S -->\nnew\n<!-- E -->\nz\n'
+    """
+    path = Path(path)
+    text = path.read_text()
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise ValueError(f"{path} needs exactly one {start} ... {end} block{hint}; add the two markers and "
+                         "run again")
+    body = body() if callable(body) else body
+    head, rest = text.split(start, 1)
+    return atomic_write_text(path, head + start + "\n" + body + end + rest.split(end, 1)[1])
+
+
 def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
     """``torch.save(obj, path)`` atomically."""
     import torch

@@ -205,10 +205,4 @@ def section(results: Path | None = None) -> str:
 
 def update_readme(results: Path | None = None, readme: Path | None = None) -> None:
     """Rewrite the README block between the VERDICT markers from the files in ``results``."""
-    readme = Path(readme or C.REPO_ROOT / "README.md")
-    text = readme.read_text()
-    if START not in text or END not in text:
-        raise ValueError(f"{readme} has no {START} ... {END} block")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    io.atomic_write_text(readme, head + START + "\n" + section(results) + END + tail)
+    io.replace_block(readme or C.REPO_ROOT / "README.md", START, END, section(results))

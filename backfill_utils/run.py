@@ -299,10 +299,6 @@ README_TABLES = [
 def update_readme(results: Path | None = None, readme: Path | None = None) -> None:
     """Rewrite the README block between the RESULTS markers from the files in ``results``."""
     results = Path(results or C.RESULTS_DIR)
-    readme = Path(readme or C.REPO_ROOT / "README.md")
-    text = readme.read_text()
-    if README_START not in text or README_END not in text:
-        raise ValueError(f"{readme} has no {README_START} ... {README_END} block")
     parts = []
     for title, rel in README_FIGURES:
         if (results / rel).is_file():
@@ -310,9 +306,7 @@ def update_readme(results: Path | None = None, readme: Path | None = None) -> No
     for title, rel in README_TABLES:
         if (results / rel).is_file():
             parts.append(f"**{title}** (`results/{rel}`)\n\n{(results / rel).read_text().strip()}\n")
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    io.atomic_write_text(readme, head + README_START + "\n" + "\n".join(parts) + README_END + tail)
+    io.replace_block(readme or C.REPO_ROOT / "README.md", README_START, README_END, "\n".join(parts))
 
 
 def main(argv=None) -> None:

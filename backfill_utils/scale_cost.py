@@ -245,12 +245,8 @@ items per query), scaled to each gallery.
 
 def write_readme(result: dict, readme: Path = README) -> None:
     """Replace the README block between the SCALE markers (atomically); the rest is unchanged."""
-    text = readme.read_text()
-    if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
-        raise ValueError(f"{readme} needs exactly one {START} ... {END} block (in the section "
-                         "\"What the paper's scale would cost\"); add the two markers and run again")
-    head, rest = text.split(START, 1)
-    io.atomic_write_text(readme, head + START + "\n" + render(result) + END + rest.split(END, 1)[1])
+    io.replace_block(readme, START, END, lambda: render(result),
+                     " (in the section \"What the paper's scale would cost\")")
 
 
 def load_gpu(path: Path) -> dict:
@@ -292,7 +288,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
     result = run(load_gpu(args.gpu_json) if args.gpu_json else None, BENCH_JSON)
-    io.atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
+    io.atomic_write_json(args.out, result, indent=1)
     if args.readme:
         write_readme(result, README)
     print(render(result))
