@@ -133,20 +133,17 @@ def get_dataset(name: str, split: str = "train", *, root: str | os.PathLike | No
     """
     key = check_name(name)
     split = canonical_split(split)
+    check_dataset_options(key, options)
     if key == "synthetic":  # generated in memory: root and download are ignored
         images, targets = make_synthetic(split, **split_options(split, options))
         return SyntheticDataset(images, targets, transform)
     root_path = _dataset_root(key, root)
     if key == "cifar100":
-        if options:
-            raise DatasetError(f"cifar100: unexpected options {sorted(options)}")
         return layouts.cifar100(split, root_path, download, transform)
     if key in TORCHVISION_DATASETS:
         return layouts.torchvision_dataset(key, split, root_path, download, transform, options)
     if key == "places365":
         return layouts.places365(split, root_path, download, transform, options)
-    if options:
-        raise DatasetError(f"{key}: unexpected options {sorted(options)}")
     if key == "tinyimagenet":
         return layouts.tinyimagenet(split, root_path, transform)
     if key == "imagenet":
