@@ -269,23 +269,21 @@ class OnlineBackfillIndex:
                 with self._lock.write():
                     side.install(index)
 
+    def _insert(self, side: FaissSide, ids: Any, emb: Any, name: str, d: int, slot: str, method: str) -> None:
+        a, x = self._prepare(ids, emb, name, d, slot)
+        with self._mutate:
+            self._check_absent(a, method)
+            self._ensure_trained(side, x)
+            with self._lock.write():
+                side.add(a, x)
+
     def add_old(self, ids: Any, old_embeddings: Any) -> None:
         """Add items of the gallery before the upgrade (old-model embeddings, ``d_old``)."""
-        a, x = self._prepare(ids, old_embeddings, "old_embeddings", self.d_old, "gallery")
-        with self._mutate:
-            self._check_absent(a, "add_old")
-            self._ensure_trained(self._old, x)
-            with self._lock.write():
-                self._old.add(a, x)
+        self._insert(self._old, ids, old_embeddings, "old_embeddings", self.d_old, "gallery", "add_old")
 
     def add(self, ids: Any, new_embeddings: Any) -> None:
         """Add items that arrive during the backfill: straight to the new side (``d_new``)."""
-        a, x = self._prepare(ids, new_embeddings, "new_embeddings", self.d_new, "new")
-        with self._mutate:
-            self._check_absent(a, "add")
-            self._ensure_trained(self._new, x)
-            with self._lock.write():
-                self._new.add(a, x)
+        self._insert(self._new, ids, new_embeddings, "new_embeddings", self.d_new, "new", "add")
 
     def backfill(self, ids: Any, new_embeddings: Any) -> None:
         """Re-extracted items: each leaves the old side and enters the new side, in one step."""
