@@ -10,6 +10,14 @@ Modules (small MLPs: ``depth`` hidden layers ``Linear -> BatchNorm1d -> ReLU`` o
   independent new model) and BiCT's (trained towards the backward-compatible one).
 * :class:`FastFillTransform` -- h plus an uncertainty head predicting one
   log-variance per sample; ``forward`` returns ``(embedding, log_sigma)``.
+* :class:`SideProjection` -- h as FCT's authors build it (apple/ml-fct
+  ``MLP_BN_SIDE_PROJECTION``): two branches, one on the old embedding and one on the side
+  information, each ``Linear -> BatchNorm -> ReLU`` twice, concatenated and mixed by
+  ``depth`` blocks of width ``inner_dim`` (2048 in their configs) and a final ``Linear``.
+  Without a side-information model their code feeds the old embedding itself as side
+  information, and so does this module. The 1x1 convolutions of their code act on
+  ``(n, d, 1, 1)`` tensors, so they are ``Linear`` layers here (no bias before a
+  BatchNorm, as theirs). :class:`FastFillSideProjection` adds FastFill's uncertainty head.
 
 Every module L2-normalises its input (``normalize_input=True``, a no-op on the
 already normalised cached embeddings) and **always L2-normalises its output inside
@@ -32,8 +40,9 @@ A module type of your own (a method that is not in the paper) joins the types th
 :func:`build_module` rebuilds with :func:`register_module`; the method registry caches
 trained modules through their ``config`` and ``state_dict``.
 
-``COMPAT_VERSION`` goes into cache keys; it is 2 since FastFill gained its
-classification term, depth became a parameter and BiCT was added.
+``COMPAT_VERSION`` goes into cache keys; it is 3 since FCT and FastFill use their
+authors' transformation (:class:`SideProjection`) and the recipes gained a warm-up and
+the BatchNorm switch.
 """
 
 from __future__ import annotations
@@ -57,6 +66,8 @@ __all__ = [
     "LearnableEmbedding",
     "ForwardTransform",
     "FastFillTransform",
+    "SideProjection",
+    "FastFillSideProjection",
     "build_module",
     "register_module",
     "save_module",
@@ -67,7 +78,7 @@ __all__ = [
     "random_batches",
 ]
 
-COMPAT_VERSION = 2
+COMPAT_VERSION = 3
 
 
 # --------------------------------------------------------------------------- #
@@ -204,9 +215,71 @@ class FastFillTransform(ForwardTransform):
         return emb, self.sigma(feat).squeeze(1)
 
 
+def _block(d_in: int, d_out: int) -> list[nn.Module]:
+    """ml-fct's ``ConvBlock`` on a 1x1 map: ``Linear (no bias) -> BatchNorm -> ReLU``."""
+    return [nn.Linear(d_in, d_out, bias=False), nn.BatchNorm1d(d_out), nn.ReLU(inplace=False)]
+
+
+class SideProjection(_CompatModule):
+    """FCT's transformation as its authors build it, old (``d_old``) -> new (``d_new``),
+    unit-length output; the side information is the old embedding itself.
+
+    ``p1`` and ``p2``: ``d -> 2 d -> 2 d_new`` (``d`` = ``d_old``), concatenated to
+    ``4 d_new``; ``mixer``: ``depth`` blocks of width ``inner_dim``, then
+    ``Linear(inner_dim, d_new)``. With the authors' values (``inner_dim=2048``,
+    ``depth=2``) at 128 dimensions it has 5,712,000 parameters.
+
+    >>> sum(p.numel() for p in SideProjection(128, 128).parameters())
+    5712000
+    """
+
+    _dim_names = ("d_old", "d_new")
+
+    def __init__(self, d_old: int, d_new: int, inner_dim: int = 2048, normalize_input: bool = True,
+                 depth: int = 2) -> None:
+        super().__init__()
+        _check_dims(d_old=d_old, d_new=d_new, inner_dim=inner_dim, depth=depth)
+        self._kwargs = {"d_old": int(d_old), "d_new": int(d_new), "inner_dim": int(inner_dim),
+                        "normalize_input": bool(normalize_input), "depth": int(depth)}
+        self.d_in, self.d_out, self.normalize_input = int(d_old), int(d_new), bool(normalize_input)
+        d, e, w = self.d_in, self.d_out, int(inner_dim)
+        self.p1 = nn.Sequential(*_block(d, 2 * d), *_block(2 * d, 2 * e))
+        self.p2 = nn.Sequential(*_block(d, 2 * d), *_block(2 * d, 2 * e))
+        layers, width = [], 4 * e
+        for _ in range(int(depth)):
+            layers += _block(width, w)
+            width = w
+        self.mixer = nn.Sequential(*layers, nn.Linear(width, e))
+
+    def features(self, z: torch.Tensor) -> torch.Tensor:
+        """The mixer's last hidden features (width ``inner_dim``)."""
+        z = self._prep(z)
+        return self.mixer[:-1](torch.cat([self.p1(z), self.p2(z)], dim=1))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.mixer[-1](self.features(z)), dim=1)
+
+
+class FastFillSideProjection(SideProjection):
+    """:class:`SideProjection` plus FastFill's uncertainty head on the mixer's last hidden
+    features (``Linear(inner_dim, inner_dim // 2) -> ReLU -> Linear(., 1)``, the rule of
+    :class:`FastFillTransform`). ``forward(z)`` returns ``(embedding, log_sigma)``."""
+
+    def __init__(self, d_old: int, d_new: int, inner_dim: int = 2048, normalize_input: bool = True,
+                 depth: int = 2) -> None:
+        super().__init__(d_old, d_new, inner_dim, normalize_input, depth)
+        half = max(1, int(inner_dim) // 2)
+        self.sigma = nn.Sequential(nn.Linear(int(inner_dim), half), nn.ReLU(), nn.Linear(half, 1))
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feat = self.features(z)
+        return F.normalize(self.mixer[-1](feat), dim=1), self.sigma(feat).squeeze(1)
+
+
 _REGISTRY: dict[str, type[_CompatModule]] = {
     cls.__name__: cls
-    for cls in (ReverseTransform, LearnableEmbedding, ForwardTransform, FastFillTransform)
+    for cls in (ReverseTransform, LearnableEmbedding, ForwardTransform, FastFillTransform,
+                SideProjection, FastFillSideProjection)
 }
 
 

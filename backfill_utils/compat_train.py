@@ -34,6 +34,7 @@ loss run in the forward direction through the frozen BCT classifier.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Any, Callable, Sequence
 
@@ -43,7 +44,14 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from .compat import FastFillTransform, ForwardTransform, LearnableEmbedding, ReverseTransform
+from .compat import (
+    FastFillSideProjection,
+    FastFillTransform,
+    ForwardTransform,
+    LearnableEmbedding,
+    ReverseTransform,
+    SideProjection,
+)
 from .compat_inputs import (
     as_labels,
     check_classifier,
@@ -78,6 +86,27 @@ __all__ = ["fit_reverse", "fit_fct", "fit_fastfill", "fit_bict"]
 
 ReverseRecipe = RevPsiRecipe | CMCLPsiRecipe | CMCLPsiRhoRecipe
 StepLoss = Callable[[np.ndarray, np.ndarray], dict[str, torch.Tensor]]
+#: ``on_epoch(epoch, modules) -> dict``: called after each epoch with the modules in eval mode
+#: (their mode is restored afterwards); what it returns joins that epoch's history row.
+OnEpoch = Callable[[int, Sequence[nn.Module]], dict]
+
+
+def _schedule(opt: torch.optim.Optimizer, recipe: Recipe, steps_per_epoch: int):
+    """Per-step learning rate: cosine decay to 0 over the run, after a linear warm-up over
+    ``recipe.warmup_epochs`` (the authors' FCT schedule, evaluated per step instead of per
+    epoch): at step ``t`` of the warm-up ``lr (t + 1) / W``, then
+    ``0.5 lr (1 + cos(pi (t - W) / (T - W)))``."""
+    total = max(1, recipe.epochs * steps_per_epoch)
+    if not recipe.warmup_epochs:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    warm = recipe.warmup_epochs * steps_per_epoch
+
+    def factor(t: int) -> float:
+        if t < warm:
+            return (t + 1) / warm
+        return 0.5 * (1.0 + math.cos(math.pi * (t - warm) / max(1, total - warm)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 # --------------------------------------------------------------------------- #
@@ -85,20 +114,22 @@ StepLoss = Callable[[np.ndarray, np.ndarray], dict[str, torch.Tensor]]
 # --------------------------------------------------------------------------- #
 def _fit(modules: Sequence[nn.Module], make_batches: Callable[[np.random.Generator], list],
          steps_per_epoch: int, step_loss: StepLoss, n_passes: int, n: int, recipe: Recipe,
-         rng: np.random.Generator, disable: bool, desc: str) -> pd.DataFrame:
-    """Epochs of ``step_loss`` over ``make_batches``; one history row per epoch."""
+         rng: np.random.Generator, disable: bool, desc: str, on_epoch: OnEpoch | None = None) -> pd.DataFrame:
+    """Epochs of ``step_loss`` over ``make_batches``; one history row per epoch. With
+    ``recipe.bn_eval_half`` the modules train in eval mode (BatchNorm statistics frozen)
+    from epoch ``epochs / 2`` on, as FCT's authors do."""
     params = [p for m in modules for p in m.parameters()]
     if recipe.optimizer == "adam":
         opt = torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     else:
         opt = torch.optim.SGD(params, lr=recipe.lr, momentum=0.9, weight_decay=recipe.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(
-        opt, T_max=max(1, recipe.epochs * steps_per_epoch))
+    sched = _schedule(opt, recipe, steps_per_epoch)
     rows = []
     bar = tqdm(range(recipe.epochs), desc=desc, disable=disable)
     for epoch in bar:
+        frozen_bn = recipe.bn_eval_half and epoch >= recipe.epochs / 2
         for m in modules:
-            m.train()
+            m.train(not frozen_bn)
         passes = draw_passes(n_passes, n, rng)
         sums: dict[str, float] = defaultdict(float)
         seen = 0
@@ -117,6 +148,10 @@ def _fit(modules: Sequence[nn.Module], make_batches: Callable[[np.random.Generat
             seen += len(idx)
         row = {"epoch": epoch, **{k: v / seen for k, v in sums.items()},
                "lr": opt.param_groups[0]["lr"]}
+        if on_epoch is not None:
+            for m in modules:
+                m.eval()
+            row.update(on_epoch(epoch, modules))
         rows.append(row)
         bar.set_postfix(loss=f"{row['loss']:.4f}")
     for m in modules:
@@ -226,7 +261,8 @@ def fit_reverse(
 def _fit_forward(recipe: Recipe, old_emb: Any, target_emb: Any, labels: Any, classifier: Any,
                  model: nn.Module | None, make_model: Callable[[int, int], nn.Module],
                  loss_terms: Callable[..., dict[str, torch.Tensor]], uses_classifier: bool,
-                 target_name: str, desc: str, disable: bool) -> tuple[nn.Module, pd.DataFrame]:
+                 target_name: str, desc: str, disable: bool,
+                 on_epoch: OnEpoch | None = None) -> tuple[nn.Module, pd.DataFrame]:
     """The shared loop of the old -> new transformations on shuffled batches.
 
     ``loss_terms(model, old_b, target_b, y_b, classifier)`` returns the history terms,
@@ -255,7 +291,7 @@ def _fit_forward(recipe: Recipe, old_emb: Any, target_emb: Any, labels: Any, cla
 
         history = _fit([model], lambda r: random_batches(n, recipe.batch_size, r),
                        n_random_batches(n, recipe.batch_size), step_loss, n_passes, n, recipe,
-                       rng, disable, desc)
+                       rng, disable, desc, on_epoch)
     return model, history
 
 
@@ -265,20 +301,30 @@ def _ce_terms(logits: torch.Tensor, y_b: torch.Tensor, label_smoothing: float) -
             "acc": (logits.argmax(1) == y_b).float().mean()}
 
 
+def _forward_model(recipe: Recipe, d_old: int, d_new: int, uncertainty: bool = False) -> nn.Module:
+    """A fresh h of the recipe's ``arch``: the authors' side projection or the small MLP."""
+    if recipe.arch == "side_projection":
+        cls = FastFillSideProjection if uncertainty else SideProjection
+        return cls(d_old, d_new, recipe.hidden, depth=recipe.depth)
+    cls = FastFillTransform if uncertainty else ForwardTransform
+    return cls(d_old, d_new, recipe.hidden, depth=recipe.depth)
+
+
 def fit_fct(recipe: FCTRecipe, old_emb: Any, new_emb: Any, *, h: nn.Module | None = None,
-            disable: bool = False) -> tuple[nn.Module, pd.DataFrame]:
-    """Train FCT's h (old -> new, no side information) with the squared error
-    ``mean_i ||h(phi_old(x_i)) - phi_new(x_i)||^2``. ``h``: a module to start from.
+            disable: bool = False, on_epoch: OnEpoch | None = None) -> tuple[nn.Module, pd.DataFrame]:
+    """Train FCT's h (old -> new, no side information) with the squared error to
+    ``phi_new`` (``recipe.regression``: averaged or summed over the dimensions), on the
+    recipe's ``arch``. ``h``: a module to start from; ``on_epoch``: see :data:`OnEpoch`.
     Returns ``(h, history)``; history columns ``epoch, loss, l2, lr``."""
     _check_recipe(recipe, (FCTRecipe,), "fit_fct")
 
     def terms(model, old_b, new_b, y_b, classifier):
-        l2 = reverse_loss(model(old_b), new_b)
+        l2 = feature_regression(model(old_b), new_b, recipe.regression).mean()
         return {"loss": l2, "l2": l2}
 
     return _fit_forward(recipe, old_emb, new_emb, None, None, h,
-                        lambda a, b: ForwardTransform(a, b, recipe.hidden, depth=recipe.depth),
-                        terms, False, "new_emb", "FCT h", disable)
+                        lambda a, b: _forward_model(recipe, a, b), terms, False, "new_emb", "FCT h",
+                        disable, on_epoch)
 
 
 def fit_fastfill(recipe: FastFillRecipe, old_emb: Any, new_emb: Any, labels: Any = None,
@@ -310,7 +356,7 @@ def fit_fastfill(recipe: FastFillRecipe, old_emb: Any, new_emb: Any, labels: Any
         return out
 
     return _fit_forward(recipe, old_emb, new_emb, labels, classifier, model,
-                        lambda a, b: FastFillTransform(a, b, recipe.hidden, depth=recipe.depth),
+                        lambda a, b: _forward_model(recipe, a, b, uncertainty=True),
                         terms, use_ce, "new_emb", "FastFill", disable)
 
 

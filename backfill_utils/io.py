@@ -45,6 +45,7 @@ KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "models": ("10_train", ("train",)),
     "embeddings": ("20_galleries", ("train", "embed")),
     "compat": ("30_compat", ("train", "embed", "compat")),
+    "convergence": ("30_compat", ("train", "embed", "compat", "curves")),
     "curves": ("31_backfill", ("train", "embed", "compat", "curves")),
     "experiments": ("32_experiments", ("train", "embed", "compat", "curves", "experiments")),
 }

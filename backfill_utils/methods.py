@@ -41,7 +41,10 @@ naive                     phi_new query vs the mixed gallery
 BCT                       BCT-trained new model vs the mixed gallery
 FCT                       phi_new query; old items hold h(phi_old)
 FastFill                  FCT + uncertainty and classification term, backfilled
-                          by descending sigma
+                          by descending sigma (FCT and FastFill: their authors'
+                          transformation and training recipe)
+FCT-small, FastFill-small the same with this package's small h (one hidden layer
+                          of width 2 d) on the shared compat schedule
 BiCT                      BCT query; old items hold h(phi_old), h trained towards
                           the BCT model's space
 RM                        rank merge of old/old and new/new (2 query passes)
@@ -269,7 +272,7 @@ def ends_at_new(name: str) -> bool:
     BiCT end at BCT/BCT, the paper's method at rho/rho.
 
     >>> [n for n in names("main") if ends_at_new(n)]
-    ['naive', 'FCT', 'FastFill', 'RM', 'RM+psi', 'RM+psi+CMCL']
+    ['naive', 'FCT', 'FastFill', 'FCT-small', 'FastFill-small', 'RM', 'RM+psi', 'RM+psi+CMCL']
     """
     m = get(name)
     return m.reference is None and m.backbone == "new" and "rho" not in m.slots
@@ -289,14 +292,16 @@ _SHARED_KEYS = ("epochs", "batch_size", "lr", "tau", "hard_negatives", "samples_
                 "lambda_rev", "distance")
 
 
-def recipe_from_profile(cls: type[Recipe], cfg: dict, prefix: str | None = None, **fixed: Any) -> Recipe:
+def recipe_from_profile(cls: type[Recipe], cfg: dict, prefix: str | None = None, *, shared: bool = True,
+                        **fixed: Any) -> Recipe:
     """A recipe of type ``cls`` from the profile: the shared ``compat`` keys (epochs,
-    batch_size, lr and the CMCL keys) that are fields of ``cls``, the method's own keys
-    ``compat.<prefix>_<field>`` (e.g. ``fastfill_mu``), ``seed`` from the profile, then
-    ``fixed`` (what makes the method itself, e.g. ``variant="single"``)."""
+    batch_size, lr and the CMCL keys) that are fields of ``cls`` (unless ``shared=False``:
+    a recipe whose defaults are its authors' values), the method's own keys
+    ``compat.<prefix>_<field>`` (e.g. ``fastfill_mu``, ``fct_epochs``), ``seed`` from the
+    profile, then ``fixed`` (what makes the method itself, e.g. ``variant="single"``)."""
     compat = cfg["compat"]
     fields = {f.name for f in dataclasses.fields(cls)}
-    kw = {k: compat[k] for k in _SHARED_KEYS if k in fields and k in compat}
+    kw = {k: compat[k] for k in _SHARED_KEYS if shared and k in fields and k in compat}
     if prefix:
         kw.update({k[len(prefix) + 1:]: v for k, v in compat.items()
                    if k.startswith(prefix + "_") and k[len(prefix) + 1:] in fields})
@@ -365,10 +370,26 @@ def _reverse(name: str, cls: type[Recipe], style: dict, description: str, groups
 
 
 def _forward(name: str, cls: type[Recipe], style: dict, description: str, groups: tuple[str, ...],
-             fit: Callable, prefix: str | None = None, **kw: Any) -> Method:
-    """A forward-transformation method: h (old -> the query model's space) on the gallery side."""
-    return Method(name, style, description, groups, slots=("h",), fit=fit,
-                  recipe=lambda cfg: recipe_from_profile(cls, cfg, prefix), **kw)
+             fit: Callable, prefix: str | None = None, small: bool = False, **kw: Any) -> Method:
+    """A forward-transformation method: h (old -> the query model's space) on the gallery side.
+
+    FCT and FastFill (``prefix`` given) start from their authors' recipe, changed by their own
+    ``compat.<prefix>_*`` keys only; ``small=True``: the small h (:data:`SMALL_H`) on the shared
+    ``compat`` schedule, the method's own loss keys (e.g. ``fastfill_mu``) still applied."""
+    def recipe(cfg: dict) -> Recipe:
+        if not small:
+            return recipe_from_profile(cls, cfg, prefix, shared=cls is BiCTRecipe)
+        schedule = {k: cfg["compat"][k] for k in ("epochs", "batch_size", "lr") if k in cfg["compat"]}
+        return recipe_from_profile(cls, cfg, prefix, **SMALL_H, **schedule)
+
+    return Method(name, style, description, groups, slots=("h",), fit=fit, recipe=recipe, **kw)
+
+
+#: The small h of FCT and FastFill kept beside the authors' transformation: this package's
+#: one-hidden-layer MLP (width 2 d) on the shared ``compat`` schedule (epochs, batch, lr), no
+#: warm-up, no weight decay, BatchNorm in training mode throughout, the summed squared error.
+SMALL_H = dict(arch="mlp", hidden=None, depth=1, weight_decay=0.0, warmup_epochs=0, bn_eval_half=False,
+               regression="sum")
 
 
 # Registration order is the order of every table and legend.
@@ -384,11 +405,19 @@ for _m in [
     Method("BCT", dict(color="#9467bd", ls="-"), "backward-compatible new model (influence loss) "
            "against the mixed gallery", ("main", "flips", "settings"), backbone="bct"),
     _forward("FCT", FCTRecipe, dict(color="#8c564b", ls="-"), "phi_new queries; old items hold h(phi_old), "
-             "h regressed to phi_new", ("main", "flips", "settings", "order_study", "serving"), _fit_fct,
+             "h regressed to phi_new (the authors' transformation and schedule)",
+             ("main", "flips", "settings", "order_study", "serving"), _fit_fct, "fct",
              train_roles=("old", "new")),
     _forward("FastFill", FastFillRecipe, dict(color="#e377c2", ls="-"), "FCT's h with uncertainty and the "
              "new classifier's cross-entropy; backfilled by descending uncertainty",
-             ("main", "flips", "settings"), _fit_fastfill, "fastfill", train_roles=("old", "new"),
+             ("main", "flips", "settings"), _fit_fastfill, "fastfill",
+             train_roles=("old", "new"), order=_fastfill_order, order_name="sigma"),
+    _forward("FCT-small", FCTRecipe, dict(color="#8c564b", ls=":"), "FCT with a small h (one hidden layer "
+             "of width 2 d, the shared compat schedule)", ("main",), _fit_fct,
+             "fct", small=True, train_roles=("old", "new")),
+    _forward("FastFill-small", FastFillRecipe, dict(color="#e377c2", ls=":"), "FastFill with a small h "
+             "(one hidden layer of width 2 d, the shared compat schedule)", ("main",),
+             _fit_fastfill, "fastfill", small=True, train_roles=("old", "new"),
              order=_fastfill_order, order_name="sigma"),
     _forward("BiCT", BiCTRecipe, dict(color="#5254a3", ls="-."), "BCT queries; old items hold h(phi_old), "
              "h trained towards the BCT model's space", ("main", "flips", "settings"), _fit_bict, "bict",
@@ -400,7 +429,7 @@ for _m in [
     _reverse("RM+psi", RevPsiRecipe, dict(color="#17becf", ls="-"), "psi trained with L_rev only "
              "(before CMCL)", ("main", "ablation", "cmcl_variants", "distances", "flips")),
     _reverse("RM+psi+CMCL", CMCLPsiRecipe, dict(color="#ff7f0e", ls="-"), "psi trained with joint CMCL "
-             "+ L_rev", ("main", "ablation", "distances", "flips", "settings"), variant="joint"),
+             "+ L_rev", ("main", "ablation", "cmcl_variants", "distances", "flips", "settings"), variant="joint"),
     _reverse("CMCL-single", CMCLPsiRecipe, dict(color="#2ca02c", ls="-."), "psi trained with the backward "
              "system's loss only", ("cmcl_variants",), variant="single"),
     # with a frozen new model the separate variant gives psi exactly the gradient of the single

@@ -16,7 +16,8 @@ recipe                 what it trains                                      train
                        L_rev, the new model frozen
 ``CMCLPsiRhoRecipe``   psi and rho with L_CMCL (``joint``/``separate``)    ``fit_reverse``
                        + lambda L_rev (the paper's full method)
-``FCTRecipe``          FCT's h, old -> new, squared error                  ``fit_fct``
+``FCTRecipe``          FCT's h, old -> new, squared error (the authors'    ``fit_fct``
+                       transformation and schedule by default)
 ``FastFillRecipe``     h + uncertainty head, regression + mu * CE through  ``fit_fastfill``
                        the frozen new classifier, uncertainty-weighted
 ``BiCTRecipe``         h, old -> BCT-new space, regression + CE through    ``fit_bict``
@@ -27,7 +28,9 @@ Shared fields (every recipe): ``epochs``, ``batch_size``, ``lr``, ``optimizer`` 
 or ``sgd`` with momentum 0.9), ``weight_decay``, ``hidden`` (hidden width of the trained
 MLP, ``None`` = twice its input dimension), ``depth`` (number of hidden layers, each
 ``Linear -> BatchNorm1d -> ReLU``), ``normalize`` (L2-normalise the cached embeddings
-first) and ``seed``. The defaults are the package's defaults before recipes existed
+first), ``warmup_epochs`` (a linear warm-up of the learning rate over that many epochs
+before the cosine decay, ``0``: cosine from the start), ``bn_eval_half`` (BatchNorm layers
+in eval mode for the second half of the epochs, as FCT's authors train) and ``seed``. The defaults are the package's defaults before recipes existed
 (``COMPAT_VERSION`` 1), so ``CMCLPsiRhoRecipe()`` trains exactly what the old flag
 interface ``train_reverse(use_cmcl=True, learn_new=True)`` trained (checked when the
 recipes were introduced, commit 8a7b616; the flag interface is gone).
@@ -60,6 +63,7 @@ __all__ = [
     "CMCLPsiRhoRecipe",
     "FCTRecipe",
     "FastFillRecipe",
+    "AUTHORS_FCT",
     "BiCTRecipe",
     "RECIPES",
     "recipe_from_dict",
@@ -82,6 +86,8 @@ class Recipe:
     hidden: int | None = None
     depth: int = 1
     normalize: bool = True
+    warmup_epochs: int = 0
+    bn_eval_half: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -124,8 +130,12 @@ class Recipe:
         self._float("weight_decay", 0.0)
         self._int("hidden", 1, none_ok=True)
         self._int("depth", 1)
-        if not isinstance(self.normalize, bool):
-            self._fail("normalize", "True or False")
+        for flag in ("normalize", "bn_eval_half"):
+            if not isinstance(getattr(self, flag), bool):
+                self._fail(flag, "True or False")
+        self._int("warmup_epochs", 0)
+        if self.warmup_epochs >= self.epochs:
+            self._fail("warmup_epochs", f"smaller than epochs ({self.epochs})")
         self._int("seed", 0)
 
     # -- public ------------------------------------------------------------------------ #
@@ -205,42 +215,80 @@ class CMCLPsiRhoRecipe(_CMCLRecipe):
         self._int("rho_depth", 1)
 
 
+#: FCT's transformation as its authors train it (apple/ml-fct ``configs/cifar100_transformation.yaml``,
+#: ``train_transformation.py``): ``MLP_BN_SIDE_PROJECTION`` with ``inner_dim`` 2048, Adam at lr 5e-4
+#: with weight decay 3.0517578125e-5, batch 1024, a cosine schedule after 5 warm-up epochs over 80
+#: epochs, BatchNorm in eval mode for the second half, ``nn.MSELoss`` (the mean over dimensions).
+AUTHORS_FCT = dict(epochs=80, batch_size=1024, lr=5e-4, optimizer="adam", weight_decay=3.0517578125e-5,
+                   hidden=2048, depth=2, warmup_epochs=5, bn_eval_half=True, arch="side_projection",
+                   regression="mean")
+ARCHS = ("side_projection", "mlp")
+
+
 @dataclass(frozen=True)
-class FCTRecipe(Recipe):
-    """FCT's h (old -> new, no side information) trained with the squared error
-    ``mean_i ||h(phi_old(x_i)) - phi_new(x_i)||^2``."""
+class _ForwardRecipe(Recipe):
+    """Fields of FCT and FastFill: ``arch`` (``side_projection``: the authors'
+    :class:`~backfill_utils.compat.SideProjection` with ``hidden`` = its ``inner_dim`` and
+    ``depth`` = the number of ``inner_dim`` blocks of its mixer; ``mlp``: this package's
+    small MLP, ``hidden`` default twice the input dimension) and ``regression``
+    (``mean``: the squared error averaged over the dimensions, ``nn.MSELoss`` of the
+    authors' code; ``sum``: summed over them, ``d`` times larger on the same vectors).
+    The defaults are the authors' values (:data:`AUTHORS_FCT`)."""
+
+    epochs: int = AUTHORS_FCT["epochs"]
+    batch_size: int = AUTHORS_FCT["batch_size"]
+    lr: float = AUTHORS_FCT["lr"]
+    weight_decay: float = AUTHORS_FCT["weight_decay"]
+    hidden: int | None = AUTHORS_FCT["hidden"]
+    depth: int = AUTHORS_FCT["depth"]
+    warmup_epochs: int = AUTHORS_FCT["warmup_epochs"]
+    bn_eval_half: bool = AUTHORS_FCT["bn_eval_half"]
+    arch: str = AUTHORS_FCT["arch"]
+    regression: str = AUTHORS_FCT["regression"]
+
+    def _validate(self) -> None:
+        super()._validate()
+        self._choice("arch", ARCHS)
+        self._choice("regression", REGRESSIONS)
+        if self.arch == "side_projection" and self.hidden is None:
+            self._fail("hidden", "the inner width of the side projection (an integer >= 1)")
+
+
+@dataclass(frozen=True)
+class FCTRecipe(_ForwardRecipe):
+    """FCT's h (old -> new, no side information: the old embedding is its own side
+    information, as in the authors' code without a side-information model) trained with
+    the squared error to ``phi_new``; defaults: the authors' recipe."""
 
     name: ClassVar[str] = "fct"
 
 
 @dataclass(frozen=True)
-class FastFillRecipe(Recipe):
+class FastFillRecipe(_ForwardRecipe):
     """FastFill (Jaeckle et al., ICLR 2023) as in its authors' code: per-sample
     ``regression + mu * CE(classifier_new(h(phi_old(x))), y)`` weighted by the predicted
-    uncertainty, ``0.5 exp(-s) (...) + mu_uncertainty * s``.
+    uncertainty, ``0.5 exp(-s) (...) + mu_uncertainty * s``, on FCT's transformation and
+    training recipe.
 
     Authors' values: ``mu = 1`` (``mu_disc``), ``label_smoothing = 0.1``,
-    ``mu_uncertainty = 0.5``. Their regression is the element-wise MSE averaged over the
-    dimensions of unnormalised features whose norm is of order ``sqrt(d)``; on our unit-length
-    embeddings that definition (``regression = "mean"``) is ``d`` times smaller and leaves the
-    cross-entropy alone in charge, so the default is ``regression = "sum"``
-    (``||h(phi_old) - phi_new||^2``, FCT's term), which keeps the authors' balance of the two
-    terms up to a factor of order 1. ``mu = 0`` is this package's FastFill before
-    ``COMPAT_VERSION`` 2 (no classification term).
+    ``mu_uncertainty = 0.5``, the element-wise MSE averaged over the dimensions
+    (``regression = "mean"``). On unit-length embeddings that term is ``d`` times smaller
+    than on the authors' unnormalised features (norm of order ``sqrt(d)``), which gives
+    the cross-entropy more weight than in their runs; ``regression = "sum"`` restores
+    their balance up to a factor of order 1 (the tuning searches both). ``mu = 0``: no
+    classification term.
     """
 
     name: ClassVar[str] = "fastfill"
     mu: float = 1.0
     label_smoothing: float = 0.1
     mu_uncertainty: float = 0.5
-    regression: str = "sum"
 
     def _validate(self) -> None:
         super()._validate()
         self._float("mu", 0.0)
         self._float("label_smoothing", 0.0, hi=1.0)
         self._float("mu_uncertainty", 0.0, open_lo=True)
-        self._choice("regression", REGRESSIONS)
 
 
 @dataclass(frozen=True)

@@ -81,9 +81,19 @@ def out_dir(cfg: dict) -> Path:
 
 
 # --------------------------------------------------------------------------- search spaces
-def _epochs(cfg: dict) -> list[int]:
-    e = int(cfg["compat"]["epochs"])
-    return sorted({max(1, e // 2), e, 2 * e})
+def _epochs(base: Any) -> list[int]:
+    e = int(base.epochs)
+    return sorted({max(1 + base.warmup_epochs, e // 2), e, 2 * e})
+
+
+def _weight_decays(base: Any) -> list[float]:
+    return sorted({0.0, 1e-5, 1e-4, float(base.weight_decay)})
+
+
+def _widths(base: Any) -> list[int]:
+    """Hidden width as a multiple of the embedding dimension: 1, 2 or 4; FCT and FastFill
+    also 16 (their authors' inner width, 2048 at 128 dimensions)."""
+    return [1, 2, 4, 16] if hasattr(base, "arch") else [1, 2, 4]
 
 
 def default_params(cfg: dict, name: str) -> dict:
@@ -91,6 +101,8 @@ def default_params(cfg: dict, name: str) -> dict:
     r = MM.get(name).default_recipe(cfg)
     p = {"epochs": r.epochs, "lr": r.lr, "weight_decay": r.weight_decay,
          "width_x": 2 if r.hidden is None else r.hidden // int(cfg["embedding_dim"]), "depth": r.depth}
+    if hasattr(r, "arch"):
+        p.update(arch=r.arch, regression=r.regression)
     if hasattr(r, "tau"):
         p.update(tau=r.tau, hard_negatives=r.hard_negatives, lambda_rev=r.lambda_rev)
     if hasattr(r, "rho_depth"):
@@ -106,9 +118,11 @@ def default_params(cfg: dict, name: str) -> dict:
 def suggest(trial, cfg: dict, name: str) -> Any:
     """The recipe of one trial of ``name``: its default recipe with the knobs the trial draws.
 
-    Shared knobs: ``epochs`` (half, once or twice the profile's), ``lr`` (log-uniform
-    1e-4..1e-2), ``weight_decay`` (0, 1e-5, 1e-4), ``width_x`` (hidden width = 1, 2 or 4 x
-    the embedding dimension), ``depth`` (1 or 2 hidden layers). CMCL methods add ``tau``
+    Shared knobs: ``epochs`` (half, once or twice the default recipe's), ``lr`` (log-uniform
+    1e-4..1e-2), ``weight_decay`` (0, 1e-5, 1e-4 and the default recipe's), ``width_x``
+    (hidden width = 1, 2 or 4 x the embedding dimension; 16 x too for FCT and FastFill),
+    ``depth`` (1 or 2 hidden layers). FCT and FastFill add ``arch`` (their authors' side
+    projection or the small MLP) and ``regression`` (mean or sum). CMCL methods add ``tau``
     (log-uniform 0.02..0.5), ``hard_negatives`` (all, 16, 64, 128) and ``lambda_rev``
     (log-uniform 0.1..10); Ours adds rho's ``rho_width_x`` and ``rho_depth``; FastFill its
     classification weight ``mu`` (0, 0.3, 1, 3) and ``mu_uncertainty`` (log-uniform 0.1..2);
@@ -116,11 +130,14 @@ def suggest(trial, cfg: dict, name: str) -> Any:
     """
     base = MM.get(name).default_recipe(cfg)
     d = int(cfg["embedding_dim"])
-    f = dict(epochs=trial.suggest_categorical("epochs", _epochs(cfg)),
+    f = dict(epochs=trial.suggest_categorical("epochs", _epochs(base)),
              lr=trial.suggest_float("lr", 1e-4, 1e-2, log=True),
-             weight_decay=trial.suggest_categorical("weight_decay", [0.0, 1e-5, 1e-4]),
-             hidden=d * trial.suggest_categorical("width_x", [1, 2, 4]),
+             weight_decay=trial.suggest_categorical("weight_decay", _weight_decays(base)),
+             hidden=d * trial.suggest_categorical("width_x", _widths(base)),
              depth=trial.suggest_int("depth", 1, 2))
+    if hasattr(base, "arch"):
+        f.update(arch=trial.suggest_categorical("arch", ["side_projection", "mlp"]),
+                 regression=trial.suggest_categorical("regression", ["mean", "sum"]))
     if hasattr(base, "tau"):
         f.update(tau=trial.suggest_float("tau", 0.02, 0.5, log=True),
                  hard_negatives=trial.suggest_categorical("hard_negatives", [None, 16, 64, 128]),

@@ -61,7 +61,7 @@ def test_depth_and_width():
     assert [k for k in ReverseTransform(16, 8).state_dict()] == [
         "mlp.0.weight", "mlp.0.bias", "mlp.1.weight", "mlp.1.bias", "mlp.1.running_mean",
         "mlp.1.running_var", "mlp.1.num_batches_tracked", "mlp.3.weight", "mlp.3.bias"]
-    assert COMPAT_VERSION == 2
+    assert COMPAT_VERSION == 3
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="depth must be a positive integer"):
             ReverseTransform(16, 8, depth=bad)
@@ -96,9 +96,11 @@ def test_config_round_trip_and_checkpoint(tmp_path, data):
     new, old, y = data
     psi, rho, _ = fit_reverse(CMCLPsiRhoRecipe(epochs=2, batch_size=48, depth=2), new, old, y,
                               disable=True)
-    ff, _ = fit_fastfill(FastFillRecipe(mu=0.0, epochs=2, batch_size=48, depth=3), old, new,
+    ff, _ = fit_fastfill(FastFillRecipe(mu=0.0, epochs=2, batch_size=48, depth=3, arch="mlp", hidden=None,
+                                        warmup_epochs=0), old, new, disable=True)
+    sp, _ = fit_fastfill(FastFillRecipe(mu=0.0, epochs=2, batch_size=48, hidden=24, warmup_epochs=1), old, new,
                          disable=True)
-    for module, x in ((psi, new), (rho, new), (ff, old)):
+    for module, x in ((psi, new), (rho, new), (ff, old), (sp, old)):
         rebuilt = build_module(module.config)
         assert type(rebuilt) is type(module) and rebuilt.config == module.config
         pt, js = save_module(module, tmp_path / type(module).__name__)

@@ -2,16 +2,20 @@
 training psi/rho, FCT, FastFill and BiCT on small synthetic problems with known answers,
 and the error paths."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
 from compat_problems import accuracy, center_classifier, single_thread, synthetic, unit  # noqa: F401
 
 from backfill_utils.compat import (
+    FastFillSideProjection,
     FastFillTransform,
     ForwardTransform,
     LearnableEmbedding,
     ReverseTransform,
+    SideProjection,
     apply,
     fastfill_order,
 )
@@ -27,6 +31,9 @@ from backfill_utils.recipes import (
 )
 
 FAST = dict(epochs=25, batch_size=48, lr=3e-3)
+#: FCT / FastFill with the small MLP h and a plain schedule (the authors' recipe is tested apart)
+SMALL = dict(arch="mlp", hidden=None, depth=1, weight_decay=0.0, warmup_epochs=0, bn_eval_half=False,
+             regression="sum")
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +182,7 @@ def test_given_modules_are_trained_in_place(data):
 # --------------------------------------------------------------------------- #
 def test_fit_fct(data):
     new, old, _, _ = data
-    h, hist = fit_fct(FCTRecipe(**FAST), old, new, disable=True)
+    h, hist = fit_fct(FCTRecipe(**FAST, **SMALL), old, new, disable=True)
     assert hist["loss"].iloc[-1] < 0.7 * hist["loss"].iloc[0]
     assert isinstance(h, ForwardTransform) and not h.training
     err_h = ((apply(h, old) - new) ** 2).sum(1).mean()
@@ -191,8 +198,8 @@ def test_fastfill_classification_term_improves_accuracy(data):
     assert accuracy(clf, new, y) == 1.0  # the classifier is the known answer
     torch.manual_seed(0)
     before = accuracy(clf, apply(FastFillTransform(8, 16), old), y)
-    model, hist = fit_fastfill(FastFillRecipe(**FAST), old, new, y, clf, disable=True)
-    no_ce, _ = fit_fastfill(FastFillRecipe(mu=0.0, **FAST), old, new, disable=True)
+    model, hist = fit_fastfill(FastFillRecipe(**FAST, **SMALL), old, new, y, clf, disable=True)
+    no_ce, _ = fit_fastfill(FastFillRecipe(mu=0.0, **FAST, **SMALL), old, new, disable=True)
     after, without = accuracy(clf, apply(model, old), y), accuracy(clf, apply(no_ce, old), y)
     assert {"l2", "ce", "acc", "log_sigma"} <= set(hist.columns)
     assert hist["loss"].iloc[-1] < 0.5 * hist["loss"].iloc[0]
@@ -201,9 +208,8 @@ def test_fastfill_classification_term_improves_accuracy(data):
     assert hist["acc"].iloc[-1] > hist["acc"].iloc[0] + 0.4
 
 
-@pytest.mark.parametrize("recipe", [FastFillRecipe(epochs=60, batch_size=48, lr=1e-2),
-                                    FastFillRecipe(mu=0.0, regression="sum", epochs=60,
-                                                   batch_size=48, lr=1e-2)],
+@pytest.mark.parametrize("recipe", [FastFillRecipe(epochs=60, batch_size=48, lr=1e-2, **SMALL),
+                                    FastFillRecipe(mu=0.0, epochs=60, batch_size=48, lr=1e-2, **SMALL)],
                          ids=["default", "no_ce"])
 def test_fastfill_uncertainty_ranks_what_old_cannot_tell_apart(recipe):
     """The old model merges classes 3-5 into one cluster: neither the regression nor the
@@ -222,6 +228,61 @@ def test_fastfill_uncertainty_ranks_what_old_cannot_tell_apart(recipe):
     assert (log_sigma[h][:, None] > log_sigma[~h][None]).mean() > 0.9  # AUC
     order = fastfill_order(model, merged[test])
     assert h[order[: h.sum()]].mean() > 0.8
+
+
+def test_fit_fct_authors_recipe(data):
+    """The authors' recipe: side projection, warm-up then cosine (per step), BatchNorm
+    statistics frozen from the middle epoch on, the mean squared error; on_epoch rows join
+    the history."""
+    new, old, _, _ = data
+    recipe = FCTRecipe(epochs=8, batch_size=48, hidden=64, warmup_epochs=2, lr=3e-3)
+    assert (recipe.arch, recipe.depth, recipe.bn_eval_half, recipe.regression) == ("side_projection", 2, True,
+                                                                                     "mean")
+    stats = []
+
+    def on_epoch(epoch, modules):
+        assert not modules[0].training
+        stats.append(modules[0].mixer[1].running_mean.clone())
+        return {"seen": float(epoch)}
+
+    h, hist = fit_fct(recipe, old, new, disable=True, on_epoch=on_epoch)
+    assert isinstance(h, SideProjection) and not h.training
+    assert hist["seen"].tolist() == list(range(8))
+    # BatchNorm statistics move in the first half and are frozen in the second
+    assert not torch.equal(stats[0], stats[3])
+    assert all(torch.equal(stats[3], s) for s in stats[4:])
+    # the learning rate at the end of each epoch (3 steps of 48 out of 144 samples)
+    steps, warm, total = 3, 2 * 3, 8 * 3
+    expect = [3e-3 * ((t + 1) / warm if t < warm else 0.5 * (1 + math.cos(math.pi * (t - warm) / (total - warm))))
+              for t in range(steps, total + 1, steps)]
+    assert np.allclose(hist["lr"], expect, rtol=1e-9, atol=0)
+    assert hist["loss"].iloc[-1] < 0.7 * hist["loss"].iloc[0]
+
+
+def test_side_projection_shape_and_parameters():
+    """Parameters as the authors' 1x1-conv blocks count them (no bias before BatchNorm)."""
+    def count(d_old, d_new, inner, depth):
+        branch = d_old * 2 * d_old + 2 * 2 * d_old + 2 * d_old * 2 * d_new + 2 * 2 * d_new
+        mixer, width = 0, 4 * d_new
+        for _ in range(depth):
+            mixer += width * inner + 2 * inner
+            width = inner
+        return 2 * branch + mixer + inner * d_new + d_new
+    for args in ((128, 128, 2048, 2), (8, 16, 32, 1), (16, 8, 24, 3)):
+        m = SideProjection(*args[:3], depth=args[3])
+        assert sum(p.numel() for p in m.parameters()) == count(*args)
+        out = m.eval()(torch.randn(5, args[0]))
+        assert out.shape == (5, args[1]) and torch.allclose(out.norm(dim=1), torch.ones(5), atol=1e-5)
+    ff = FastFillSideProjection(8, 16, 32).eval()
+    emb, log_sigma = ff(torch.randn(4, 8))
+    assert emb.shape == (4, 16) and log_sigma.shape == (4,)
+
+
+def test_recipe_warmup_must_leave_epochs():
+    with pytest.raises(ValueError, match="warmup_epochs must be smaller than epochs"):
+        FCTRecipe(epochs=5, warmup_epochs=5)
+    with pytest.raises(ValueError, match="arch must be one of"):
+        FCTRecipe(arch="conv")
 
 
 def test_fit_bict(data):
@@ -247,7 +308,7 @@ def test_classifier_stays_frozen_and_untouched(data):
     new, old, y, centers = data
     clf = center_classifier(centers).requires_grad_(True).train()
     w0 = clf.weight.detach().clone()
-    fit_fastfill(FastFillRecipe(epochs=2, batch_size=48), old, new, y, clf, disable=True)
+    fit_fastfill(FastFillRecipe(epochs=2, batch_size=48, **SMALL), old, new, y, clf, disable=True)
     fit_bict(BiCTRecipe(epochs=2, batch_size=48), old, new, y, clf, disable=True)
     assert torch.equal(clf.weight.detach(), w0) and clf.weight.grad is None
     assert clf.weight.requires_grad and clf.training  # caller's state restored
@@ -271,17 +332,17 @@ def test_input_errors(data):
     with pytest.raises(ValueError, match="new_emb contains 1 NaN"):
         fit_reverse(r, bad, old, y)
     with pytest.raises(ValueError, match="old_emb contains"):
-        fit_fct(FCTRecipe(epochs=1), bad[:, :8], new)
+        fit_fct(FCTRecipe(epochs=1, **SMALL), bad[:, :8], new)
     with pytest.raises(ValueError, match="emb contains"):
         apply(ReverseTransform(16, 8), bad)
     with pytest.raises(ValueError, match=r"\(N, d\) or \(P, N, d\)"):
-        fit_fct(FCTRecipe(epochs=1), old[0], new)
+        fit_fct(FCTRecipe(epochs=1, **SMALL), old[0], new)
     with pytest.raises(ValueError, match="psi maps 16-dimensional inputs to 4 dimensions but 8"):
         fit_reverse(r, new, old, y, psi=ReverseTransform(16, 4))
     with pytest.raises(ValueError, match="psi cannot take"):
         fit_reverse(r, new, old, y, psi=ReverseTransform(12, 8))
     with pytest.raises(ValueError, match="FCT h maps 8-dimensional inputs to 12"):
-        fit_fct(FCTRecipe(epochs=1), old, new, h=ForwardTransform(8, 12))
+        fit_fct(FCTRecipe(epochs=1, **SMALL), old, new, h=ForwardTransform(8, 12))
     with pytest.raises(ValueError, match="rho module was given"):
         fit_reverse(r, new, old, y, rho=LearnableEmbedding(16))
     with pytest.raises(TypeError, match="fit_fct takes a recipe of type FCTRecipe"):
@@ -290,7 +351,7 @@ def test_input_errors(data):
 
 def test_classifier_errors(data):
     new, old, y, centers = data
-    ff, bict = FastFillRecipe(epochs=1, batch_size=48), BiCTRecipe(epochs=1, batch_size=48)
+    ff, bict = FastFillRecipe(epochs=1, batch_size=48, **SMALL), BiCTRecipe(epochs=1, batch_size=48)
     clf = center_classifier(centers)
     for fit, recipe in ((fit_fastfill, ff), (fit_bict, bict)):
         with pytest.raises(ValueError, match="needs labels and the frozen classifier"):

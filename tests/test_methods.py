@@ -9,18 +9,18 @@ from backfill_utils import compat as K
 from backfill_utils import config as C
 from backfill_utils import experiments as X
 from backfill_utils import methods as MM
-from backfill_utils.recipes import CMCLPsiRhoRecipe, FastFillRecipe, RevPsiRecipe
+from backfill_utils.recipes import CMCLPsiRhoRecipe, FastFillRecipe, FCTRecipe, RevPsiRecipe
 
-PAPER = ["old", "new", "offline", "naive", "BCT", "FCT", "FastFill", "BiCT", "RM", "RM+psi", "RM+psi+CMCL",
+PAPER = ["old", "new", "offline", "naive", "BCT", "FCT", "FastFill", "FCT-small", "FastFill-small", "BiCT", "RM", "RM+psi", "RM+psi+CMCL",
          "CMCL-single", "CMCL-separate", "CMCL w/o L_rev", "Ours"]
 
 
 def test_the_papers_methods_and_groups():
     assert MM.names() == PAPER
-    assert MM.names("main") == ["old", "new", "offline", "naive", "BCT", "FCT", "FastFill", "BiCT", "RM",
-                                "RM+psi", "RM+psi+CMCL", "Ours"]
+    assert MM.names("main") == ["old", "new", "offline", "naive", "BCT", "FCT", "FastFill", "FCT-small",
+                                "FastFill-small", "BiCT", "RM", "RM+psi", "RM+psi+CMCL", "Ours"]
     assert MM.names("ablation") == ["RM", "RM+psi", "RM+psi+CMCL", "CMCL w/o L_rev", "Ours"]
-    assert MM.names("cmcl_variants") == ["RM+psi", "CMCL-single", "CMCL-separate", "Ours"]
+    assert MM.names("cmcl_variants") == ["RM+psi", "RM+psi+CMCL", "CMCL-single", "CMCL-separate", "Ours"]
     assert MM.names("serving") == ["offline", "FCT", "RM", "Ours"]
     for g in MM.GROUPS:
         assert MM.names(g), f"group {g} is empty"
@@ -42,7 +42,7 @@ def test_query_side_passes_and_slots():
     for n in MM.names():
         m = MM.get(n)
         assert len(MM.query_side(n)) == m.query_passes == (2 if n == "RM" else 1)
-    assert [n for n in MM.names() if MM.get(n).order is not None] == ["FastFill"]
+    assert [n for n in MM.names() if MM.get(n).order is not None] == ["FastFill", "FastFill-small"]
 
 
 def test_ablation_components_follow_the_recipes():
@@ -61,12 +61,20 @@ def test_ablation_components_follow_the_recipes():
 
 def test_recipes_come_from_the_profile():
     cfg = C.load_profile("smoke", overrides={"compat": {"epochs": 7, "tau": 0.2, "fastfill_mu": 0.5,
-                                                        "bict_ce_weight": 0.0}})
+                                                        "bict_ce_weight": 0.0, "fastfill_epochs": 9}})
     ours = MM.get("Ours").default_recipe(cfg)
     assert ours == CMCLPsiRhoRecipe(epochs=7, batch_size=64, lr=1e-3, tau=0.2, seed=0)
     assert MM.get("CMCL w/o L_rev").default_recipe(cfg).lambda_rev == 0.0  # fixed by the method
     assert MM.get("RM+psi").default_recipe(cfg) == RevPsiRecipe(epochs=7, batch_size=64, lr=1e-3)
-    assert MM.get("FastFill").default_recipe(cfg) == FastFillRecipe(epochs=7, batch_size=64, mu=0.5)
+    # FCT and FastFill: their authors' recipe, changed only by their own keys (the profile's
+    # fastfill_*); their small-h variants run on the shared schedule
+    smoke = cfg["compat"]
+    assert MM.get("FastFill").default_recipe(cfg) == FastFillRecipe(
+        epochs=9, mu=0.5, batch_size=smoke["fastfill_batch_size"], hidden=smoke["fastfill_hidden"],
+        warmup_epochs=smoke["fastfill_warmup_epochs"])
+    assert MM.get("FCT").default_recipe(C.load_profile("paper")) == FCTRecipe()
+    small = MM.get("FastFill-small").default_recipe(cfg)
+    assert (small.epochs, small.batch_size, small.mu, small.arch, small.regression) == (7, 64, 0.5, "mlp", "sum")
     assert MM.get("BiCT").default_recipe(cfg).ce_weight == 0.0
     assert MM.get("RM").default_recipe(cfg) is None
     # a recipe and a seed given by the caller (a tuner, a seed study)

@@ -1,0 +1,75 @@
+"""Has a scaled schedule converged? FCT's training loss and validation AUC over its epochs.
+
+FCT's authors train its transformation for 80 epochs; on a CPU the profile may scale that
+(``compat.fct_epochs``). :func:`fct_convergence` trains FCT with the profile's default
+recipe and, after every epoch, evaluates the method's backfilling curve on the validation
+split (held out of every training) with the module as it is at that epoch: one row per
+epoch with the training loss (``loss``), the learning rate and ``val_auc_map`` /
+``val_auc_top1``. A curve that is flat over the last epochs says the schedule has
+converged; the notebook ``30_compat`` draws it (:func:`plot`).
+
+The run is cached (kind ``"convergence"``) under the recipe, the backbones and the
+evaluation keys, like every trained artifact.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from . import backfill as B
+from . import experiments as X
+from . import io
+from . import methods as MM
+from . import train as T
+from .compat_train import fit_fct
+
+__all__ = ["fct_convergence", "plot"]
+
+
+def fct_convergence(cfg: dict, setting: str = "extended", *, progress: bool = True) -> pd.DataFrame:
+    """FCT's history with the validation AUCs after each epoch (see the module docstring)."""
+    method = MM.get("FCT")
+    recipe = method.default_recipe(cfg)
+    key = {"setting": setting, "recipe": MM.recipe_key(recipe), "eval": cfg["eval"],
+           "models": {r: T.model_spec(cfg, setting, r) for r in ("old", "new")}}
+
+    def compute() -> dict:
+        train = X.SettingData(cfg, setting, progress=progress)
+        val = X.SettingData(cfg, setting, progress=progress, split="val")
+        old, new, labels = val.test("old"), val.test("new"), val.test_labels
+        order = B.random_order(len(old), int(cfg["eval"]["order_seed"]))
+        r = X.ratios(cfg)
+
+        def on_epoch(epoch: int, modules) -> dict:
+            system = X.make_system(method, old, new, MM.Trained(h=modules[0]), order)
+            curve = B.backfill_curve(system, labels, labels, ratios=r, exclude_self=True)
+            return {f"val_auc_{k}": float(np.trapezoid(curve[m].to_numpy(), r))
+                    for k, m in (("map", "mAP"), ("top1", "top1"))}
+
+        _, history = fit_fct(recipe, train.embeddings("old"), train.embeddings("new"),
+                             disable=not progress, on_epoch=on_epoch)
+        return io.frame_to_arrays(history, "history::")
+
+    arrays = io.cached_arrays("convergence", key, compute,
+                              what=f"FCT's training history with validation AUCs ({setting} setting)")
+    return io.arrays_to_frame(arrays, "history::")
+
+
+def plot(history: pd.DataFrame, *, ax=None, title: str = "FCT: convergence of the scaled schedule"):
+    """Training loss (left axis, log scale) and validation AUC_mAP (right axis) per epoch."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.4, 3.6))
+    epochs = np.asarray(history["epoch"]) + 1
+    ax.plot(epochs, history["loss"], color="#8c564b", label="training loss")
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training loss (MSE)")
+    right = ax.twinx()
+    right.plot(epochs, history["val_auc_map"], color="#1f77b4", marker="o", ms=3, label="validation AUC_mAP")
+    right.set_ylabel("validation AUC_mAP (%)")
+    lines = ax.get_lines() + right.get_lines()
+    ax.legend(lines, [ln.get_label() for ln in lines], loc="center right", fontsize=8)
+    ax.set_title(title, fontsize=10)
+    return ax
