@@ -4,6 +4,7 @@ import pytest
 
 from backfill_utils import claims as CL
 from backfill_utils import report
+from backfill_utils import tables as T
 
 
 def _claims():
@@ -41,6 +42,21 @@ def test_section_follows_the_numbers(results):
     assert "open: Ours > FCT on auc_map" in text
     # studies not run yet: the section names their targets
     assert "Not run yet: `make regimes`" in text and "not run (`make tune`)" in text
+
+
+def test_section_quotes_the_like_with_like_cmcl_claims(results):
+    rows = [(T.FLIPS + ": mean negative flips vs old/old over ratios > 0", 1.11, 0.13, CL.HOLDS),
+            (T.FLIPS + ": total negative flips between consecutive backfill steps", -8.98, 0.86, CL.FAILS),
+            ("joint CMCL > separate CMCL (psi + rho: Ours vs CMCL-separate) on AUC_mAP", 4.32, 0.1, CL.HOLDS)]
+    extra = pd.DataFrame([{"setting": "extended", "claim": c, "checked": True, "seeds": 3, "value": 1.0,
+                           "reference": 1.0, "diff": d, "diff_sd": sd, "verdict": v} for c, d, sd, v in rows])
+    pd.concat([_claims(), extra]).to_csv(results / "tables" / "claims.csv", index=False)
+    text = report.section(results)
+    assert ("over separate CMCL, psi + rho (Ours vs CMCL-separate): **holds (> 2 sd)** (difference +4.32 +- 0.10 "
+            "over 3 seed(s))") in text
+    assert "psi only (RM+psi+CMCL vs CMCL-single): not computed" in text
+    assert ("against old/old **holds (> 2 sd)** (difference +1.11 +- 0.13 over 3 seed(s)); between consecutive "
+            "backfill steps **fails** (difference -8.98 +- 0.86 over 3 seed(s))") in text
 
 
 def test_section_reads_the_studies(results):
