@@ -67,5 +67,45 @@ def test_asserted_claims_are_checked_ones_of_the_registry():
     r = np.linspace(0, 1, 11)
     curves = pd.concat([pd.DataFrame({"method": m, "ratio": r, "mAP": 10.0 + 20 * r,
                                       "negative_flips_vs_old": 1.0}) for m in MM.names()])
-    names = set(T.claims(curves, summary)["claim"])
-    assert {c for _, c in CL.ASSERTED} <= names
+    table = T.claims(curves, summary)
+    assert {g for _, g in CL.ASSERTED} <= set(table.loc[table["checked"], "group"])
+    # the flips statement is not asserted: one of its two definitions fails on the reference run
+    assert ("extended", T.FLIPS) not in CL.ASSERTED
+    assert not any(g.startswith("joint CMCL (Ours)") for _, g in CL.ASSERTED)
+
+
+def _grouped_rows(a_diffs, b_diffs, c_diffs):
+    """Per-seed rows of three claims: ``a`` and ``b`` are two definitions of group ``G``,
+    ``c`` is its own group; the value minus the reference of seed s is ``*_diffs[s]``."""
+    rows = []
+    for seed, diffs in enumerate(zip(a_diffs, b_diffs, c_diffs)):
+        for claim, group, d in zip(("a", "b", "c"), ("G", "G", "c"), diffs):
+            rows.append({"setting": "extended", "seed": seed, "claim": claim, "group": group, "checked": True,
+                         "value": 10.0 + d, "relation": ">", "reference": 10.0, "methods": "Ours|CMCL-separate",
+                         "holds": d > 0})
+    return pd.DataFrame(rows)
+
+
+def test_a_group_holds_beyond_noise_only_where_every_definition_does(monkeypatch):
+    # a: d = [1, 1.2, 0.8] (mean 1, sd 0.2): holds; b: d = [1, -0.5, 2] (mean 0.83, sd 1.26): within noise;
+    # c: d = [-1, -1, -1]: fails
+    per_seed = _grouped_rows([1.0, 1.2, 0.8], [1.0, -0.5, 2.0], [-1.0, -1.0, -1.0])
+    monkeypatch.setattr(CL, "ASSERTED", frozenset({("extended", "G")}))
+    t = CL.over_seeds(per_seed).set_index("claim")
+    assert list(t["group"]) == ["G", "G", "c"]
+    assert list(t["verdict"]) == [CL.HOLDS, CL.WITHIN_NOISE, CL.FAILS]
+    # asserting the group asserts each of its definitions
+    assert list(t["asserted"]) == [True, True, False]
+    g = CL.groups(t.reset_index()).set_index("group")
+    assert list(g.index) == ["G", "c"] and list(g["definitions"]) == [2, 1]
+    assert list(g["verdict"]) == [CL.WITHIN_NOISE, CL.FAILS] and list(g["holds"]) == [True, False]
+    assert list(g["asserted"]) == [True, False]
+    both = CL.groups(CL.over_seeds(_grouped_rows([1.0, 1.2, 0.8], [2.0, 2.1, 1.9], [1.0, 1.0, 1.0])))
+    assert list(both["verdict"]) == [CL.HOLDS, CL.HOLDS]
+
+
+def test_rows_without_a_group_are_their_own_group_and_groups_names_a_wrong_input():
+    per_seed = _grouped_rows([1.0], [1.0], [1.0]).drop(columns="group")
+    assert list(CL.over_seeds(per_seed)["group"]) == ["a", "b", "c"]
+    with pytest.raises(ValueError, match="lacks.*group"):
+        CL.groups(per_seed.drop(columns="claim"))

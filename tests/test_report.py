@@ -4,6 +4,7 @@ import pytest
 
 from backfill_utils import claims as CL
 from backfill_utils import report
+from backfill_utils import tables as T
 
 
 def _claims():
@@ -36,11 +37,33 @@ def test_section_follows_the_numbers(results):
     text = report.section(results)
     assert "Ours > FCT on AUC_mAP: default recipes **fails** (difference -1.50 +- 0.10 over 3 seed(s))" in text
     assert "psi trained with L_rev over rank merge: **holds within noise**" in text
-    assert "rank merge delivers 40.0 % of the gain, inside the paper's 36-45 %" in text
+    # outside figures only with their source; the paper's own are unknown
+    assert "the paper's own tables are not available; only its abstract and introduction are public" in text
+    assert ("(mean of 22 points; ml-fct README, FastFill release (public copy AllenWrong/ml-fct)): on CIFAR-100 "
+            "(ResNet-50 at 224 px, old model on 50 classes) FCT in random order 63.6 %, FastFill 80.8 %; on "
+            "ImageNet-1k FCT in random order 71.4 %, FastFill 97.0 % without side information, FCT in random order "
+            "83.9 %, FastFill 105.4 % with it") in text  # (29.1-16.5)/19.8, (32.5-16.5)/19.8, (40.5-28.5)/16.8, ...
+    assert "Here (trapezoid AUC, synthetic data, a CPU schedule): FCT 80.0 +- 0.5 %, FastFill n/a." in text
+    assert "36-45" not in text and "28 %" not in text and "paper reports" not in text
     assert "1 checked claim(s) of the extended setting fail: Ours > FCT on auc_map" in text
     assert "open: Ours > FCT on auc_map" in text
     # studies not run yet: the section names their targets
     assert "Not run yet: `make regimes`" in text and "not run (`make tune`)" in text
+
+
+def test_section_quotes_the_like_with_like_cmcl_claims(results):
+    rows = [(T.FLIPS + ": mean negative flips vs old/old over ratios > 0", 1.11, 0.13, CL.HOLDS),
+            (T.FLIPS + ": total negative flips between consecutive backfill steps", -8.98, 0.86, CL.FAILS),
+            ("joint CMCL > separate CMCL (psi + rho: Ours vs CMCL-separate) on AUC_mAP", 4.32, 0.1, CL.HOLDS)]
+    extra = pd.DataFrame([{"setting": "extended", "claim": c, "checked": True, "seeds": 3, "value": 1.0,
+                           "reference": 1.0, "diff": d, "diff_sd": sd, "verdict": v} for c, d, sd, v in rows])
+    pd.concat([_claims(), extra]).to_csv(results / "tables" / "claims.csv", index=False)
+    text = report.section(results)
+    assert ("over separate CMCL, psi + rho (Ours vs CMCL-separate): **holds (> 2 sd)** (difference +4.32 +- 0.10 "
+            "over 3 seed(s))") in text
+    assert "psi only (RM+psi+CMCL vs CMCL-single): not computed" in text
+    assert ("against old/old **holds (> 2 sd)** (difference +1.11 +- 0.13 over 3 seed(s)); between consecutive "
+            "backfill steps **fails** (difference -8.98 +- 0.86 over 3 seed(s))") in text
 
 
 def test_section_reads_the_studies(results):
