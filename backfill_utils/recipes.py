@@ -27,7 +27,8 @@ Shared fields (every recipe): ``epochs``, ``batch_size``, ``lr``, ``optimizer`` 
 or ``sgd`` with momentum 0.9), ``weight_decay``, ``hidden`` (hidden width of the trained
 MLP, ``None`` = twice its input dimension), ``depth`` (number of hidden layers, each
 ``Linear -> BatchNorm1d -> ReLU``), ``normalize`` (L2-normalise the cached embeddings
-first) and ``seed``. The defaults are the package's defaults before recipes existed
+first, and the trained modules' inputs and outputs; the profile key
+``normalize_embeddings``) and ``seed``. The defaults are the package's defaults before recipes existed
 (``COMPAT_VERSION`` 1), so ``CMCLPsiRhoRecipe()`` trains exactly what the old flag
 interface ``train_reverse(use_cmcl=True, learn_new=True)`` trained (checked when the
 recipes were introduced, commit 8a7b616; the flag interface is gone).
