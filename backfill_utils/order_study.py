@@ -21,7 +21,6 @@ from . import experiments as X
 from . import io
 from . import methods as MM
 from . import metrics as MT
-from . import train as T
 
 __all__ = ["order_owner", "order_comparison"]
 
