@@ -19,10 +19,12 @@ Modules (small MLPs: ``depth`` hidden layers ``Linear -> BatchNorm1d -> ReLU`` o
   ``(n, d, 1, 1)`` tensors, so they are ``Linear`` layers here (no bias before a
   BatchNorm, as theirs). :class:`FastFillSideProjection` adds FastFill's uncertainty head.
 
-Every module L2-normalises its input (``normalize_input=True``, a no-op on the
-already normalised cached embeddings) and **always L2-normalises its output inside
-``forward``**, in training as at evaluation: the distance used at query time is
-Euclidean on unit vectors, and the losses see exactly what retrieval will see.
+By default every module L2-normalises its input (``normalize_input=True``, a no-op on
+the already normalised cached embeddings) and L2-normalises its output inside
+``forward`` (``normalize_output=True``), in training as at evaluation: the distance used
+at query time is Euclidean on unit vectors, and the losses see exactly what retrieval
+will see. With the profile key ``normalize_embeddings: false`` the recipes build modules
+with both flags off (raw embeddings in, raw embeddings out).
 
 Each module exposes ``module.config``, a JSON-able dict from which
 :func:`build_module` rebuilds it; :func:`save_module` / :func:`load_module` store a
@@ -104,7 +106,7 @@ def _check_dims(**dims: int | None) -> None:
 
 
 class _CompatModule(nn.Module):
-    """Common parts: input/output dims, input normalisation, the JSON config."""
+    """Common parts: input/output dims, input and output normalisation, the JSON config."""
 
     d_in: int
     d_out: int
@@ -116,6 +118,9 @@ class _CompatModule(nn.Module):
             )
         return F.normalize(z, dim=1) if self.normalize_input else z
 
+    def _finish(self, z: torch.Tensor) -> torch.Tensor:
+        return F.normalize(z, dim=1) if self.normalize_output else z
+
     @property
     def config(self) -> dict[str, Any]:
         """JSON-able constructor arguments; ``build_module(m.config)`` rebuilds ``m``."""
@@ -126,7 +131,8 @@ class _CompatModule(nn.Module):
 
 
 class _MLPTransform(_CompatModule):
-    """An MLP from one embedding space to another, unit-length output.
+    """An MLP from one embedding space to another, unit-length output unless
+    ``normalize_output=False``.
 
     Subclasses name the two dimensions (``_dim_names``) as their constructors do,
     so that ``config`` rebuilds them through :func:`build_module`.
@@ -135,18 +141,20 @@ class _MLPTransform(_CompatModule):
     _dim_names: tuple[str, str] = ("d_in", "d_out")
 
     def __init__(self, d_in: int, d_out: int, hidden: int | None = None,
-                 normalize_input: bool = True, depth: int = 1) -> None:
+                 normalize_input: bool = True, depth: int = 1, normalize_output: bool = True) -> None:
         super().__init__()
         a, b = self._dim_names
         _check_dims(**{a: d_in, b: d_out, "hidden": hidden, "depth": depth})
         hidden = int(hidden or 2 * d_in)
         self._kwargs = {a: int(d_in), b: int(d_out), "hidden": hidden,
-                        "normalize_input": bool(normalize_input), "depth": int(depth)}
+                        "normalize_input": bool(normalize_input), "depth": int(depth),
+                        "normalize_output": bool(normalize_output)}
         self.d_in, self.d_out, self.normalize_input = int(d_in), int(d_out), bool(normalize_input)
+        self.normalize_output = bool(normalize_output)
         self.mlp = _mlp(self.d_in, hidden, self.d_out, int(depth))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.mlp(self._prep(z)), dim=1)
+        return self._finish(self.mlp(self._prep(z)))
 
 
 class ReverseTransform(_MLPTransform):
@@ -155,55 +163,57 @@ class ReverseTransform(_MLPTransform):
     _dim_names = ("d_new", "d_old")
 
     def __init__(self, d_new: int, d_old: int, hidden: int | None = None,
-                 normalize_input: bool = True, depth: int = 1) -> None:
-        super().__init__(d_new, d_old, hidden, normalize_input, depth)
+                 normalize_input: bool = True, depth: int = 1, normalize_output: bool = True) -> None:
+        super().__init__(d_new, d_old, hidden, normalize_input, depth, normalize_output)
 
 
 class LearnableEmbedding(_CompatModule):
-    """rho: ``z -> normalize(z + MLP(z))``; the MLP's last Linear starts at zero, so
-    at initialisation ``rho(z) == normalize(z)`` (``== z`` for unit ``z``)."""
+    """rho: ``z -> normalize(z + MLP(z))`` (``z + MLP(z)`` with ``normalize_output=False``);
+    the MLP's last Linear starts at zero, so at initialisation ``rho(z) == normalize(z)``
+    (``== z`` for unit ``z``, or with both normalisations off)."""
 
     def __init__(self, d: int, hidden: int | None = None, normalize_input: bool = True,
-                 depth: int = 1) -> None:
+                 depth: int = 1, normalize_output: bool = True) -> None:
         super().__init__()
         _check_dims(d=d, hidden=hidden, depth=depth)
         hidden = int(hidden or 2 * d)
         self._kwargs = dict(d=int(d), hidden=hidden, normalize_input=bool(normalize_input),
-                            depth=int(depth))
+                            depth=int(depth), normalize_output=bool(normalize_output))
         self.d_in = self.d_out = int(d)
-        self.normalize_input = bool(normalize_input)
+        self.normalize_input, self.normalize_output = bool(normalize_input), bool(normalize_output)
         self.mlp = _mlp(self.d_in, hidden, self.d_out, int(depth))
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         z = self._prep(z)
-        return F.normalize(z + self.mlp(z), dim=1)
+        return self._finish(z + self.mlp(z))
 
 
 class ForwardTransform(_MLPTransform):
     """h: old embedding (``d_old``) -> new space (``d_new``), unit-length output
-    (normalised inside ``forward``, in training and at evaluation). FCT's transformation,
-    and BiCT's when the new space is the backward-compatible model's."""
+    (normalised inside ``forward``, in training and at evaluation, unless
+    ``normalize_output=False``). FCT's transformation, and BiCT's when the new space is
+    the backward-compatible model's."""
 
     _dim_names = ("d_old", "d_new")
 
     def __init__(self, d_old: int, d_new: int, hidden: int | None = None,
-                 normalize_input: bool = True, depth: int = 1) -> None:
-        super().__init__(d_old, d_new, hidden, normalize_input, depth)
+                 normalize_input: bool = True, depth: int = 1, normalize_output: bool = True) -> None:
+        super().__init__(d_old, d_new, hidden, normalize_input, depth, normalize_output)
 
 
 class FastFillTransform(ForwardTransform):
-    """FastFill: h (old -> new, unit-length output) plus an uncertainty head on h's
-    last hidden features predicting one log-variance per sample
-    (``Linear(hidden, hidden // 2) -> ReLU -> Linear(., 1)``).
+    """FastFill: h (old -> new, unit-length output unless ``normalize_output=False``)
+    plus an uncertainty head on h's last hidden features predicting one log-variance per
+    sample (``Linear(hidden, hidden // 2) -> ReLU -> Linear(., 1)``).
 
     ``forward(z)`` returns ``(embedding (n, d_new), log_sigma (n,))``.
     """
 
     def __init__(self, d_old: int, d_new: int, hidden: int | None = None,
-                 normalize_input: bool = True, depth: int = 1) -> None:
-        super().__init__(d_old, d_new, hidden, normalize_input, depth)
+                 normalize_input: bool = True, depth: int = 1, normalize_output: bool = True) -> None:
+        super().__init__(d_old, d_new, hidden, normalize_input, depth, normalize_output)
         hidden = self._kwargs["hidden"]
         half = max(1, hidden // 2)
         self.sigma = nn.Sequential(nn.Linear(hidden, half), nn.ReLU(), nn.Linear(half, 1))
@@ -211,7 +221,7 @@ class FastFillTransform(ForwardTransform):
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = self._prep(z)
         feat = self.mlp[:-1](z)
-        emb = F.normalize(self.mlp[-1](feat), dim=1)
+        emb = self._finish(self.mlp[-1](feat))
         return emb, self.sigma(feat).squeeze(1)
 
 
@@ -222,7 +232,8 @@ def _block(d_in: int, d_out: int) -> list[nn.Module]:
 
 class SideProjection(_CompatModule):
     """FCT's transformation as its authors build it, old (``d_old``) -> new (``d_new``),
-    unit-length output; the side information is the old embedding itself.
+    unit-length output (unless ``normalize_output=False``); the side information is the old
+    embedding itself.
 
     ``p1`` and ``p2``: ``d -> 2 d -> 2 d_new`` (``d`` = ``d_old``), concatenated to
     ``4 d_new``; ``mixer``: ``depth`` blocks of width ``inner_dim``, then
@@ -236,12 +247,14 @@ class SideProjection(_CompatModule):
     _dim_names = ("d_old", "d_new")
 
     def __init__(self, d_old: int, d_new: int, inner_dim: int = 2048, normalize_input: bool = True,
-                 depth: int = 2) -> None:
+                 depth: int = 2, normalize_output: bool = True) -> None:
         super().__init__()
         _check_dims(d_old=d_old, d_new=d_new, inner_dim=inner_dim, depth=depth)
         self._kwargs = {"d_old": int(d_old), "d_new": int(d_new), "inner_dim": int(inner_dim),
-                        "normalize_input": bool(normalize_input), "depth": int(depth)}
+                        "normalize_input": bool(normalize_input), "depth": int(depth),
+                        "normalize_output": bool(normalize_output)}
         self.d_in, self.d_out, self.normalize_input = int(d_old), int(d_new), bool(normalize_input)
+        self.normalize_output = bool(normalize_output)
         d, e, w = self.d_in, self.d_out, int(inner_dim)
         self.p1 = nn.Sequential(*_block(d, 2 * d), *_block(2 * d, 2 * e))
         self.p2 = nn.Sequential(*_block(d, 2 * d), *_block(2 * d, 2 * e))
@@ -257,7 +270,7 @@ class SideProjection(_CompatModule):
         return self.mixer[:-1](torch.cat([self.p1(z), self.p2(z)], dim=1))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.mixer[-1](self.features(z)), dim=1)
+        return self._finish(self.mixer[-1](self.features(z)))
 
 
 class FastFillSideProjection(SideProjection):
@@ -266,14 +279,14 @@ class FastFillSideProjection(SideProjection):
     :class:`FastFillTransform`). ``forward(z)`` returns ``(embedding, log_sigma)``."""
 
     def __init__(self, d_old: int, d_new: int, inner_dim: int = 2048, normalize_input: bool = True,
-                 depth: int = 2) -> None:
-        super().__init__(d_old, d_new, inner_dim, normalize_input, depth)
+                 depth: int = 2, normalize_output: bool = True) -> None:
+        super().__init__(d_old, d_new, inner_dim, normalize_input, depth, normalize_output)
         half = max(1, int(inner_dim) // 2)
         self.sigma = nn.Sequential(nn.Linear(int(inner_dim), half), nn.ReLU(), nn.Linear(half, 1))
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feat = self.features(z)
-        return F.normalize(self.mixer[-1](feat), dim=1), self.sigma(feat).squeeze(1)
+        return self._finish(self.mixer[-1](feat)), self.sigma(feat).squeeze(1)
 
 
 _REGISTRY: dict[str, type[_CompatModule]] = {

@@ -14,7 +14,8 @@ them, integer labels and a frozen classifier. Training is seeded by ``recipe.see
 per-step cosine learning-rate schedule, shows a plain ``tqdm`` bar over the epochs
 (``disable=True`` hides it), and returns the module(s) in eval mode with a
 ``pandas.DataFrame`` history: one row per epoch, the sample-weighted mean of each loss
-term, and the learning rate at the end of the epoch.
+term, and the learning rate at the end of the epoch. A module a recipe builds normalises
+its input and output exactly when ``recipe.normalize`` is true.
 
 The classifier of FastFill and BiCT is a module mapping new-space embeddings to logits,
 e.g. the new (or BCT) backbone's :class:`~backfill_utils.models.CosineClassifier`
@@ -169,6 +170,12 @@ def _check_given(module: nn.Module | None, d_in: int, d_out: int, name: str, hin
                          f"{d_out} are needed; {hint}")
 
 
+def _norm(recipe: Recipe) -> dict[str, bool]:
+    """The normalisation flags of a module a recipe builds: its input and output are
+    L2-normalised exactly when the recipe normalises the cached embeddings."""
+    return {"normalize_input": recipe.normalize, "normalize_output": recipe.normalize}
+
+
 def _check_recipe(recipe: Any, kinds: tuple[type, ...], fn: str) -> None:
     if not isinstance(recipe, kinds):
         names = ", ".join(k.__name__ for k in kinds)
@@ -222,9 +229,9 @@ def fit_reverse(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
         if psi is None:
-            psi = ReverseTransform(d_new, d_old, recipe.hidden, depth=recipe.depth)
+            psi = ReverseTransform(d_new, d_old, recipe.hidden, depth=recipe.depth, **_norm(recipe))
         if learn_new and rho is None:
-            rho = LearnableEmbedding(d_new, recipe.rho_hidden, depth=recipe.rho_depth)
+            rho = LearnableEmbedding(d_new, recipe.rho_hidden, depth=recipe.rho_depth, **_norm(recipe))
         modules = [psi] + ([rho] if learn_new else [])
 
         def step_loss(idx: np.ndarray, passes: np.ndarray) -> dict[str, torch.Tensor]:
@@ -305,9 +312,9 @@ def _forward_model(recipe: Recipe, d_old: int, d_new: int, uncertainty: bool = F
     """A fresh h of the recipe's ``arch``: the authors' side projection or the small MLP."""
     if recipe.arch == "side_projection":
         cls = FastFillSideProjection if uncertainty else SideProjection
-        return cls(d_old, d_new, recipe.hidden, depth=recipe.depth)
-    cls = FastFillTransform if uncertainty else ForwardTransform
-    return cls(d_old, d_new, recipe.hidden, depth=recipe.depth)
+    else:
+        cls = FastFillTransform if uncertainty else ForwardTransform
+    return cls(d_old, d_new, recipe.hidden, depth=recipe.depth, **_norm(recipe))
 
 
 def fit_fct(recipe: FCTRecipe, old_emb: Any, new_emb: Any, *, h: nn.Module | None = None,
@@ -388,5 +395,5 @@ def fit_bict(recipe: BiCTRecipe, old_emb: Any, bct_emb: Any, labels: Any = None,
         return out
 
     return _fit_forward(recipe, old_emb, bct_emb, labels, classifier, h,
-                        lambda a, b: ForwardTransform(a, b, recipe.hidden, depth=recipe.depth),
+                        lambda a, b: ForwardTransform(a, b, recipe.hidden, depth=recipe.depth, **_norm(recipe)),
                         terms, use_ce, "bct_emb", "BiCT h", disable)

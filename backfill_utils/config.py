@@ -215,7 +215,26 @@ def load_profile(name: str | None = None, *, overrides: Mapping | str | None = N
     changes = {k: v for k, v in _changes(base, cfg).items() if k not in LOCATION_KEYS}
     cfg.update(profile=name, download=bool(download), run_changes=changes,
                run_name=run_name(name, changes), reference_run=not changes)
+    normalize_embeddings(cfg)
     return cfg
+
+
+def normalize_embeddings(cfg: Mapping) -> bool:
+    """The profile key ``normalize_embeddings``: whether embeddings are L2-normalised before
+    ranking and training (the backbones' embeddings, the compatibility modules' inputs and
+    outputs, the recipes' cached inputs); an error naming the key unless it is true or false.
+
+    >>> normalize_embeddings({"normalize_embeddings": False})
+    False
+    """
+    if "normalize_embeddings" not in cfg:
+        raise KeyError("the profile lacks the key normalize_embeddings; add "
+                       "'normalize_embeddings: true' (see params/default.yaml)")
+    value = cfg["normalize_embeddings"]
+    if not isinstance(value, bool):
+        raise ValueError(f"profile key normalize_embeddings must be true or false, got {value!r}; "
+                         "write normalize_embeddings: true (the default) or false")
+    return value
 
 
 def output_dir(cfg: dict) -> Path:

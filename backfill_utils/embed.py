@@ -2,8 +2,8 @@
 
 Embeddings are stored in the artifact cache of :mod:`backfill_utils.io` under
 the kind ``"embeddings"``; the key holds everything they depend on (the model's
-full training spec, the split, the classes, the number of augmented passes, the
-seed) and io adds the code versions (``train.TRAIN_VERSION``,
+full training spec and whether its output is L2-normalised, :func:`embedding_spec`;
+the split, the classes, the number of augmented passes, the seed) and io adds the code versions (``train.TRAIN_VERSION``,
 :data:`EMBED_VERSION`), so nothing stale is ever served. ``cached_arrays`` and
 ``cache_path`` are re-exported from :mod:`backfill_utils.io` for older callers.
 """
@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from . import config as C
 from . import data as D
 from . import train as T
 from .io import cache_path, cached_arrays  # noqa: F401  (re-exported; the cache lives in io)
@@ -23,16 +24,27 @@ from .io import cache_path, cached_arrays  # noqa: F401  (re-exported; the cache
 EMBED_VERSION = 1
 
 
+def embedding_spec(cfg: dict, setting: str, role: str) -> dict:
+    """What the embeddings of model ``role`` depend on, for cache keys: the backbone's
+    training spec (:func:`backfill_utils.train.model_spec`, the backbone's own key) plus
+    ``normalize_embeddings: false`` when the profile turns normalisation off. With the
+    default (normalised) it is the training spec itself, so keys made before the profile
+    key existed stay valid; either way a change of the key changes the spec."""
+    spec = T.model_spec(cfg, setting, role)
+    return spec if C.normalize_embeddings(cfg) else {**spec, "normalize_embeddings": False}
+
+
 @torch.no_grad()
 def extract(model: torch.nn.Module, dataset, *, batch_size: int = 512, device=None,
-            progress: bool = True, desc: str = "embed") -> np.ndarray:
-    """Embed every item of ``dataset`` (in order) with ``model.embed``; float32 (N, d)."""
+            progress: bool = True, desc: str = "embed", normalize: bool = True) -> np.ndarray:
+    """Embed every item of ``dataset`` (in order) with ``model.embed`` (L2-normalised unless
+    ``normalize=False``); float32 (N, d)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(device).eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
     out = []
     for x, _ in tqdm(loader, desc=desc, disable=not progress):
-        out.append(model.embed(x.to(device)).float().cpu())
+        out.append(model.embed(x.to(device), normalize=normalize).float().cpu())
     return torch.cat(out).numpy().astype(np.float32, copy=False)
 
 
@@ -76,6 +88,8 @@ def get_embeddings(cfg: dict, setting: str, role: str, split: str, *,
     ``split="train"``: the rest of the training split of the new model's training
     classes (what the backbones trained on); pass 0 is clean and passes 1.. use the
     training augmentation (seeded per pass); returns ``emb`` (passes, N, d) and ``labels``.
+    Embeddings are L2-normalised unless the profile's ``normalize_embeddings`` is false
+    (then the embedding head's raw outputs).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -85,7 +99,8 @@ def get_embeddings(cfg: dict, setting: str, role: str, split: str, *,
     classes = T.setting_classes(cfg, setting)
     cls = classes["test_classes"] if split == "test" else classes["new_classes"]
     n_pass = int(passes) if split == "train" else 1
-    key = {"model": spec, "split": split, "classes": list(map(int, cls)), "passes": n_pass,
+    normalize = C.normalize_embeddings(cfg)
+    key = {"model": embedding_spec(cfg, setting, role), "split": split, "classes": list(map(int, cls)), "passes": n_pass,
            "seed": int(cfg["seed"]), "holdout": T.holdout(cfg)}
 
     def compute():
@@ -95,7 +110,7 @@ def get_embeddings(cfg: dict, setting: str, role: str, split: str, *,
         for p in range(n_pass):
             ds = _split_dataset(cfg, split, cls, augment=p > 0)
             torch.manual_seed(int(cfg["seed"]) * 7919 + p)
-            embs.append(extract(model, ds, device=device, progress=progress,
+            embs.append(extract(model, ds, device=device, progress=progress, normalize=normalize,
                                 desc=f"embed {setting}/{role}/{split} pass {p}"))
         labels = np.asarray(ds.targets, dtype=np.int64)
         emb = np.stack(embs) if split == "train" else embs[0]

@@ -169,7 +169,7 @@ def compat_key(cfg: dict, setting: str, name: str, recipe: Any = None, seed: int
     m = MM.get(name)
     recipe, seed = resolve_recipe(cfg, name, recipe, seed)
     return {"method": name, "version": int(m.version), "recipe": MM.recipe_key(recipe), "seed": seed,
-            "train": {r: T.model_spec(cfg, setting, r) for r in m.train_roles},
+            "train": {r: E.embedding_spec(cfg, setting, r) for r in m.train_roles},
             "passes": int(cfg["embed"]["train_passes"])}
 
 
@@ -321,7 +321,7 @@ def _curve_key(cfg: dict, setting: str, name: str, recipe: Any, seed: int | None
     m = MM.get(name)
     roles = sorted({"old", "new", m.backbone})
     return {"setting": setting, "method": name, "version": int(m.version), "split": split,
-            "test": {r: T.model_spec(cfg, setting, r) for r in roles},
+            "test": {r: E.embedding_spec(cfg, setting, r) for r in roles},
             "trained": compat_key(cfg, setting, name, recipe, seed) if m.trainable else None,
             "eval": cfg["eval"]}
 

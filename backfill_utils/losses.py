@@ -21,9 +21,11 @@ Notation (PAPER.md 2.3). A batch holds ``n`` images with labels ``y``. The
 
 Where this module departs from, or adds to, the paper's text:
 
-* ``d`` is the distance used at query time: Euclidean on L2-normalised embeddings.
-  The loss computes it on the tensors it is given; normalising them is the job of
-  the modules in :mod:`backfill_utils.compat` (their outputs are unit length).
+* ``d`` is the distance used at query time: Euclidean on L2-normalised embeddings
+  (raw ones with the profile key ``normalize_embeddings: false``). The loss computes it
+  on the tensors it is given; normalising them is the job of the modules in
+  :mod:`backfill_utils.compat` (their outputs are unit length unless built with
+  ``normalize_output=False``).
   The Euclidean distance is ``sqrt(max(|a|^2 + |b|^2 - 2 a.b, 0) + eps)`` with
   ``eps = 1e-8``: a bias of at most 1e-4 at distance 0, and finite gradients there.
 * An anchor whose class has no other member in the batch has ``P_B(i)`` empty; it is

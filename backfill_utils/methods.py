@@ -67,6 +67,7 @@ import pandas as pd
 import torch.nn as nn
 
 from . import compat as K
+from . import config as C
 from .compat_train import fit_bict, fit_fastfill, fit_fct, fit_reverse
 from .recipes import (BiCTRecipe, CMCLPsiRecipe, CMCLPsiRhoRecipe, FastFillRecipe, FCTRecipe, Recipe,
                       RevPsiRecipe)
@@ -297,8 +298,9 @@ def recipe_from_profile(cls: type[Recipe], cfg: dict, prefix: str | None = None,
     """A recipe of type ``cls`` from the profile: the shared ``compat`` keys (epochs,
     batch_size, lr and the CMCL keys) that are fields of ``cls`` (unless ``shared=False``:
     a recipe whose defaults are its authors' values), the method's own keys
-    ``compat.<prefix>_<field>`` (e.g. ``fastfill_mu``, ``fct_epochs``), ``seed`` from the
-    profile, then ``fixed`` (what makes the method itself, e.g. ``variant="single"``)."""
+    ``compat.<prefix>_<field>`` (e.g. ``fastfill_mu``, ``fct_epochs``), ``seed`` and
+    ``normalize`` (the profile key ``normalize_embeddings``) from the profile, then ``fixed``
+    (what makes the method itself, e.g. ``variant="single"``)."""
     compat = cfg["compat"]
     fields = {f.name for f in dataclasses.fields(cls)}
     kw = {k: compat[k] for k in _SHARED_KEYS if shared and k in fields and k in compat}
@@ -306,6 +308,7 @@ def recipe_from_profile(cls: type[Recipe], cfg: dict, prefix: str | None = None,
         kw.update({k[len(prefix) + 1:]: v for k, v in compat.items()
                    if k.startswith(prefix + "_") and k[len(prefix) + 1:] in fields})
     kw["seed"] = int(cfg["seed"])
+    kw["normalize"] = C.normalize_embeddings(cfg)
     kw.update(fixed)
     return cls(**kw)
 

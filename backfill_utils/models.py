@@ -3,6 +3,9 @@
 ``EmbeddingNet`` = torchvision ResNet trunk -> linear embedding head (default
 128-d) -> L2 normalisation, plus a cosine classifier on the normalised
 embedding (used for training with cross-entropy, and by BCT's influence loss).
+``embed(x, normalize=False)`` gives the head's raw output (profile key
+``normalize_embeddings``); training is the same either way, since the cosine
+classifier normalises its input itself.
 
 With ``width=64`` and ``small_stem=False`` the trunk is exactly torchvision's
 ``resnet18`` / ``resnet50``. ``small_stem=True`` replaces the 7x7/2 convolution
@@ -82,7 +85,8 @@ class EmbeddingNet(nn.Module):
     """Trunk + embedding head + classifier.
 
     ``forward(x)`` returns ``(embedding, logits)`` with the embedding
-    L2-normalised; ``embed(x)`` returns the embedding only.
+    L2-normalised; ``embed(x)`` returns the embedding only, L2-normalised unless
+    ``normalize=False`` (then the embedding head's raw output).
     """
 
     def __init__(
@@ -104,8 +108,9 @@ class EmbeddingNet(nn.Module):
         self.head = nn.Linear(self.trunk.out_dim, embedding_dim)
         self.classifier = CosineClassifier(embedding_dim, num_classes)
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.head(self.trunk(x)), dim=1)
+    def embed(self, x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        z = self.head(self.trunk(x))
+        return F.normalize(z, dim=1) if normalize else z
 
     def forward(self, x: torch.Tensor):
         z = self.embed(x)

@@ -16,11 +16,11 @@ import numpy as np
 import pandas as pd
 
 from . import backfill as B
+from . import embed as E
 from . import experiments as X
 from . import io
 from . import methods as MM
 from . import metrics as MT
-from . import train as T
 
 __all__ = ["order_owner", "order_comparison"]
 
@@ -46,7 +46,7 @@ def order_comparison(cfg: dict, setting: str, names=None, *, owner: str | None =
     trained = [n for n in (owner, *names) if MM.get(n).trainable]
     key = {"study": "order", "setting": setting, "owner": owner, "methods": names, "eval": cfg["eval"],
            "compat": [X.compat_key(cfg, setting, n) for n in trained],
-           "test": {r: T.model_spec(cfg, setting, r) for r in MM.BACKBONES}}
+           "test": {r: E.embedding_spec(cfg, setting, r) for r in MM.BACKBONES}}
 
     def compute():
         curves, summary = _order_comparison(cfg, setting, owner, names, progress=progress)

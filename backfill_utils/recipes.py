@@ -28,9 +28,11 @@ Shared fields (every recipe): ``epochs``, ``batch_size``, ``lr``, ``optimizer`` 
 or ``sgd`` with momentum 0.9), ``weight_decay``, ``hidden`` (hidden width of the trained
 MLP, ``None`` = twice its input dimension), ``depth`` (number of hidden layers, each
 ``Linear -> BatchNorm1d -> ReLU``), ``normalize`` (L2-normalise the cached embeddings
-first), ``warmup_epochs`` (a linear warm-up of the learning rate over that many epochs
-before the cosine decay, ``0``: cosine from the start), ``bn_eval_half`` (BatchNorm layers
-in eval mode for the second half of the epochs, as FCT's authors train) and ``seed``. The defaults are the package's defaults before recipes existed
+first, and the trained modules' inputs and outputs; the profile key
+``normalize_embeddings``), ``warmup_epochs`` (a linear warm-up of the learning rate over that
+many epochs before the cosine decay, ``0``: cosine from the start), ``bn_eval_half``
+(BatchNorm layers in eval mode for the second half of the epochs, as FCT's authors train)
+and ``seed``. The defaults are the package's defaults before recipes existed
 (``COMPAT_VERSION`` 1), so ``CMCLPsiRhoRecipe()`` trains exactly what the old flag
 interface ``train_reverse(use_cmcl=True, learn_new=True)`` trained (checked when the
 recipes were introduced, commit 8a7b616; the flag interface is gone).

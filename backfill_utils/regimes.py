@@ -18,7 +18,9 @@ committed; rendered by ``notebooks/53_regimes.ipynb``):
   variant's ``m_old`` / ``m_new`` (old/old and new/new mAP), ``old_over_new`` =
   M_old / M_new, ``fct_r0_map`` (FCT's mAP at ratio 0: its transformed old gallery
   searched with new queries) and ``fct_r0_over_new``;
-* ``summary.{csv,md}`` -- mean and sd over the seeds;
+* ``summary.{csv,md}`` -- mean and sd over the seeds (with each variant's ``changes``);
+* ``normalisation.{csv,md}`` -- :func:`normalisation_study` (empty without a variant that
+  sets ``normalize_embeddings``);
 * ``winners.{csv,md}`` -- per variant, the gain of the reverse direction (Ours) minus
   the best forward transformation's, paired over the seeds, with the verdict of
   :func:`backfill_utils.claims.verdict`, and the two terms that decide it: the forward
@@ -29,7 +31,12 @@ committed; rendered by ``notebooks/53_regimes.ipynb``):
 
 A variant may also change the synthetic data (``dataset_options``): a **family** of
 variants with their own new model (e.g. 10 classes with 1,000 training images each, the
-shape of the held-out real dataset of issue 10), drawn apart in the figure.
+shape of the held-out real dataset of issue 10), drawn apart in the figure. A variant may
+also set ``normalize_embeddings`` (raw embeddings for every model and module: the new
+system changes too), which likewise makes its own family (:func:`family`);
+``normalisation.{csv,md}`` (:func:`normalisation_study`) sets each such variant beside
+the variant with the same other changes: rank merge's share of the gain and Ours' margin
+over FCT and FastFill under both choices.
 
 ``python -m backfill_utils.regimes --profile default`` runs it.
 """
@@ -54,15 +61,17 @@ from . import parallel
 from . import seeds as SD
 from . import train as T
 
-__all__ = ["REVERSE", "FORWARD", "regime_config", "variant_cfgs", "run", "summarize", "winners", "crossover",
-           "out_dir", "read_outputs", "main"]
+__all__ = ["REVERSE", "FORWARD", "regime_config", "variant_cfgs", "family", "run", "summarize", "winners",
+           "crossover", "normalisation_study", "out_dir", "read_outputs", "main"]
 
 REVERSE = ("Ours",)
 FORWARD = ("FCT", "FastFill", "BiCT")
 FILES = ("regimes.csv", "summary.csv", "winners.csv", "crossover.csv")
-#: What a variant may change: the old model, or the synthetic data (a data family: the new model
-#: changes with it; variants with the same data form one family of the map).
-VARIANT_KEYS = ("old_fraction", "old_backbone", "old_train", "dataset_options")
+#: What a variant may change: the old model, the synthetic data or whether embeddings are
+#: L2-normalised (the last two change the new model's side too: each makes a family of the map).
+OLD_MODEL_KEYS = ("old_fraction", "old_backbone", "old_train")
+FAMILY_KEYS = ("dataset_options", "normalize_embeddings")
+VARIANT_KEYS = OLD_MODEL_KEYS + FAMILY_KEYS
 
 
 def regime_config(cfg: dict) -> dict:
@@ -75,7 +84,8 @@ def regime_config(cfg: dict) -> dict:
         bad = sorted(set(keys or {}) - set(VARIANT_KEYS))
         if bad:
             raise ValueError(f"regimes.variants[{name!r}] may change only the old model (old_fraction, "
-                             f"old_backbone, old_train) or the data (dataset_options), got {bad}")
+                             f"old_backbone, old_train), the data (dataset_options) or "
+                             f"normalize_embeddings, got {bad}")
     for m in r["methods"]:
         MM.get(m)
     return r
@@ -103,6 +113,23 @@ def variant_cfgs(cfg: dict) -> dict[str, dict]:
     return out
 
 
+def family(keys: dict | None) -> str:
+    """The family of a variant (column ``data``): what it changes besides the old model,
+    ``"profile's"`` if nothing. Variants of one family share the new model's side; the
+    crossover looks for neighbours only within a family.
+
+    >>> family({"old_fraction": 0.2, "dataset_options": {"num_classes": 10}})
+    '{"num_classes": 10}'
+    >>> family({"normalize_embeddings": False}), family({})
+    ('normalize_embeddings: false', "profile's")
+    """
+    keys = keys or {}
+    parts = [json.dumps(keys["dataset_options"], sort_keys=True)] if keys.get("dataset_options") else []
+    if "normalize_embeddings" in keys:
+        parts.append(f"normalize_embeddings: {str(keys['normalize_embeddings']).lower()}")
+    return "; ".join(parts) or "profile's"
+
+
 def _embed_job(cfg: dict, setting: str, role: str) -> None:
     E.get_embeddings(cfg, setting, role, "test", progress=False)
     E.get_embeddings(cfg, setting, role, "train", passes=int(cfg["embed"]["train_passes"]), progress=False)
@@ -114,9 +141,9 @@ def _prepare(cfgs: dict[str, dict], setting: str, methods: list[str], progress: 
                    | {MM.get(m).backbone for m in methods if MM.get(m).reference is None})
     T.train_many([T.model_spec(c, setting, r) for c in cfgs.values() for r in roles], progress=progress,
                  data_root=next(iter(cfgs.values())).get("data_root"))
-    jobs = {(T.model_dir(T.model_spec(c, setting, r)), r): (c, setting, r) for c in cfgs.values() for r in roles}
+    jobs = {C.config_hash(E.embedding_spec(c, setting, r)): (c, setting, r) for c in cfgs.values() for r in roles}
     parallel.run_jobs(_embed_job, list(jobs.values()), desc="embed", progress=progress,
-                      labels=[f"{r} {d.name}" for d, r in jobs])
+                      labels=[f"{r} {T.model_dir(T.model_spec(c, s, r)).name}" for c, s, r in jobs.values()])
     trainable = [m for m in methods if MM.get(m).trainable]
     SD.train_jobs(None, [(c, setting, m, None, seed) for c in cfgs.values() for seed in SD.compat_seeds(c)
                          for m in trainable], progress=progress)
@@ -139,10 +166,9 @@ def run(cfg: dict, *, progress: bool = True) -> pd.DataFrame:
             fct_r0 = float(fct["mAP"].iloc[0]) if len(fct) else float("nan")
             ours = curves[curves.method == "Ours"].sort_values("ratio")
             ours_r0 = float(ours["mAP"].iloc[0]) if len(ours) else float("nan")
-            data = json.dumps((r["variants"][name] or {}).get("dataset_options") or {}, sort_keys=True)
             for m in methods:
                 rows.append({"variant": name, "changes": json.dumps(r["variants"][name] or {}, sort_keys=True),
-                             "data": "profile's" if data == "{}" else data,
+                             "data": family(r["variants"][name]),
                              "method": m, "seed": seed, **{k: float(s.loc[m, k]) for k in SD.SUMMARY_METRICS},
                              "m_old": m_old, "m_new": m_new, "old_over_new": m_old / m_new,
                              "fct_r0_map": fct_r0, "fct_r0_over_new": fct_r0 / m_new, "ours_r0_map": ours_r0})
@@ -155,9 +181,9 @@ def summarize(raw: pd.DataFrame) -> pd.DataFrame:
                           by=("variant", "method"))
     axes = raw.groupby("variant", sort=False)[["m_old", "m_new", "old_over_new", "fct_r0_map",
                                                "fct_r0_over_new"]].mean().reset_index()
-    data = raw.groupby("variant", sort=False)["data"].first().reset_index() if "data" in raw else None
+    labels = [c for c in ("data", "changes") if c in raw]
     out = stats.merge(axes, on="variant")
-    return out.merge(data, on="variant") if data is not None else out
+    return out.merge(raw.groupby("variant", sort=False)[labels].first().reset_index(), on="variant") if labels else out
 
 
 def winners(raw: pd.DataFrame) -> pd.DataFrame:
@@ -220,14 +246,59 @@ def crossover(win: pd.DataFrame, axis: str = "old_over_new", by_family: bool = T
     return pd.DataFrame(rows, columns=["axis", "data", "at", "from", "to"])
 
 
+#: Columns of :func:`normalisation_study`.
+STUDY_COLUMNS = ("study", "variant", "normalize_embeddings", "seeds", "m_old", "m_new", "rm_gain_%", "ours_gain_%",
+                 "ours_minus_fct_auc_map", "ours_minus_fastfill_auc_map")
+
+
+def _study_row(summary: pd.DataFrame, study: str, variant: str, normalized: bool) -> dict:
+    s = summary[summary.variant == variant].set_index("method")
+
+    def get(method: str, col: str) -> float:
+        return float(s.loc[method, col]) if method in s.index else float("nan")
+
+    return {"study": study, "variant": variant, "normalize_embeddings": normalized, "seeds": int(s["seeds"].min()),
+            "m_old": float(s["m_old"].iloc[0]), "m_new": float(s["m_new"].iloc[0]),
+            "rm_gain_%": 100 * get("RM", "rel_gain_map"), "ours_gain_%": 100 * get("Ours", "rel_gain_map"),
+            "ours_minus_fct_auc_map": get("Ours", "auc_map") - get("FCT", "auc_map"),
+            "ours_minus_fastfill_auc_map": get("Ours", "auc_map") - get("FastFill", "auc_map")}
+
+
+def normalisation_study(summary: pd.DataFrame) -> pd.DataFrame:
+    """L2-normalised against raw embeddings, from the regimes summary (:func:`summarize`):
+    each variant that sets ``normalize_embeddings`` beside the variant with the same other
+    changes (e.g. ``{}``, the default), one row per choice (``study`` names the pair by
+    the first variant): M_old, M_new, the relative gain of AUC_mAP of RM (rank merge's share
+    of the gain) and of Ours, in %, and Ours' AUC_mAP minus FCT's and FastFill's, in points
+    (means over the seeds; NaN for a method the map did not run). No pair: no rows."""
+    if "changes" not in summary:
+        raise ValueError("the regimes summary has no column 'changes' (it was written before normalisation "
+                         "became a variant key); run make regimes again")
+    changes = {v: json.loads(c) for v, c in summary.groupby("variant", sort=False)["changes"].first().items()}
+    by_changes = {json.dumps(c, sort_keys=True): v for v, c in changes.items()}
+    rows = []
+    for variant, c in changes.items():
+        if "normalize_embeddings" not in c:
+            continue
+        base = by_changes.get(json.dumps({k: x for k, x in c.items() if k != "normalize_embeddings"}, sort_keys=True))
+        if base is not None:
+            flag = bool(c["normalize_embeddings"])
+            rows += [_study_row(summary, variant, base, not flag), _study_row(summary, variant, variant, flag)]
+    return pd.DataFrame(rows, columns=list(STUDY_COLUMNS))
+
+
 def write_outputs(cfg: dict, raw: pd.DataFrame) -> Path:
     """Write the regime files (atomically); returns the folder."""
     from . import plots
 
     d = out_dir(cfg)
     io.atomic_write(d / "regimes.csv", lambda p: raw.to_csv(p, index=False))
-    plots.save_table(summarize(raw), d, "summary", caption="Relative gain per regime of the old model: mean and "
+    summary = summarize(raw)
+    plots.save_table(summary, d, "summary", caption="Relative gain per regime of the old model: mean and "
                      "sd over the seeds of the compatibility stage (backbones fixed at the profile's seed).")
+    plots.save_table(normalisation_study(summary), d, "normalisation", caption="L2-normalised against raw "
+                     "embeddings: relative gain of AUC_mAP of RM and Ours (%), Ours' AUC_mAP minus FCT's and "
+                     "FastFill's (points); means over the seeds.")
     win = winners(raw)
     plots.save_table(win, d, "winners", caption="Reverse (Ours) minus the best forward transformation, relative "
                      "gain in points, paired over the seeds.")

@@ -20,8 +20,8 @@ the service would while a backfill worker re-extracts the gallery:
 The metric is the project's: squared Euclidean distance (faiss ``METRIC_L2``,
 :func:`backfill_utils.metrics.pairwise_distances`). The index does **not**
 normalise anything: give embeddings as the models produce them (the project's
-are L2-normalised; the modules of :mod:`backfill_utils.compat` normalise their
-outputs). Results follow faiss's convention: ``D`` float32 distances ascending,
+are L2-normalised unless the profile key ``normalize_embeddings`` is false; the
+modules of :mod:`backfill_utils.compat` then leave their outputs raw as well). Results follow faiss's convention: ``D`` float32 distances ascending,
 ``I`` int64 ids, ``inf`` / ``-1`` where fewer than ``k`` items exist. Equal
 distances are ordered by id (the engine orders them by gallery index); which of
 several items tied at the ``k``-th place *within one side* is returned is

@@ -131,7 +131,8 @@ def regime_decider(winners: pd.DataFrame, crossover: pd.DataFrame | None = None,
         w = winners if fam is None else winners[winners["data"] == fam]
         ax.errorbar(w["start_gap_minus_end_bonus"], w["reverse_minus_forward"], yerr=w["sd"].fillna(0),
                     fmt="osD^v"[k % 5], color=f"C{k}", capsize=3,
-                    label="profile's data" if fam in (None, "profile's") else f"data {fam}")
+                    label="profile's data" if fam in (None, "profile's")
+                    else f"data {fam}" if str(fam).startswith("{") else fam)  # regimes.family
         for _, r in w.iterrows():
             ax.annotate(r["variant"], (r["start_gap_minus_end_bonus"], r["reverse_minus_forward"]),
                         textcoords="offset points", xytext=(4, 3), fontsize=7, color="0.35")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from backfill_utils import config as C
+from backfill_utils import embed as E
 from backfill_utils import io
 from backfill_utils import methods as MM
 from backfill_utils import parallel as PL
@@ -132,24 +133,48 @@ def test_sensitivity_points_add_the_tuned_value():
 
 
 # --------------------------------------------------------------------------- regimes
-def test_variants_change_only_the_old_model_or_the_data():
+def test_variants_change_only_the_old_model_or_a_family():
     cfg = C.load_profile("default")
     cfgs = RG.variant_cfgs(cfg)
     assert set(cfgs) == set(cfg["regimes"]["variants"])
     families = {}
     for name, c in cfgs.items():
-        data = json.dumps((cfg["regimes"]["variants"][name] or {}).get("dataset_options") or {}, sort_keys=True)
-        families.setdefault(data, []).append(c)
-    for members in families.values():  # one new model per data family, one old model per variant
-        news = {json.dumps(T.model_spec(c, "extended", "new"), sort_keys=True) for c in members}
-        olds = {json.dumps(T.model_spec(c, "extended", "old"), sort_keys=True) for c in members}
+        families.setdefault(RG.family(cfg["regimes"]["variants"][name]), []).append(c)
+    for members in families.values():  # one new model's side per family, one old model's per variant
+        news = {json.dumps(E.embedding_spec(c, "extended", "new"), sort_keys=True) for c in members}
+        olds = {json.dumps(E.embedding_spec(c, "extended", "old"), sort_keys=True) for c in members}
         assert len(news) == 1 and len(olds) == len(members)
-    assert len(families) == 2
+    assert len(families) == 3 and "normalize_embeddings: false" in families
     assert all(c["settings"] == ["extended"] for c in cfgs.values())
     assert T.model_spec(cfgs["50% of classes (default)"], "extended", "old") == T.model_spec(cfg, "extended", "old")
     cfg["regimes"]["variants"]["bigger new"] = {"new_backbone": {"width": 64}}
     with pytest.raises(ValueError, match="only the old model"):
         RG.regime_config(cfg)
+
+
+def test_normalisation_study_sets_each_raw_variant_beside_its_normalised_twin():
+    rows = []
+    for variant, changes, m_old, m_new, auc in (
+            ("default", {}, 20.0, 40.0, {"RM": 25.0, "Ours": 35.0, "FCT": 30.0, "FastFill": 32.0}),
+            ("raw", {"normalize_embeddings": False}, 15.0, 35.0, {"RM": 20.0, "Ours": 26.0, "FCT": 27.0,
+                                                                  "FastFill": 29.0}),
+            ("weak", {"old_fraction": 0.1}, 10.0, 40.0, {"RM": 12.0, "Ours": 30.0, "FCT": 20.0, "FastFill": 21.0})):
+        for method, a in auc.items():
+            rows.append({"variant": variant, "method": method, "seeds": 2, "auc_map": a,
+                         "rel_gain_map": (a - m_old) / (m_new - m_old), "m_old": m_old, "m_new": m_new,
+                         "data": RG.family(changes), "changes": json.dumps(changes, sort_keys=True)})
+    study = RG.normalisation_study(pd.DataFrame(rows))
+    assert study["variant"].tolist() == ["default", "raw"] and study["study"].tolist() == ["raw", "raw"]
+    assert study["normalize_embeddings"].tolist() == [True, False]
+    np.testing.assert_allclose(study["rm_gain_%"], [25.0, 25.0])
+    np.testing.assert_allclose(study["ours_minus_fct_auc_map"], [5.0, -1.0])
+    np.testing.assert_allclose(study["ours_minus_fastfill_auc_map"], [3.0, -3.0])
+    assert RG.normalisation_study(pd.DataFrame(rows[:4])).empty  # no raw variant: no rows
+    with pytest.raises(ValueError, match="make regimes"):
+        RG.normalisation_study(pd.DataFrame(rows).drop(columns="changes"))
+    cfg = C.load_profile("smoke", overrides={"regimes": {"variants": {"raw": {"normalize_embeddings": 0}}}})
+    with pytest.raises(ValueError, match="normalize_embeddings must be true or false"):
+        RG.variant_cfgs(cfg)
 
 
 def test_winners_pair_the_seeds():
