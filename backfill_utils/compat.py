@@ -274,19 +274,19 @@ class SideProjection(_CompatModule):
 
 
 class FastFillSideProjection(SideProjection):
-    """:class:`SideProjection` plus FastFill's uncertainty head on the mixer's last hidden
-    features (``Linear(inner_dim, inner_dim // 2) -> ReLU -> Linear(., 1)``, the rule of
-    :class:`FastFillTransform`). ``forward(z)`` returns ``(embedding, log_sigma)``."""
+    """:class:`SideProjection` plus FastFill's uncertainty head as its authors build it
+    (ml-fct ``MLP_BN_SIDE_PROJECTION_SIGMA``): one ``Linear(d_new, 1)`` on the transformed
+    feature (the mixer's output, before the normalisation). ``forward(z)`` returns
+    ``(embedding, log_sigma)``."""
 
     def __init__(self, d_old: int, d_new: int, inner_dim: int = 2048, normalize_input: bool = True,
                  depth: int = 2, normalize_output: bool = True) -> None:
         super().__init__(d_old, d_new, inner_dim, normalize_input, depth, normalize_output)
-        half = max(1, int(inner_dim) // 2)
-        self.sigma = nn.Sequential(nn.Linear(int(inner_dim), half), nn.ReLU(), nn.Linear(half, 1))
+        self.sigma = nn.Linear(int(d_new), 1)
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feat = self.features(z)
-        return self._finish(self.mixer[-1](feat)), self.sigma(feat).squeeze(1)
+        out = self.mixer[-1](self.features(z))
+        return self._finish(out), self.sigma(out).squeeze(1)
 
 
 _REGISTRY: dict[str, type[_CompatModule]] = {

@@ -381,11 +381,22 @@ def _forward(name: str, cls: type[Recipe], style: dict, description: str, groups
     ``compat`` schedule, the method's own loss keys (e.g. ``fastfill_mu``) still applied."""
     def recipe(cfg: dict) -> Recipe:
         if not small:
-            return recipe_from_profile(cls, cfg, prefix, shared=cls is BiCTRecipe)
+            fixed = {}
+            if cls is FastFillRecipe and f"{prefix}_regression" not in cfg["compat"]:
+                fixed["regression"] = fastfill_regression(cfg)
+            return recipe_from_profile(cls, cfg, prefix, shared=cls is BiCTRecipe, **fixed)
         schedule = {k: cfg["compat"][k] for k in ("epochs", "batch_size", "lr") if k in cfg["compat"]}
         return recipe_from_profile(cls, cfg, prefix, **SMALL_H, **schedule)
 
     return Method(name, style, description, groups, slots=("h",), fit=fit, recipe=recipe, **kw)
+
+
+def fastfill_regression(cfg: dict) -> str:
+    """FastFill's regression term at its authors' balance with the cross-entropy: their
+    element-wise mean (``"mean"``) on unnormalised embeddings, as in their code; on
+    L2-normalised embeddings that term is ``d`` times smaller than on their features (norm of
+    order ``sqrt(d)``), so the sum over dimensions (``"sum"``) restores the balance."""
+    return "sum" if C.normalize_embeddings(cfg) else "mean"
 
 
 #: The small h of FCT and FastFill kept beside the authors' transformation: this package's

@@ -274,11 +274,13 @@ class FastFillRecipe(_ForwardRecipe):
 
     Authors' values: ``mu = 1`` (``mu_disc``), ``label_smoothing = 0.1``,
     ``mu_uncertainty = 0.5``, the element-wise MSE averaged over the dimensions
-    (``regression = "mean"``). On unit-length embeddings that term is ``d`` times smaller
-    than on the authors' unnormalised features (norm of order ``sqrt(d)``), which gives
-    the cross-entropy more weight than in their runs; ``regression = "sum"`` restores
-    their balance up to a factor of order 1 (the tuning searches both). ``mu = 0``: no
-    classification term.
+    (``regression = "mean"``, the class default). On unit-length embeddings that term is
+    ``d`` times smaller than on the authors' unnormalised features (norm of order
+    ``sqrt(d)``), which gives the cross-entropy far more weight than in their runs;
+    ``regression = "sum"`` restores their balance up to a factor of order 1, and the
+    registry's FastFill uses it when the profile normalises the embeddings
+    (:func:`backfill_utils.methods.fastfill_regression`; the tuning searches both).
+    ``mu = 0``: no classification term.
     """
 
     name: ClassVar[str] = "fastfill"

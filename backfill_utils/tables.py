@@ -70,7 +70,9 @@ def _over_seeds(summary: pd.DataFrame) -> pd.DataFrame:
 def table1(summary: pd.DataFrame, names=None, *, layout: str = "long") -> pd.DataFrame:
     """Table 1: per (dataset, setting, method) AUC_mAP, AUC_CMC top-1 (trapezoid and
     plain mean of the points) and the relative gains in percent; rows: ``names``
-    (default: the ``main`` group).
+    (default: the ``main`` group). Each row also gives the method's ``extra_params``
+    (trained modules) and its setting's ``M_old`` / ``M_new`` (mAP of old/old and new/new,
+    which the gains are relative to).
 
     Over seeds: a ``summary`` with a ``seed`` column (:func:`backfill_utils.seeds.evaluate_seeds`)
     gives the mean over the seeds, the sample standard deviations ``AUC_mAP_sd``,
@@ -94,9 +96,19 @@ def table1(summary: pd.DataFrame, names=None, *, layout: str = "long") -> pd.Dat
         wide["_o"] = wide["method"].map({m: i for i, m in enumerate(names)})
         return wide.sort_values(["dataset", "_o"], kind="stable").drop(columns="_o").reset_index(drop=True)
     t = _ordered(_over_seeds(summary), names)
+    ref = _over_seeds(summary).set_index(["dataset", "setting", "method"])["auc_map"] \
+        if "dataset" in summary.columns else None
+
+    def endpoint(which: str) -> list[float]:
+        if ref is None:
+            return [float("nan")] * len(t)
+        return [float(ref.get((d, s, which), float("nan"))) for d, s in zip(t["dataset"], t["setting"])]
+
     out = pd.DataFrame({
         "dataset": t["dataset"], "setting": t["setting"], "method": t["method"],
-        "query_passes": t["query_passes"], "seeds": t["seeds"],
+        "query_passes": t["query_passes"],
+        "extra_params": t["extra_params"] if "extra_params" in t.columns else np.nan,
+        "M_old": endpoint("old"), "M_new": endpoint("new"), "seeds": t["seeds"],
         "AUC_mAP": t["auc_map"], "AUC_mAP_sd": t["auc_map_sd"],
         "AUC_top1": t["auc_top1"], "AUC_top1_sd": t["auc_top1_sd"],
         "mean_mAP": t["mean_map"], "mean_top1": t["mean_top1"],

@@ -71,7 +71,11 @@ def test_recipes_come_from_the_profile():
     smoke = cfg["compat"]
     assert MM.get("FastFill").default_recipe(cfg) == FastFillRecipe(
         epochs=9, mu=0.5, batch_size=smoke["fastfill_batch_size"], hidden=smoke["fastfill_hidden"],
-        warmup_epochs=smoke["fastfill_warmup_epochs"])
+        warmup_epochs=smoke["fastfill_warmup_epochs"], regression="sum")
+    # its regression at the authors' balance: their mean over dimensions on unnormalised embeddings
+    raw = C.load_profile("smoke", overrides={"normalize_embeddings": False})
+    assert MM.get("FastFill").default_recipe(raw).regression == "mean"
+    assert MM.get("FCT").default_recipe(cfg).regression == MM.get("FCT").default_recipe(raw).regression == "mean"
     assert MM.get("FCT").default_recipe(C.load_profile("paper")) == FCTRecipe()
     small = MM.get("FastFill-small").default_recipe(cfg)
     assert (small.epochs, small.batch_size, small.mu, small.arch, small.regression) == (7, 64, 0.5, "mlp", "sum")

@@ -26,6 +26,11 @@ def test_table1_rows_are_the_main_group():
     assert list(t1.method[:len(MM.names("main"))]) == MM.names("main")
     assert list(t1.setting.unique()) == ["extended", "open"]
     assert t1.set_index(["setting", "method"]).loc[("extended", "new"), "gain_mAP_%"] == pytest.approx(10.0)
+    # every row names its setting's old/old and new/new mAP (the registry's old and new rows)
+    names = MM.names()
+    assert (t1["M_old"] == 10.0 + names.index("old")).all() and (t1["M_new"] == 10.0 + names.index("new")).all()
+    with_params = T.table1(summary.assign(extra_params=7))
+    assert (with_params["extra_params"] == 7).all()
     wide = T.table1(summary, layout="wide")
     assert list(wide.method) == MM.names("main") and "open AUC_mAP" in wide.columns
     with pytest.raises(ValueError, match="layout"):
