@@ -102,3 +102,28 @@ def test_update_readme_rewrites_only_the_block(results, tmp_path):
 
 def test_missing_main_results_say_what_to_run(tmp_path):
     assert "make reproduce" in report.section(tmp_path)
+
+
+def test_section_states_baseline_strength_settings_and_normalisation(results):
+    rows = [("extended", "old", 10.0, 0.0, 0), ("extended", "new", 30.0, 0.0, 0),
+            ("extended", "FCT", 25.0, 0.25, 5_712_000), ("extended", "FCT-small", 22.5, 0.5, 66_432),
+            ("extended", "FastFill", 26.0, 0.1, 5_712_017), ("extended", "FastFill-small", 23.0, 0.2, 99_457),
+            ("heterogeneous", "old", 10.0, float("nan"), 0), ("heterogeneous", "new", 40.0, float("nan"), 0)]
+    t1 = pd.DataFrame([{"setting": s, "method": m, "AUC_mAP": a, "AUC_mAP_sd": sd, "extra_params": p,
+                        "gain_mAP_%": 0.0, "gain_mAP_%_sd": 0.0, "M_old": 10.0, "M_new": 30.0 if s == "extended" else 40.0}
+                       for s, m, a, sd, p in rows])
+    t1.to_csv(results / "tables" / "table1.csv", index=False)
+    (results / "regimes").mkdir()
+    pd.DataFrame([{"study": "raw", "variant": "default", "normalize_embeddings": True, "seeds": 3, "m_old": 10.0,
+                   "m_new": 30.0, "rm_gain_%": 18.75, "ours_gain_%": 70.0, "ours_minus_fct_auc_map": 1.5,
+                   "ours_minus_fastfill_auc_map": -0.25},
+                  {"study": "raw", "variant": "raw", "normalize_embeddings": False, "seeds": 3, "m_old": 9.0,
+                   "m_new": 29.0, "rm_gain_%": 30.0, "ours_gain_%": 60.0, "ours_minus_fct_auc_map": -2.0,
+                   "ours_minus_fastfill_auc_map": 0.5}]).to_csv(results / "regimes" / "normalisation.csv", index=False)
+    text = report.section(results)
+    assert ("FCT 25.00 +- 0.25 with its authors' transformation and recipe (5,712,000 trained parameters) against "
+            "22.50 +- 0.50 with the small h (FCT-small, 66,432)") in text
+    assert "FastFill 26.00 +- 0.10 with its authors'" in text and "(FastFill-small, 99,457)" in text
+    assert "extended: 10.00 -> 30.00; heterogeneous: 10.00 -> 40.00." in text
+    assert ("L2-normalised (default): rank merge delivers 18.8 % of the gain, Ours 70.0 %, Ours minus FCT +1.50 "
+            "and minus FastFill -0.25 AUC_mAP points; raw (raw): rank merge delivers 30.0 %") in text
