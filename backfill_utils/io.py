@@ -180,6 +180,46 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda p: torch.save(obj, p))
 
 
+# --------------------------------------------------------------------------- .npy headers
+def npy_header(fh, where: str, available: int) -> tuple[tuple[int, ...], np.dtype]:
+    """Read and check the header of a ``.npy`` stream before its data is read: the shape
+    and dtype, refusing Python objects (pickle) and a shape whose bytes differ from the
+    ``available`` bytes of the stream (a header that claims more rows than the file holds
+    is refused without allocating). ``where`` names the input in the ``ValueError``.
+
+    >>> import io as _io
+    >>> b = _io.BytesIO(); np.save(b, np.zeros((3, 2), np.float32)); n = b.tell(); _ = b.seek(0)
+    >>> npy_header(b, "x.npy", n)
+    ((3, 2), dtype('float32'))
+    """
+    import tokenize
+
+    fmt = np.lib.format
+    start = fh.tell()
+    try:
+        version = fmt.read_magic(fh)
+        if version == (1, 0):
+            shape, _, dtype = fmt.read_array_header_1_0(fh)
+        elif version == (2, 0):
+            shape, _, dtype = fmt.read_array_header_2_0(fh)
+        else:
+            raise ValueError(f"format version {version[0]}.{version[1]} (this reads 1.0 and 2.0, as numpy.save writes)")
+    except (ValueError, SyntaxError, tokenize.TokenError, EOFError, OSError, TypeError, KeyError) as exc:
+        raise ValueError(f"{where} is not a readable .npy array: bad header ({type(exc).__name__}: {exc}); "
+                         "write it with numpy.save") from None
+    if dtype.hasobject:
+        raise ValueError(f"{where} is not a readable .npy array without pickled objects: it holds Python "
+                         "objects; save numbers or strings")
+    count = 1
+    for n in shape:
+        count *= int(n)
+    need, have = count * dtype.itemsize, available - (fh.tell() - start)
+    if need != have:
+        raise ValueError(f"{where} is not a readable .npy array: the header claims shape {tuple(shape)} of {dtype} ({need} bytes) but the file "
+                         f"holds {have} bytes of data; the file is truncated or not what it says")
+    return tuple(int(n) for n in shape), dtype
+
+
 # --------------------------------------------------------------------------- checksums
 def file_sha256(path: str | os.PathLike) -> str:
     """The SHA-256 of a file's bytes (hex)."""
