@@ -184,7 +184,6 @@ import json  # noqa: E402
 import zipfile  # noqa: E402
 
 from backfill_utils import compat as K  # noqa: E402
-from backfill_utils import io  # noqa: E402
 from backfill_utils.serve import MAX_K, OnlineBackfillIndex  # noqa: E402
 
 
