@@ -65,6 +65,8 @@ __all__ = [
     "backfill_curve",
     "offline_curve",
     "summarize_curve",
+    "GAIN_NOISE",
+    "gain_not_applicable",
     "DEFAULT_RATIOS",
 ]
 
@@ -404,6 +406,36 @@ def offline_curve(old_metrics: dict, new_metrics: dict, ratios: Any = None) -> p
     return curve
 
 
+#: The noise of a retrieval metric (mAP, CMC top-k, in percent as
+#: :func:`~backfill_utils.metrics.evaluate_retrieval` gives them) below which two models
+#: are not told apart: half a percentage point. A relative gain needs
+#: ``M_new - M_old`` above it (:func:`gain_not_applicable`).
+GAIN_NOISE = 0.5
+
+
+def gain_not_applicable(m_old: float, m_new: float) -> str:
+    """Why the relative gain ``(AUC - M_old) / (M_new - M_old)`` has no meaning, or ``""``
+    when it has one (``M_new - M_old > GAIN_NOISE``); metrics in percent.
+
+    >>> gain_not_applicable(43.44, 30.72)
+    'M_new (30.72) is below M_old (43.44): the upgrade has no gain to share'
+    >>> gain_not_applicable(40.0, 40.3)
+    'M_new (40.30) exceeds M_old (40.00) by no more than the noise of the metric (0.5 points)'
+    >>> gain_not_applicable(20.0, 40.0)
+    ''
+    """
+    if not (np.isfinite(m_old) and np.isfinite(m_new)):
+        return f"M_old ({m_old}) or M_new ({m_new}) is not a number"
+    if m_new == m_old:
+        return f"M_new equals M_old ({m_old:.2f}): the ratio is undefined"
+    if m_new < m_old:
+        return f"M_new ({m_new:.2f}) is below M_old ({m_old:.2f}): the upgrade has no gain to share"
+    if m_new - m_old <= GAIN_NOISE:
+        return (f"M_new ({m_new:.2f}) exceeds M_old ({m_old:.2f}) by no more than the noise of the "
+                f"metric ({GAIN_NOISE:g} points)")
+    return ""
+
+
 def summarize_curve(curve: pd.DataFrame, old_ref: dict, new_ref: dict) -> dict[str, float]:
     """AUCs, means, final values, relative gains and flip totals of a curve.
 
@@ -414,9 +446,11 @@ def summarize_curve(curve: pd.DataFrame, old_ref: dict, new_ref: dict) -> dict[s
     * ``final_map``, ``final_top1``, ``final_top5``: the value at the last ratio;
     * ``rel_gain_map``, ``rel_gain_top1``, ``rel_gain_top5``:
       ``(AUC - M_old) / (M_new - M_old)`` with ``M_old``/``M_new`` from
-      ``old_ref``/``new_ref`` (old/old and new/new metrics). If ``M_new == M_old``
-      the upgrade has no gain to deliver and the ratio is undefined: the value is
-      ``nan`` and a ``RuntimeWarning`` says so;
+      ``old_ref``/``new_ref`` (old/old and new/new metrics). Only where the upgrade
+      has a gain to deliver: if ``M_new - M_old <= GAIN_NOISE`` (the new model is
+      worse, equal, or better by no more than the noise of the metric) the ratio
+      would be meaningless or flip its sign, so the value is ``nan`` and a
+      ``RuntimeWarning`` gives the reason (:func:`gain_not_applicable`);
     * ``negative_flips_total``: sum of the per-step ``negative_flips``;
       ``negative_flips_vs_old_max`` if that column exists.
     """
@@ -440,10 +474,10 @@ def summarize_curve(curve: pd.DataFrame, old_ref: dict, new_ref: dict) -> dict[s
         if col not in old_ref or col not in new_ref:
             raise ValueError(f"old_ref and new_ref must contain {col!r} (evaluate_retrieval output)")
         m_old, m_new = float(old_ref[col]), float(new_ref[col])
-        if m_new == m_old:
-            warnings.warn(
-                f"relative gain of {col} is undefined: old and new reference are equal "
-                f"({m_old}); reporting nan", RuntimeWarning, stacklevel=2)
+        why = gain_not_applicable(m_old, m_new)
+        if why:
+            warnings.warn(f"relative gain of {col} is not applicable: {why}; reporting nan",
+                          RuntimeWarning, stacklevel=2)
             out[f"rel_gain_{short}"] = float("nan")
         else:
             out[f"rel_gain_{short}"] = (auc - m_old) / (m_new - m_old)

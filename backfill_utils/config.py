@@ -13,14 +13,22 @@ checked as strictly as the profiles; :func:`load_profile`):
 
 The profile is chosen by an explicit argument, else by the environment variable
 ``BACKFILL_PROFILE`` (nbval cannot inject papermill parameters), else
-``default``.
+``default``. A profile is the name of a file of ``params/`` or an absolute path
+to a ``.yaml`` file; never a relative path.
+
+Values given by a user (``overrides``, the runner's ``-p`` values) are YAML
+without aliases (:func:`parse_yaml`), and every loaded configuration passes
+:func:`validate` (types and ranges of the seed, counts, epochs and fractions),
+the same rule for the runner and for a notebook's set-up, before anything runs.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
 import json
+import numbers
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -77,6 +85,141 @@ def available_profiles() -> list[str]:
     return sorted(p.stem for p in PARAMS_DIR.glob("*.yaml"))
 
 
+# --------------------------------------------------------------------------- user YAML and checks
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}$")
+MAX_YAML_CHARS = 100_000
+MAX_CONFIG_NODES = 100_000
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses aliases (``*name``): a few characters of nested
+    aliases expand to gigabytes."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed here; write the "
+                                              "values out", mark)
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str, what: str) -> Any:
+    """A YAML/JSON value given by a user (``what`` names it in errors): no aliases, at most
+    :data:`MAX_YAML_CHARS` characters; a malformed value is one ``ValueError`` line.
+
+    >>> parse_yaml("{train: {epochs: 5}}", "overrides")
+    {'train': {'epochs': 5}}
+    >>> parse_yaml("[&a 1, *a]", "-p seed")
+    Traceback (most recent call last):
+    ValueError: -p seed is not valid YAML/JSON: aliases (*name) are not allowed here; write the values out (line 1, column 8)
+    """
+    if len(text) > MAX_YAML_CHARS:
+        raise ValueError(f"{what} is {len(text)} characters long; at most {MAX_YAML_CHARS} are read")
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a safe loader without aliases
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"{what} is not valid YAML/JSON: {problem}{where}") from None
+
+
+def _check_size(obj: Any, what: str) -> None:
+    """Refuse a configuration of more than :data:`MAX_CONFIG_NODES` values (counted with
+    repeats, as hashing and copying would visit them), in bounded time."""
+    n, stack = 0, [obj]
+    while stack:
+        x = stack.pop()
+        n += 1
+        if n > MAX_CONFIG_NODES:
+            raise ValueError(f"{what} holds more than {MAX_CONFIG_NODES} values (counting each repeat of a YAML "
+                             "alias); write a smaller configuration")
+        if isinstance(x, Mapping):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+
+
+def _int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+# (path of keys, minimum): counts and epochs, integers (absent or null keys are skipped)
+COUNT_KEYS = [(("seed",), 0), (("embedding_dim",), 1), (("compat_seeds",), 1),
+              (("train", "epochs"), 1), (("train", "batch_size"), 1), (("train", "num_workers"), 0),
+              (("old_train", "epochs"), 1), (("old_train", "batch_size"), 1),
+              (("embed", "train_passes"), 1), (("eval", "num_ratios"), 2), (("eval", "order_seed"), 0),
+              (("compat", "epochs"), 1), (("compat", "batch_size"), 1), (("compat", "samples_per_class"), 1),
+              (("compat", "fct_epochs"), 1), (("compat", "fct_warmup_epochs"), 0),
+              (("compat", "fastfill_epochs"), 1), (("compat", "fastfill_warmup_epochs"), 0),
+              (("tune", "trials"), 1), (("tune", "startup_trials"), 0), (("tune", "sampler_seed"), 0)]
+# (path of keys, lowest, highest, whether the lowest is allowed): fractions
+FRACTION_KEYS = [(("old_fraction",), 0.0, 1.0, False), (("open_fraction",), 0.0, 1.0, True),
+                 (("val_fraction",), 0.0, 1.0, True)]
+MAX_COUNT = 2 ** 31 - 1
+
+
+def _get(cfg: Mapping, path: tuple) -> Any:
+    for key in path:
+        if not isinstance(cfg, Mapping) or key not in cfg:
+            return None
+        cfg = cfg[key]
+    return cfg
+
+
+def validate(cfg: Mapping) -> None:
+    """Check the types and ranges of a configuration's seed, counts, epochs and fractions
+    (:data:`COUNT_KEYS`, :data:`FRACTION_KEYS`) and the dataset's name: a ``ValueError``
+    naming the key and saying what is allowed. The runner and :func:`session.setup` both
+    call it through :func:`load_profile`, before anything runs.
+
+    >>> validate({"seed": 0, "train": {"epochs": 2}})
+    >>> validate({"seed": "/../x", "train": {"epochs": 2}})
+    Traceback (most recent call last):
+    ValueError: seed must be an integer >= 0, got '/../x' (str)
+    """
+    for path, low in COUNT_KEYS:
+        v = _get(cfg, path)
+        if v is None:
+            continue
+        name = ".".join(path)
+        if not _int(v) or not low <= v <= MAX_COUNT:
+            raise ValueError(f"{name} must be an integer >= {low}, got {v!r} ({type(v).__name__})")
+    for path, low, high, closed in FRACTION_KEYS:
+        v = _get(cfg, path)
+        if v is None:
+            continue
+        name = ".".join(path)
+        if not _number(v) or not (low <= v if closed else low < v) or not v < high:
+            raise ValueError(f"{name} must be a number with {low:g} {'<=' if closed else '<'} {name} < {high:g}, "
+                             f"got {v!r}")
+    dataset = cfg.get("dataset")
+    if dataset is not None and (not isinstance(dataset, str) or not _NAME.match(dataset)):
+        raise ValueError(f"dataset must be a dataset name (letters, digits, '_', '-', '.'), got {dataset!r}")
+
+
+def profile_path(name: str) -> tuple[str, Path]:
+    """``(name, file)`` of a profile: a name of ``params/`` (``smoke``), or an absolute path
+    to a ``.yaml`` file (its name is the file's stem). A relative path, or a name that
+    leaves ``params/``, is an error."""
+    text = str(name)
+    if os.path.isabs(text) and text.endswith((".yaml", ".yml")):
+        path = Path(text)
+        stem = path.stem
+        if not _NAME.match(stem):
+            raise ValueError(f"profile file {path}: its name must be letters, digits, '_', '-', '.'")
+        return stem, path
+    if not _NAME.match(text) or text in (".", ".."):
+        raise ValueError(f"profile {text!r} is neither a profile name of {PARAMS_DIR} "
+                         f"({', '.join(available_profiles())}) nor an absolute path to a .yaml file")
+    return text, PARAMS_DIR / f"{text}.yaml"
+
+
 def profile_name(name: str | None = None) -> str:
     """The profile to use: ``name`` if given, else ``$BACKFILL_PROFILE``, else ``default``."""
     return name or os.environ.get(PROFILE_ENV) or "default"
@@ -126,14 +269,14 @@ def parse_overrides(overrides: Mapping | str | None) -> dict:
     if isinstance(overrides, str):
         text = overrides
         try:
-            overrides = yaml.safe_load(text) if text.strip() else {}
-        except yaml.YAMLError as exc:
-            raise ValueError(f"overrides {text!r} is not valid YAML/JSON ({exc}); "
-                             "write a mapping such as '{train: {epochs: 5}}'") from None
+            overrides = parse_yaml(text, "overrides") if text.strip() else {}
+        except ValueError as exc:
+            raise ValueError(f"{exc}; write a mapping such as '{{train: {{epochs: 5}}}}'") from None
         overrides = {} if overrides is None else overrides
     if not isinstance(overrides, Mapping):
         raise ValueError(f"overrides must be a mapping of profile keys, e.g. {{train: {{epochs: 5}}}}, "
-                         f"got {type(overrides).__name__}: {overrides!r}")
+                         f"got {type(overrides).__name__}: {str(overrides)[:200]!r}")
+    _check_size(overrides, "overrides")
     return copy.deepcopy(dict(overrides))
 
 
@@ -192,12 +335,11 @@ def load_profile(name: str | None = None, *, overrides: Mapping | str | None = N
     for a profile as it is (its own dataset and seed, no change), the run whose
     results are committed for the default profile and whose claims are asserted.
     """
-    name = profile_name(name)
+    name, path = profile_path(profile_name(name))
     if os.environ.get(THREADS_ENV):
         import torch
 
         torch.set_num_threads(int(os.environ[THREADS_ENV]))
-    path = PARAMS_DIR / f"{name}.yaml"
     if not path.is_file():
         raise FileNotFoundError(
             f"unknown profile {name!r}: {path} does not exist; "
@@ -207,6 +349,8 @@ def load_profile(name: str | None = None, *, overrides: Mapping | str | None = N
         base = yaml.safe_load(fh)
     if not isinstance(base, dict):
         raise ValueError(f"profile file {path} must contain a mapping, got {type(base).__name__}")
+    _check_size(base, f"profile file {path}")
+    _check_size(keys, "the parameters")
     try:
         cfg = deep_update(base, parse_overrides(overrides))
         cfg = deep_update(cfg, {k: v for k, v in keys.items() if v is not None})
@@ -216,6 +360,7 @@ def load_profile(name: str | None = None, *, overrides: Mapping | str | None = N
     cfg.update(profile=name, download=bool(download), run_changes=changes,
                run_name=run_name(name, changes), reference_run=not changes)
     normalize_embeddings(cfg)
+    validate(cfg)
     return cfg
 
 
@@ -245,8 +390,13 @@ def output_dir(cfg: dict) -> Path:
     ``$BACKFILL_RESULTS``."""
     if os.environ.get(RESULTS_ENV):
         return Path(os.environ[RESULTS_ENV]).expanduser().resolve()
-    name = cfg.get("run_name", cfg.get("profile", "default"))
-    return RESULTS_DIR if name == "default" else RESULTS_DIR / name
+    name = str(cfg.get("run_name", cfg.get("profile", "default")))
+    if name == "default":
+        return RESULTS_DIR
+    if not _NAME.match(name) or Path(name).name != name:
+        raise ValueError(f"run name {name!r} is not a plain folder name; a run folder is always inside "
+                         f"{RESULTS_DIR} (set ${RESULTS_ENV} to write elsewhere)")
+    return RESULTS_DIR / name
 
 
 def config_hash(obj: Any, length: int = 16) -> str:

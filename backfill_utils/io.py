@@ -12,6 +12,16 @@ of the code versions of the artifact's kind (:func:`code_versions`). A changed
 parameter or a bumped version is therefore a cache miss, never a stale hit. The
 full key is stored beside the arrays (``<hash>.json``) for provenance.
 
+**Checksums.** Every cache entry (the ``.npz`` arrays: embeddings, compatibility
+modules, curves, experiments; a backbone's ``model.pt`` and training checkpoint)
+has its SHA-256 written next to it (``<file>.sha256``) right after the entry. A
+load checks it first (:func:`verify_entry`): an entry whose bytes do not match, or
+that cannot be read (truncated), is reported with its path and removed, then
+rebuilt by a compute notebook; a render notebook stops with
+:class:`CorruptArtifactError` naming the notebook to rerun. An entry written
+before checksums existed (no ``.sha256``) is read as before and, once it loaded,
+gets its checksum recorded.
+
 **Code versions.** Each producing module has an integer constant that is bumped
 when a change of its code changes its output (README, "Cache versions"):
 ``data.SYNTHETIC_VERSION``, ``train.TRAIN_VERSION``, ``embed.EMBED_VERSION``,
@@ -28,10 +38,13 @@ naming the notebook that produces the artifact; nothing is trained or computed.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import json
 import os
-import threading
+import secrets
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -64,6 +77,18 @@ MODES = ("compute", "render")
 class MissingArtifactError(FileNotFoundError):
     """A render notebook needs an artifact that is not in the cache."""
 
+    def _render_traceback_(self) -> list[str]:
+        # IPython shows this instead of the traceback: the message is all a reader needs
+        return [f"{type(self).__name__}: {self}"]
+
+
+class CorruptArtifactError(MissingArtifactError):
+    """A cache entry does not match its checksum or cannot be read (a render notebook's error)."""
+
+
+class CorruptArtifactWarning(UserWarning):
+    """A corrupt cache entry was found and removed; it is being rebuilt."""
+
 
 # --------------------------------------------------------------------------- atomic writes
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
@@ -83,13 +108,29 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp{path.suffix}")
+    tmp = path.with_name(temporary_name(path.name))
     try:
         write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def temporary_name(name: str) -> str:
+    """A hidden temporary name for a file ``name`` in the same folder: short whatever
+    the length of ``name`` (a valid target name never gives an invalid temporary one),
+    unique per call, keeping a short suffix (``.npz``, ``.png``) for writers that pick
+    the format by the extension.
+
+    >>> t = temporary_name("x" * 240 + ".npz")
+    >>> len(t) < 80, t.startswith(".xxx"), t.endswith(".tmp.npz")
+    (True, True, True)
+    """
+    stem, dot, suffix = name.rpartition(".")
+    if not dot or len(suffix) > 12 or not stem:
+        stem, suffix = name, ""
+    return f".{stem[:32]}.{os.getpid()}.{secrets.token_hex(6)}.tmp" + (f".{suffix}" if suffix else "")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -137,6 +178,112 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
     import torch
 
     return atomic_write(path, lambda p: torch.save(obj, p))
+
+
+# --------------------------------------------------------------------------- .npy headers
+def npy_header(fh, where: str, available: int) -> tuple[tuple[int, ...], np.dtype]:
+    """Read and check the header of a ``.npy`` stream before its data is read: the shape
+    and dtype, refusing Python objects (pickle) and a shape whose bytes differ from the
+    ``available`` bytes of the stream (a header that claims more rows than the file holds
+    is refused without allocating). ``where`` names the input in the ``ValueError``.
+
+    >>> import io as _io
+    >>> b = _io.BytesIO(); np.save(b, np.zeros((3, 2), np.float32)); n = b.tell(); _ = b.seek(0)
+    >>> npy_header(b, "x.npy", n)
+    ((3, 2), dtype('float32'))
+    """
+    import tokenize
+
+    fmt = np.lib.format
+    start = fh.tell()
+    try:
+        version = fmt.read_magic(fh)
+        if version == (1, 0):
+            shape, _, dtype = fmt.read_array_header_1_0(fh)
+        elif version == (2, 0):
+            shape, _, dtype = fmt.read_array_header_2_0(fh)
+        else:
+            raise ValueError(f"format version {version[0]}.{version[1]} (this reads 1.0 and 2.0, as numpy.save writes)")
+    except (ValueError, SyntaxError, tokenize.TokenError, EOFError, OSError, TypeError, KeyError) as exc:
+        raise ValueError(f"{where} is not a readable .npy array: bad header ({type(exc).__name__}: {exc}); "
+                         "write it with numpy.save") from None
+    if dtype.hasobject:
+        raise ValueError(f"{where} is not a readable .npy array without pickled objects: it holds Python "
+                         "objects; save numbers or strings")
+    count = 1
+    for n in shape:
+        count *= int(n)
+    need, have = count * dtype.itemsize, available - (fh.tell() - start)
+    if need != have:
+        raise ValueError(f"{where} is not a readable .npy array: the header claims shape {tuple(shape)} of {dtype} ({need} bytes) but the file "
+                         f"holds {have} bytes of data; the file is truncated or not what it says")
+    return tuple(int(n) for n in shape), dtype
+
+
+# --------------------------------------------------------------------------- checksums
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (hex)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checksum_path(path: str | os.PathLike) -> Path:
+    """Where the checksum of the cache entry ``path`` is stored: ``<path>.sha256``."""
+    path = Path(path)
+    return path.with_name(path.name + ".sha256")
+
+
+def write_checksum(path: str | os.PathLike) -> Path:
+    """Record the SHA-256 of ``path`` next to it (``sha256sum`` format), atomically."""
+    path = Path(path)
+    return atomic_write_text(checksum_path(path), f"{file_sha256(path)}  {path.name}\n")
+
+
+def verify_entry(kind: str, what: str, path: str | os.PathLike) -> str:
+    """Check the cache entry ``path`` (of ``kind``, described by ``what``) against its
+    checksum: ``"ok"`` if it matches, ``"unchecked"`` if it has none (an entry written
+    before checksums existed), else :func:`corrupt_entry` (``"corrupt"``, or raises in
+    render mode)."""
+    path = Path(path)
+    side = checksum_path(path)
+    if not side.is_file():
+        return "unchecked"
+    try:
+        expected = side.read_text().split()[0]
+    except (OSError, IndexError, UnicodeDecodeError):
+        return corrupt_entry(kind, what, path, f"its checksum file {side.name} is unreadable")
+    if file_sha256(path) != expected:
+        return corrupt_entry(kind, what, path, f"its bytes do not match the SHA-256 in {side.name}")
+    return "ok"
+
+
+def record_checksum(path: str | os.PathLike) -> None:
+    """After an unchecked entry loaded: record its checksum (silently skipped on a
+    read-only cache)."""
+    try:
+        write_checksum(path)
+    except OSError:
+        pass
+
+
+def corrupt_entry(kind: str, what: str, path: str | os.PathLike, why: str) -> str:
+    """A corrupt cache entry: in render mode raise :class:`CorruptArtifactError` naming
+    the notebook to rerun; otherwise warn (:class:`CorruptArtifactWarning`, naming the
+    path), remove the entry and its checksum, and return ``"corrupt"`` (the caller rebuilds it)."""
+    path = Path(path)
+    if _STATE["mode"] == "render":
+        hint = f" {_STATE['hint']}" if _STATE["hint"] else ""
+        raise CorruptArtifactError(
+            f"corrupt input: {what} ({path}: {why}). This notebook only renders: delete that file and run "
+            f"notebooks/{producer(kind)}.ipynb again{hint} to rebuild it.")
+    warnings.warn(f"corrupt cache entry {path} ({what}): {why}; removed, rebuilding it",
+                  CorruptArtifactWarning, stacklevel=3)
+    path.unlink(missing_ok=True)
+    checksum_path(path).unlink(missing_ok=True)
+    return "corrupt"
 
 
 # --------------------------------------------------------------------------- mode
@@ -237,18 +384,37 @@ def cached_arrays(
     (``what`` describes the artifact in that message).
     """
     path = cache_path(kind, key)
+    what = what or f"this {kind} artifact"
     if path.is_file() and not refresh:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    require_compute(kind, what or f"this {kind} artifact", path)
+        loaded = _load_arrays(kind, what, path)
+        if loaded is not None:
+            return loaded
+    require_compute(kind, what, path)
     arrays = {k: np.asarray(v) for k, v in compute().items()}
     bad = [k for k, v in arrays.items() if v.dtype == object]
     if bad:
         raise TypeError(f"cached_arrays({kind!r}): arrays {bad} have dtype object, which cannot be "
                         "stored without pickle; convert them to numbers or str first")
     atomic_write(path, lambda p: np.savez(p, **arrays))
+    write_checksum(path)
     atomic_write_text(path.with_suffix(".json"),
                       json.dumps(full_key(kind, key), indent=1, sort_keys=True, default=str))
+    return arrays
+
+
+def _load_arrays(kind: str, what: str, path: Path) -> dict[str, np.ndarray] | None:
+    """The arrays of the entry ``path``, or ``None`` if it was corrupt (removed)."""
+    state = verify_entry(kind, what, path)
+    if state == "corrupt":
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        corrupt_entry(kind, what, path, f"it cannot be read ({type(exc).__name__}: {exc})")
+        return None
+    if state == "unchecked":
+        record_checksum(path)
     return arrays
 
 

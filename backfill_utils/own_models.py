@@ -79,6 +79,12 @@ class OwnEmbeddings:
         return h.hexdigest()
 
 
+MAX_ROWS = 20_000_000  # items per file
+MAX_DIM = 8192  # embedding dimension: the compatibility modules' weights grow with its square
+MMAP_BYTES = 256 << 20  # files larger than this are memory-mapped
+MAX_EXACT_LABEL = 2 ** 53  # float labels beyond this are not exact integers
+
+
 def _read(name: str, path: Any) -> np.ndarray:
     if path is None or str(path) == "":
         raise ValueError(f"{name}: no path given; give a .npy file for each of {list(FILES)}")
@@ -86,8 +92,15 @@ def _read(name: str, path: Any) -> np.ndarray:
     if not p.is_file():
         raise FileNotFoundError(f"{name}: no such file {p}; give the path of a .npy file ({FILES.index(name) + 1} "
                                 f"of {list(FILES)})")
-    try:
-        return np.load(p, allow_pickle=False)
+    size = p.stat().st_size
+    with open(p, "rb") as fh:
+        shape, _ = io.npy_header(fh, f"{name}: {p}", size)
+    rows = shape[0] if shape else 0
+    if rows > MAX_ROWS or (len(shape) == 2 and shape[1] > MAX_DIM):
+        raise ValueError(f"{name}: {p} has shape {shape}; at most {MAX_ROWS} rows and embeddings of dimension "
+                         f"<= {MAX_DIM} are read (reduce the dimension, e.g. by PCA, or subsample the items)")
+    try:  # large files are memory-mapped: only what the checks and training touch is read
+        return np.load(p, allow_pickle=False, mmap_mode="r" if size > MMAP_BYTES else None)
     except (ValueError, OSError, EOFError) as exc:
         raise ValueError(f"{name}: {p} is not a readable .npy array without pickled objects ({exc}); "
                          "write it with numpy.save(path, array)") from None
@@ -98,6 +111,9 @@ def _embedding(name: str, x: np.ndarray, where: str, normalize: bool) -> np.ndar
         raise ValueError(f"{name} ({where}) must be a non-empty (n, d) array of embeddings, got shape {x.shape}")
     if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
         raise ValueError(f"{name} ({where}) must hold numbers, got dtype {x.dtype}")
+    if x.shape[1] > MAX_DIM:
+        raise ValueError(f"{name} ({where}) has dimension {x.shape[1]}; at most {MAX_DIM} is supported (the "
+                         "compatibility modules' weights grow with its square): reduce it, e.g. by PCA")
     x = x.astype(np.float32)
     bad = ~np.isfinite(x).all(axis=1)
     if bad.any():
@@ -115,7 +131,11 @@ def _embedding(name: str, x: np.ndarray, where: str, normalize: bool) -> np.ndar
 def _labels(name: str, y: np.ndarray, where: str) -> np.ndarray:
     if y.ndim != 1:
         raise ValueError(f"{name} ({where}) must be a 1-D array of class labels, got shape {y.shape}")
-    if np.issubdtype(y.dtype, np.floating) and np.isfinite(y).all() and (y == np.round(y)).all():
+    if np.issubdtype(y.dtype, np.floating):
+        if not (np.isfinite(y).all() and (y == np.round(y)).all() and (np.abs(y) <= MAX_EXACT_LABEL).all()):
+            raise ValueError(f"{name} ({where}) holds float labels that are not exact integers (NaN, fractions or "
+                             f"beyond +-2**53, e.g. {y[~np.isfinite(y) | (y != np.round(y)) | (np.abs(y) > MAX_EXACT_LABEL)][:3].tolist()}); "
+                             "save integer class labels")
         y = y.astype(np.int64)
     if not np.issubdtype(y.dtype, np.integer):
         raise ValueError(f"{name} ({where}) must hold integer class labels, got dtype {y.dtype}")

@@ -50,6 +50,8 @@ def _gain(t1: pd.DataFrame, setting: str, method: str) -> str:
     if r.empty:
         return "n/a"
     r = r.iloc[0]
+    if pd.isna(r["gain_mAP_%"]):
+        return "not applicable (M_new is not above M_old beyond noise)"
     sd = "" if pd.isna(r["gain_mAP_%_sd"]) else f" +- {r['gain_mAP_%_sd']:.1f}"
     return f"{r['gain_mAP_%']:.1f}{sd} %"
 

@@ -26,6 +26,7 @@ about 35% more CPU time in training (README "Reproducibility"); off by default.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -95,10 +96,10 @@ def prepare(profile: str, params: dict, select: list[str] | None = None) -> tupl
     return books, resolve(profile, params)
 
 
-def _coerce(value: str):
-    import yaml
-
-    return yaml.safe_load(value)
+def _coerce(value: str, name: str = "value"):
+    """A ``-p`` value as YAML (no aliases, :func:`config.parse_yaml`); a malformed one is a
+    one-line ``ValueError`` naming the parameter."""
+    return C.parse_yaml(value, f"-p {name}")
 
 
 _CR = re.compile(r"[^\n]*\r(?!\n)")
@@ -134,20 +135,51 @@ def clean_outputs(nb) -> None:
             cell["outputs"] = merged
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """Inside: SIGTERM raises ``KeyboardInterrupt`` like SIGINT, so the ``finally`` blocks that
+    remove temporary files run for both (main thread only; elsewhere a no-op)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    before = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _missing_input(exc: Exception) -> str | None:
+    """The message of a notebook's missing or corrupt input, if that is why it failed."""
+    if getattr(exc, "ename", None) in ("MissingArtifactError", "CorruptArtifactError"):
+        return f"{exc.ename}: {exc.evalue}"
+    return None
+
+
 def _execute(book: Path, target: Path, params: dict, kernel: str | None) -> None:
     import nbformat
     import papermill as pm
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{book.stem}.{os.getpid()}.tmp.ipynb")
+    tmp = target.with_name(io.temporary_name(f"{book.stem}.ipynb"))
     try:
         nb = pm.execute_notebook(str(book), str(tmp), parameters=params, cwd=str(C.NOTEBOOKS_DIR),
                                  kernel_name=kernel, progress_bar=False, log_output=False)
-    except Exception:
+    except Exception as exc:
         if tmp.exists():
             failed = nbformat.read(tmp, as_version=4)
             clean_outputs(failed)
             io.atomic_write(target, lambda p: nbformat.write(failed, str(p)))
+        missing = _missing_input(exc)
+        if missing is not None:  # the message is all the reader needs: no traceback
+            raise SystemExit(f"{book.name}: {missing}\n(executed copy: {target})") from None
         print(f"FAILED: {book.name}; executed copy with the error: {target}", file=sys.stderr)
         raise
     finally:
@@ -323,12 +355,18 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.profile not in C.available_profiles():
         parser.error(f"unknown profile {args.profile!r}; available: {C.available_profiles()}")
-    params = {name: _coerce(value) for name, value in args.parameter}
     try:
+        params = {name: _coerce(value, name) for name, value in args.parameter}
         _, cfg = prepare(args.profile, params, args.only)
-    except (KeyError, ValueError) as exc:  # rejected before anything ran
+    except (KeyError, ValueError, FileNotFoundError) as exc:  # rejected before anything ran
         parser.error(exc.args[0] if exc.args else str(exc))
-    run_series(args.profile, params, args.only, kernel=args.kernel, pin=args.pin)
+    with _terminate_as_interrupt():
+        try:
+            run_series(args.profile, params, args.only, kernel=args.kernel, pin=args.pin)
+        except KeyboardInterrupt:
+            print("interrupted: the notebook that was running left no temporary file; rerun to go on "
+                  "(finished artifacts are cached)", file=sys.stderr)
+            raise SystemExit(130) from None
     if cfg["run_name"] == "default" and not args.only and not os.environ.get(C.RESULTS_ENV):
         from . import report
 

@@ -69,7 +69,7 @@ import faiss
 import numpy as np
 
 from . import __version__, io
-from .serve_parts import (RWLock, Transform, as_ids, as_matrix, contains_sorted, merge_topk, read_index_file,
+from .serve_parts import (RWLock, Transform, as_ids, as_matrix, contains_sorted, merge_topk, open_index_file,
                           transform_from_state, transform_state)
 from .serve_side import FaissSide
 
@@ -80,6 +80,10 @@ FORMAT = "backfill_utils.serve.OnlineBackfillIndex"
 FORMAT_VERSION = 1
 _UNSET: Any = object()
 _SLOTS = ("query", "new", "gallery")
+
+
+MAX_K = 4096  # k beyond the index's size is padded (faiss's convention) up to this many columns
+MAX_SAVED_DIM = 1 << 20  # an embedding dimension in a saved index file
 
 
 def _positive_int(x: Any, name: str) -> int:
@@ -365,9 +369,16 @@ class OnlineBackfillIndex:
         side as they are, instead of ``query_transform(query_new)`` (they must
         have the old side's dimension). Both sides are searched under one read
         lock, so the result is that of one state of the index.
+
+        ``k``: a positive integer. Beyond the index's size the result is padded
+        with ``inf`` / ``-1`` (faiss's convention) up to :data:`MAX_K` columns; a
+        larger ``k`` than both is an error (it would only allocate padding).
         """
         k = _positive_int(k, "k")
         q = as_matrix(query_new, "query_new", self.d_new)
+        if k > MAX_K and k > len(self):
+            raise ValueError(f"k = {k} is larger than the index ({len(self)} items) and than {MAX_K}: the result "
+                             f"would be padded with {k - len(self)} empty columns; pass k <= {max(len(self), MAX_K)}")
         qo = None
         if query_old is not None:
             qo = as_matrix(query_old, "query_old", self._old.d)
@@ -431,14 +442,31 @@ class OnlineBackfillIndex:
         A transform passed here replaces the saved one (it must keep the saved
         dimensions); one saved as unsaved (``skip_transforms``) must be passed.
         A missing, corrupt, truncated or mismatched file is a ``ValueError``
-        (``FileNotFoundError`` if absent) naming the file.
+        (``FileNotFoundError`` if absent) naming the file. Only the members the
+        index needs are read, each after its header is checked against its size; a
+        transform's saved config is checked against its saved weights before the
+        module is built, so a crafted file cannot make this allocate more than it holds.
         """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such index file")
-        data, meta = read_index_file(path, FORMAT, FORMAT_VERSION)
-        given = {"query": query_transform, "new": new_transform, "gallery": gallery_transform}
+        with open_index_file(path, FORMAT, FORMAT_VERSION) as (data, meta):
+            return cls._from_file(path, data, meta, batch_size, {
+                "query": query_transform, "new": new_transform, "gallery": gallery_transform})
+
+    @classmethod
+    def _from_file(cls, path: Path, data, meta: dict, batch_size: int, given: dict) -> "OnlineBackfillIndex":
         try:
+            for name in ("old", "new"):
+                saved = meta["sides"][name]
+                ids = data[f"{name}.ids"]
+                if ids.ndim != 1 or len(ids) != saved["n"] or not 1 <= int(saved["d"]) <= MAX_SAVED_DIM:
+                    raise ValueError(f"{path}: the {name} side's metadata (n = {saved['n']}, d = {saved['d']}) does "
+                                     f"not match its {ids.shape} saved ids; the file is inconsistent")
+            for side_dim in ("d_old", "d_new"):
+                if not 1 <= int(meta[side_dim]) <= MAX_SAVED_DIM:
+                    raise ValueError(f"{path}: {side_dim} = {meta[side_dim]} is outside 1..{MAX_SAVED_DIM}; the file "
+                                     "is crafted or corrupt")
             fns = {slot: given[slot] if given[slot] is not _UNSET
                    else transform_from_state(meta["transforms"][slot], slot, data, path) for slot in _SLOTS}
             index = cls(meta["d_old"], meta["d_new"], query_transform=fns["query"], new_transform=fns["new"],
@@ -451,7 +479,7 @@ class OnlineBackfillIndex:
                         f"{path}: the {name} side was saved with dimension {saved['d']} ({saved['mode']}) but the "
                         f"transforms now give {side.d} ({side.mode}); pass transforms with the saved dimensions")
                 side.restore({key: data[f"{name}.{key}"] for key in ("index", "ids", "labels", "live")}, str(path))
-        except (KeyError, TypeError, RuntimeError) as exc:
+        except (KeyError, TypeError, RuntimeError, AttributeError) as exc:
             raise ValueError(f"{path}: not a consistent OnlineBackfillIndex file "
                              f"({type(exc).__name__}: {exc})") from None
         if contains_sorted(index._old.ids, index._new.ids).any():

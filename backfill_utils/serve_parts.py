@@ -7,7 +7,7 @@
 * :class:`Transform` -- psi, rho or h: a torch module (run in eval mode, without
   gradients, in batches) or a plain callable on float32 numpy arrays.
 * :func:`merge_topk` -- the two sides' lists merged by (distance, id);
-* :func:`transform_state`, :func:`transform_from_state`, :func:`read_index_file`
+* :func:`transform_state`, :func:`transform_from_state`, :func:`open_index_file`
   -- the transforms and the archive of a saved index.
 
 One side of the gallery (a faiss index and its ids) is
@@ -29,7 +29,7 @@ import torch
 from .compat import build_module
 
 __all__ = ["RWLock", "as_matrix", "as_ids", "contains_sorted", "insert_sorted", "delete_sorted", "Transform",
-           "merge_topk", "transform_state", "transform_from_state", "read_index_file"]
+           "merge_topk", "transform_state", "transform_from_state", "IndexMembers", "open_index_file"]
 
 _INT64_MAX = np.iinfo(np.int64).max
 
@@ -318,25 +318,95 @@ def transform_from_state(state: dict | None, slot: str, data: dict, path: Path) 
     if state.get("kind") == "unsaved":
         raise ValueError(f"{path}: the {slot}_transform ({state.get('type')}) was not saved "
                          f"(skip_transforms=True); pass it: OnlineBackfillIndex.load(path, {slot}_transform=...)")
-    module = build_module(state["config"])
-    sd = {key: torch.from_numpy(np.array(data[f"transform.{slot}.{key}"])) for key in state["keys"]}
-    module.load_state_dict(sd)
+    config = state["config"]
+    big = [v for v in _numbers(config) if abs(v) > MAX_CONFIG_INT]
+    if big:
+        raise ValueError(f"{path}: the {slot}_transform's config has the value {big[0]:g}, beyond {MAX_CONFIG_INT}; "
+                         "the file is crafted or corrupt")
+    sd = {key: data[f"transform.{slot}.{key}"] for key in state["keys"]}
+    with torch.device("meta"):  # the shapes the config gives, without allocating them
+        expected = {k: tuple(v.shape) for k, v in build_module(config).state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in sd.items()}
+    if expected != got:
+        wrong = sorted(k for k in set(expected) | set(got) if expected.get(k) != got.get(k))[:3]
+        raise ValueError(f"{path}: the {slot}_transform's config does not match its saved weights (e.g. "
+                         f"{', '.join(f'{k}: config {expected.get(k)}, saved {got.get(k)}' for k in wrong)}); "
+                         "the file is crafted or corrupt")
+    module = build_module(config)
+    module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()})
     return module.eval()
 
 
-def read_index_file(path: Path, fmt: str, version: int) -> tuple[dict, dict]:
-    """Every array of a saved index (CRC-checked by zipfile) and its metadata."""
+MAX_CONFIG_INT = 1 << 20  # no dimension, width or depth of a saved transform is larger
+
+
+def _numbers(obj: Any) -> Iterator[float]:
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _numbers(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _numbers(v)
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        yield obj
+
+
+class IndexMembers:
+    """The arrays of a saved index, read one at a time when asked for (an unused member is
+    never read), each after its ``.npy`` header is checked against its size
+    (:func:`io.npy_header`); a member larger than the file (a compressed bomb: saves are
+    uncompressed) is refused. Errors are ``ValueError`` naming the file."""
+
+    def __init__(self, path: Path, z) -> None:
+        self.path, self._z, self._size = path, z, path.stat().st_size
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._z.files
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        from . import io
+
+        if key not in self._z.files:
+            raise KeyError(key)
+        name = f"{key}.npy"
+        try:
+            info = self._z.zip.getinfo(name)
+            if info.file_size > self._size:
+                raise ValueError(f"{self.path}: member {key} unpacks to {info.file_size} bytes, more than the "
+                                 f"{self._size} of the file (an index is saved uncompressed); the file is crafted "
+                                 "or corrupt")
+            with self._z.zip.open(name) as fh:
+                io.npy_header(fh, f"{self.path}: member {key}", info.file_size)
+            return self._z[key]
+        except (OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+            raise ValueError(f"{self.path}: member {key} cannot be read (corrupt or truncated?): "
+                             f"{type(exc).__name__}: {exc}") from None
+
+
+@contextmanager
+def open_index_file(path: Path, fmt: str, version: int) -> Iterator[tuple[IndexMembers, dict]]:
+    """Open a saved index: its arrays (:class:`IndexMembers`, each read when asked for) and
+    its metadata. A file that is not an ``.npz`` archive of the format (a plain ``.npy``,
+    a truncated or corrupt file, a malformed header) is a ``ValueError`` naming it."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            data = {key: z[key] for key in z.files}
-        meta = json.loads(bytes(data["meta"]).decode())
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise ValueError(f"{path}: not a readable OnlineBackfillIndex file (corrupt or truncated?): "
                          f"{type(exc).__name__}: {exc}") from None
-    if not isinstance(meta, dict) or meta.get("format") != fmt:
-        raise ValueError(f"{path}: not an OnlineBackfillIndex file (format field "
-                         f"{meta.get('format') if isinstance(meta, dict) else None!r})")
-    if meta.get("version") != version:
-        raise ValueError(f"{path}: saved in format version {meta.get('version')!r}; this code reads version "
-                         f"{version} (use the backfill_utils version that wrote it)")
-    return data, meta
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: not an OnlineBackfillIndex file (a single .npy array, not the .npz archive "
+                         "that OnlineBackfillIndex.save writes)")
+    with z:
+        data = IndexMembers(path, z)
+        try:
+            meta = json.loads(bytes(data["meta"]).decode())
+        except (KeyError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: not a readable OnlineBackfillIndex file (no readable metadata: "
+                             f"{type(exc).__name__}: {exc})") from None
+        if not isinstance(meta, dict) or meta.get("format") != fmt:
+            raise ValueError(f"{path}: not an OnlineBackfillIndex file (format field "
+                             f"{meta.get('format') if isinstance(meta, dict) else None!r})")
+        if meta.get("version") != version:
+            raise ValueError(f"{path}: saved in format version {meta.get('version')!r}; this code reads version "
+                             f"{version} (use the backfill_utils version that wrote it)")
+        yield data, meta

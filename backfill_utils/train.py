@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import time
 from pathlib import Path
 from typing import Callable
@@ -134,18 +135,40 @@ def _describe(spec: dict) -> str:
 
 
 def is_trained(spec: dict) -> bool:
-    return (model_dir(spec) / "model.pt").is_file()
+    """Whether the cache holds the finished model of ``spec`` and it matches its checksum
+    (a corrupt one is reported and removed, :func:`io.verify_entry`, so it is trained again)."""
+    path = model_dir(spec) / "model.pt"
+    return path.is_file() and io.verify_entry("models", _describe(spec), path) != "corrupt"
+
+
+def _load_cached(spec: dict, device) -> EmbeddingNet | None:
+    """The cached model of ``spec``, or ``None`` if it is absent or was corrupt (removed)."""
+    folder = model_dir(spec)
+    path = folder / "model.pt"
+    if not path.is_file():
+        return None
+    state = io.verify_entry("models", _describe(spec), path)
+    if state == "corrupt":
+        return None
+    try:
+        meta = json.loads((folder / "model.json").read_text())
+        model = build_model(meta["config"])
+        model.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+    except (OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as exc:
+        io.corrupt_entry("models", _describe(spec), path, f"it cannot be read ({type(exc).__name__}: {exc})")
+        return None
+    if state == "unchecked":
+        io.record_checksum(path)
+    return model.to(device).eval()
 
 
 def load_model(spec: dict, device: str | torch.device = "cpu") -> EmbeddingNet:
-    """Load a finished model from the cache (error if it was never trained)."""
-    folder = model_dir(spec)
-    if not (folder / "model.pt").is_file():
-        raise io.missing("models", _describe(spec), folder / "model.pt")
-    meta = json.loads((folder / "model.json").read_text())
-    model = build_model(meta["config"])
-    model.load_state_dict(torch.load(folder / "model.pt", map_location=device, weights_only=True))
-    return model.to(device).eval()
+    """Load a finished model from the cache (error if it was never trained; a corrupt one
+    is an error naming the file and the notebook that trains it)."""
+    model = _load_cached(spec, device)
+    if model is None:
+        raise io.missing("models", _describe(spec), model_dir(spec) / "model.pt")
+    return model
 
 
 def load_history(spec: dict) -> pd.DataFrame:
@@ -221,12 +244,21 @@ def _loader(spec: dict, dataset, world: int, rank: int, device: torch.device):
 def _resume(ckpt_path: Path, parts: dict, device) -> tuple[int, list]:
     """Load a checkpoint into ``parts`` (model, optimizer, scheduler, scaler) if there is one;
     returns the first epoch to run and the history so far."""
-    if not ckpt_path.is_file():
+    if not ckpt_path.is_file() or io.verify_entry("models", "a training checkpoint", ckpt_path) == "corrupt":
         return 0, []
-    state = torch.load(ckpt_path, map_location=device, weights_only=True)
-    for name, obj in parts.items():
-        obj.load_state_dict(state[name])
-    return int(state["epoch"]) + 1, json.loads(state["history"])
+    try:
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+        io.corrupt_entry("models", "a training checkpoint", ckpt_path, f"it cannot be read ({type(exc).__name__})")
+        return 0, []  # nothing was loaded: train from the first epoch
+    try:
+        for name, obj in parts.items():
+            obj.load_state_dict(state[name])
+        return int(state["epoch"]) + 1, json.loads(state["history"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        io.corrupt_entry("models", "a training checkpoint", ckpt_path, f"it does not fit ({type(exc).__name__})")
+        raise RuntimeError(f"{ckpt_path} could not be resumed ({exc}); it was removed: run again to train "
+                           "from the first epoch") from None
 
 
 def _epoch(net, loader, parts: dict, spec: dict, teacher, device, use_amp: bool) -> tuple[float, float, float]:
@@ -258,7 +290,9 @@ def _save_final(folder: Path, model: EmbeddingNet, spec: dict, history: list) ->
     io.atomic_write_text(folder / "model.json", json.dumps(
         {"config": model.config, "spec": spec, "train_version": TRAIN_VERSION}, indent=1))
     io.atomic_torch_save(model.state_dict(), folder / "model.pt")
+    io.write_checksum(folder / "model.pt")
     (folder / "checkpoint.pt").unlink(missing_ok=True)
+    io.checksum_path(folder / "checkpoint.pt").unlink(missing_ok=True)
 
 
 def train(
@@ -279,8 +313,9 @@ def train(
     """
     folder = model_dir(spec)
     device = torch.device(device) if device is not None else _default_device()
-    if (folder / "model.pt").is_file():
-        return load_model(spec, device)
+    cached = _load_cached(spec, device)
+    if cached is not None:
+        return cached
     io.require_compute("models", _describe(spec), folder / "model.pt")
     rank, world, ddp = _dist_setup(device)
     recipe, seed = spec["recipe"], int(spec["seed"])
@@ -325,6 +360,7 @@ def train(
         if rank == 0:
             io.atomic_torch_save({**{k: v.state_dict() for k, v in parts.items()}, "epoch": epoch,
                                   "history": json.dumps(history)}, ckpt_path)
+            io.write_checksum(ckpt_path)
         if ddp:
             dist.barrier()
         if callback is not None:
