@@ -90,17 +90,21 @@ def _weight_decays(base: Any) -> list[float]:
     return sorted({0.0, 1e-5, 1e-4, float(base.weight_decay)})
 
 
-def _widths(base: Any) -> list[int]:
-    """Hidden width as a multiple of the embedding dimension: 1, 2 or 4; FCT and FastFill
-    also 16 (their authors' inner width, 2048 at 128 dimensions)."""
-    return [1, 2, 4, 16] if hasattr(base, "arch") else [1, 2, 4]
+def _width_x(hidden: int | None, d: int) -> int:
+    return 2 if hidden is None else hidden // d
+
+
+def _widths(base: Any, d: int) -> list[int]:
+    """Hidden width as a multiple of the embedding dimension ``d``: 1, 2 or 4; FCT and FastFill
+    also 16 (their authors' inner width, 2048 at 128 dimensions); and the default recipe's."""
+    return sorted({1, 2, 4, _width_x(base.hidden, d)} | ({16} if hasattr(base, "arch") else set()))
 
 
 def default_params(cfg: dict, name: str) -> dict:
     """The trial parameters of a method's default recipe (its first trial)."""
     r = MM.get(name).default_recipe(cfg)
     p = {"epochs": r.epochs, "lr": r.lr, "weight_decay": r.weight_decay,
-         "width_x": 2 if r.hidden is None else r.hidden // int(cfg["embedding_dim"]), "depth": r.depth}
+         "width_x": _width_x(r.hidden, int(cfg["embedding_dim"])), "depth": r.depth}
     if hasattr(r, "arch"):
         p.update(arch=r.arch, regression=r.regression)
     if hasattr(r, "tau"):
@@ -133,7 +137,7 @@ def suggest(trial, cfg: dict, name: str) -> Any:
     f = dict(epochs=trial.suggest_categorical("epochs", _epochs(base)),
              lr=trial.suggest_float("lr", 1e-4, 1e-2, log=True),
              weight_decay=trial.suggest_categorical("weight_decay", _weight_decays(base)),
-             hidden=d * trial.suggest_categorical("width_x", _widths(base)),
+             hidden=d * trial.suggest_categorical("width_x", _widths(base, d)),
              depth=trial.suggest_int("depth", 1, 2))
     if hasattr(base, "arch"):
         f.update(arch=trial.suggest_categorical("arch", ["side_projection", "mlp"]),

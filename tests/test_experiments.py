@@ -81,7 +81,7 @@ def test_trained_modules_are_cached_and_rebuilt(tiny_run):
         for slot in a.modules():
             sa, sb = a.modules()[slot].state_dict(), b.modules()[slot].state_dict()
             assert all(torch.equal(sa[k], sb[k]) for k in sa), (name, slot)
-        assert a.history.equals(b.history) and len(a.history) == cfg["compat"]["epochs"]
+        assert a.history.equals(b.history) and len(a.history) == MM.get(name).default_recipe(cfg).epochs
     # FastFill and BiCT carry their classification term (profile: fastfill_mu = 1, bict_ce_weight = 1)
     assert "ce" in X.train_method(cfg, "extended", "FastFill").history
     assert "ce" in X.train_method(cfg, "extended", "BiCT").history

@@ -65,6 +65,9 @@ def test_trial_zero_is_the_default_recipe(name):
     cfg = C.load_profile("default")
     recipe = TU.suggest(optuna.trial.FixedTrial(TU.default_params(cfg, name)), cfg, name)
     default = MM.get(name).default_recipe(cfg)
+    if hasattr(default, "arch"):  # FCT, FastFill: their authors' inner width, 16 x the embedding dimension
+        assert recipe == default and recipe.hidden == 16 * cfg["embedding_dim"] == 2048
+        return
     assert recipe.replace(hidden=None, **({"rho_hidden": None} if hasattr(recipe, "rho_hidden") else {})) == default
     assert recipe.hidden == 2 * cfg["embedding_dim"]  # hidden=None means twice the input dimension
 
@@ -77,9 +80,9 @@ def test_each_method_searches_its_own_knobs():
         study.optimize(lambda t: float(TU.suggest(t, cfg, name).epochs), n_trials=1)
         knobs[name] = set(study.trials[0].params)
     shared = {"epochs", "lr", "weight_decay", "width_x", "depth"}
-    assert knobs["RM+psi"] == knobs["FCT"] == shared
+    assert knobs["RM+psi"] == shared and knobs["FCT"] == shared | {"arch", "regression"}
     assert knobs["Ours"] == shared | {"tau", "hard_negatives", "lambda_rev", "rho_width_x", "rho_depth"}
-    assert knobs["FastFill"] == shared | {"mu", "mu_uncertainty"}
+    assert knobs["FastFill"] == shared | {"mu", "mu_uncertainty", "arch", "regression"}
     assert knobs["BiCT"] == shared | {"ce_weight", "feature_weight"}
 
 
