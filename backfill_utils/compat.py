@@ -244,8 +244,6 @@ class SideProjection(_CompatModule):
     5712000
     """
 
-    _dim_names = ("d_old", "d_new")
-
     def __init__(self, d_old: int, d_new: int, inner_dim: int = 2048, normalize_input: bool = True,
                  depth: int = 2, normalize_output: bool = True) -> None:
         super().__init__()

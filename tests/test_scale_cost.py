@@ -46,13 +46,13 @@ def test_plan_counts_the_paper_profiles_jobs(cifar_plan):
     assert {j["epochs"] for j in p["backbones"]} == {200}
     # trainable methods x 3 settings x 3 compat seeds (the paper profile seeds every setting)
     trainable = sum(MM.get(n).fit is not None for n in MM.names())
-    assert trainable == 9 and len(p["compatibility"]) == trainable * 3 * 3
+    assert trainable == 11 and len(p["compatibility"]) == trainable * 3 * 3
     assert {(j["setting"], j["items"]) for j in p["compatibility"]} == {
         ("extended", 45_000.0), ("heterogeneous", 45_000.0), ("open", 36_000.0)}
     # naive, BCT and RM once per setting, the trainable ones per seed; the open gallery: 20 test-only classes
-    assert p["evaluation"] == [{"setting": "extended", "gallery": 10_000.0, "curves": 3 + 27},
-                               {"setting": "heterogeneous", "gallery": 10_000.0, "curves": 30},
-                               {"setting": "open", "gallery": 2_000.0, "curves": 30}]
+    assert p["evaluation"] == [{"setting": "extended", "gallery": 10_000.0, "curves": 3 + 33},
+                               {"setting": "heterogeneous", "gallery": 10_000.0, "curves": 36},
+                               {"setting": "open", "gallery": 2_000.0, "curves": 36}]
     # embeddings: 8 backbones x (train, test); 5 passes of the fit part of the new classes
     assert len(p["embedding"]) == 16
     assert sum(j["images"] for j in p["embedding"]) == 5 * (5 * 45_000 + 3 * 36_000) + 5 * 10_000 + 3 * 2_000
@@ -76,7 +76,8 @@ def test_estimate_against_a_hand_computation(cifar_plan):
     fwd = emb_r18 * 0.002 + emb_r50 * 0.005
     assert est["embedding"]["cpu_s"] == pytest.approx(fwd / 2)
     assert est["embedding"]["gpu_s"] == pytest.approx(fwd / 0.01 / 1000)
-    assert est["compatibility"]["cpu_s"] == pytest.approx(9 * 3 * (45_000 * 2 + 36_000) * 30 * COMPAT / 2)
+    # 9 modules on the shared 30 epochs, FCT and FastFill on their authors' 80
+    assert est["compatibility"]["cpu_s"] == pytest.approx(3 * (45_000 * 2 + 36_000) * (9 * 30 + 2 * 80) * COMPAT / 2)
     assert est["compatibility"]["gpu_s"] is None
     # 100 test images per class: case B (50 relevant) is nearer than A (500) on a log scale
     assert est["evaluation"]["bench_case"] == "B"
