@@ -81,8 +81,8 @@ def test_estimate_against_a_hand_computation(cifar_plan):
     assert est["compatibility"]["gpu_s"] is None
     # 100 test images per class: case B (50 relevant) is nearer than A (500) on a log scale
     assert est["evaluation"]["bench_case"] == "B"
-    assert est["evaluation"]["cpu_s"] == pytest.approx(30 * 40.0 * (0.2 ** 2 * 2 + 0.04 ** 2) / 2)
-    assert est["evaluation"]["gpu_s"] == pytest.approx(30 * 4.0 * (0.2 ** 2 * 2 + 0.04 ** 2))
+    assert est["evaluation"]["cpu_s"] == pytest.approx(36 * 40.0 * (0.2 ** 2 * 2 + 0.04 ** 2) / 2)
+    assert est["evaluation"]["gpu_s"] == pytest.approx(36 * 4.0 * (0.2 ** 2 * 2 + 0.04 ** 2))
     assert S.estimate(cifar_plan, meas, BENCH)["backbones"]["gpu_s"] is None
 
 
