@@ -5,7 +5,8 @@ FCT's authors train its transformation for 80 epochs; on a CPU the profile may s
 recipe and, after every epoch, evaluates the method's backfilling curve on the validation
 split (held out of every training) with the module as it is at that epoch: one row per
 epoch with the training loss (``loss``), the learning rate and ``val_auc_map`` /
-``val_auc_top1``. A curve that is flat over the last epochs says the schedule has
+``val_auc_top1`` (over the validation queries that have a relevant item: a class with a
+single validation image is left out). A curve that is flat over the last epochs says the schedule has
 converged; the notebook ``30_compat`` draws it (:func:`plot`).
 
 The run is cached (kind ``"convergence"``) under the recipe, the backbones and the
@@ -23,7 +24,7 @@ from . import methods as MM
 from . import train as T
 from .compat_train import fit_fct
 
-__all__ = ["fct_convergence", "plot"]
+__all__ = ["fct_convergence", "describe", "plot"]
 
 
 def fct_convergence(cfg: dict, setting: str = "extended", *, progress: bool = True) -> pd.DataFrame:
@@ -42,7 +43,8 @@ def fct_convergence(cfg: dict, setting: str = "extended", *, progress: bool = Tr
 
         def on_epoch(epoch: int, modules) -> dict:
             system = X.make_system(method, old, new, MM.Trained(h=modules[0]), order)
-            curve = B.backfill_curve(system, labels, labels, ratios=r, exclude_self=True)
+            # a validation class with a single image has no relevant item left out of it: skipped
+            curve = B.backfill_curve(system, labels, labels, ratios=r, exclude_self=True, on_no_relevant="skip")
             return {f"val_auc_{k}": float(np.trapezoid(curve[m].to_numpy(), r))
                     for k, m in (("map", "mAP"), ("top1", "top1"))}
 
@@ -53,6 +55,23 @@ def fct_convergence(cfg: dict, setting: str = "extended", *, progress: bool = Tr
     arrays = io.cached_arrays("convergence", key, compute,
                               what=f"FCT's training history with validation AUCs ({setting} setting)")
     return io.arrays_to_frame(arrays, "history::")
+
+
+def describe(history: pd.DataFrame, last: int = 5) -> str:
+    """One line on the end of the curve: the validation AUC_mAP over the ``last`` epochs and
+    the best epoch.
+
+    >>> describe(pd.DataFrame({"epoch": [0, 1, 2], "val_auc_map": [10.0, 12.5, 12.25]}), last=2)
+    'validation AUC_mAP over the last 2 of 3 epochs: 12.25 .. 12.50 (best 12.50 at epoch 2)'
+    >>> describe(pd.DataFrame({"epoch": [0], "val_auc_map": [float("nan")]}))
+    'validation AUC_mAP undefined: no validation query has a relevant item (every class has one image)'
+    """
+    auc = history["val_auc_map"]
+    if auc.isna().all():
+        return "validation AUC_mAP undefined: no validation query has a relevant item (every class has one image)"
+    tail = auc.tail(last)
+    return (f"validation AUC_mAP over the last {len(tail)} of {len(history)} epochs: {tail.min():.2f} .. "
+            f"{tail.max():.2f} (best {auc.max():.2f} at epoch {int(history['epoch'][auc.idxmax()]) + 1})")
 
 
 def plot(history: pd.DataFrame, *, ax=None, title: str = "FCT: convergence of the scaled schedule"):

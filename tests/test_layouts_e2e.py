@@ -53,7 +53,8 @@ CLASSES, PER_CLASS, TEST_PER_CLASS = 5, 8, 4
 # The paper profile (ResNet-18 -> ResNet-50, CIFAR stem) shrunk to seconds, as a user passes it.
 SERIES_OVERRIDES = ("{backbone: {width: 4}, new_backbone: {width: 4}, embedding_dim: 8, "
                     "train: {epochs: 1, batch_size: 8, num_workers: 0}, embed: {train_passes: 1}, "
-                    "compat: {epochs: 1, batch_size: 16}, eval: {num_ratios: 5}}")
+                    "compat: {epochs: 1, batch_size: 16, fct_epochs: 1, fct_warmup_epochs: 0, "
+                    "fastfill_epochs: 1, fastfill_warmup_epochs: 0}, eval: {num_ratios: 5}}")
 # The other layouts: the same, with torchvision's standard stem (their images are 64 or 224 pixels).
 LAYOUT_OVERRIDES = ("{backbone: {width: 4, small_stem: false}, embedding_dim: 8, "
                     "train: {epochs: 1, batch_size: 8, num_workers: 0}, eval: {num_ratios: 5}}")
