@@ -58,7 +58,7 @@ README_START, README_END = "<!-- BENCH:START -->", "<!-- BENCH:END -->"
 #: The cases of the paper's scale: (name, number of classes); items per class = large / classes.
 LARGE_CASES = (("100 classes x 500 (500 relevant per query)", 100),
                ("ImageNet-val shape: 1000 classes x 50", 1000))
-#: Targets of issue 12 (seconds with 2 threads; peak memory in MB; speed-up).
+#: The benchmark's targets (seconds with 2 threads; peak memory in MB; speed-up).
 TARGETS = {"side_by_side_seconds": 5.0, "speedup": 50.0, "large_seconds": {100: 60.0, 1000: 30.0},
            "peak_rss_mb": 2048.0}
 
@@ -303,7 +303,7 @@ def _side_by_side(args: argparse.Namespace) -> tuple[dict, list]:
 
 
 def _targets(result: dict) -> dict:
-    """Each target of issue 12 with its measured value and whether it is met."""
+    """Each target with its measured value and whether it is met."""
     sbs = result["side_by_side"]
     out = {"side_by_side_seconds": {"target": TARGETS["side_by_side_seconds"], "measured": sbs["engine_seconds"]}}
     if "speedup" in sbs:

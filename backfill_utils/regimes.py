@@ -31,7 +31,7 @@ committed; rendered by ``notebooks/53_regimes.ipynb``):
 
 A variant may also change the synthetic data (``dataset_options``): a **family** of
 variants with their own new model (e.g. 10 classes with 1,000 training images each, the
-shape of the held-out real dataset of issue 10), drawn apart in the figure. A variant may
+shape of a real 10-class dataset), drawn apart in the figure. A variant may
 also set ``normalize_embeddings`` (raw embeddings for every model and module: the new
 system changes too), which likewise makes its own family (:func:`family`);
 ``normalisation.{csv,md}`` (:func:`normalisation_study`) sets each such variant beside

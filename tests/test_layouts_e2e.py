@@ -1,4 +1,4 @@
-"""Every on-disk layout end to end, offline (issue 12, point 1).
+"""Every on-disk layout end to end, offline.
 
 For each layout written by ``tests/layouts.py`` -- Tiny-ImageNet, ImageNet and
 Places-365 as torchvision expects them, Places-365 and plain ImageFolder
