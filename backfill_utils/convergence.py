@@ -74,13 +74,18 @@ def describe(history: pd.DataFrame, last: int = 5) -> str:
             f"{tail.max():.2f} (best {auc.max():.2f} at epoch {int(history['epoch'][auc.idxmax()]) + 1})")
 
 
-def plot(history: pd.DataFrame, *, ax=None, title: str = "FCT: convergence of the scaled schedule"):
-    """Training loss (left axis, log scale) and validation AUC_mAP (right axis) per epoch."""
+def plot(history: pd.DataFrame, *, recipe=None, ax=None, title: str = "FCT: convergence of the scaled schedule"):
+    """Training loss (left axis, log scale) and validation AUC_mAP (right axis) per epoch;
+    with the ``recipe`` that trained it, a dotted line where its BatchNorm layers freeze
+    (``bn_eval_half``: from epoch ``epochs / 2`` on the loss is that of the eval-mode network)."""
     import matplotlib.pyplot as plt
 
     if ax is None:
         _, ax = plt.subplots(figsize=(6.4, 3.6))
     epochs = np.asarray(history["epoch"]) + 1
+    if recipe is not None and getattr(recipe, "bn_eval_half", False):
+        first = int(np.ceil(recipe.epochs / 2)) + 1  # the first epoch (1-based) trained in eval mode
+        ax.axvline(first - 0.5, color="#7f7f7f", ls=":", lw=1, label="BatchNorm frozen")
     ax.plot(epochs, history["loss"], color="#8c564b", label="training loss")
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
