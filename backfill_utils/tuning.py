@@ -110,7 +110,7 @@ def default_params(cfg: dict, name: str) -> dict:
     if hasattr(r, "tau"):
         p.update(tau=r.tau, hard_negatives=r.hard_negatives, lambda_rev=r.lambda_rev)
     if hasattr(r, "rho_depth"):
-        p.update(rho_width_x=2 if r.rho_hidden is None else r.rho_hidden // int(cfg["embedding_dim"]),
+        p.update(rho_width_x=_width_x(r.rho_hidden, int(cfg["embedding_dim"])),
                  rho_depth=r.rho_depth)
     if hasattr(r, "mu_uncertainty"):
         p.update(mu=r.mu, mu_uncertainty=r.mu_uncertainty)
