@@ -24,15 +24,36 @@ from . import methods as MM
 from . import train as T
 from .compat_train import fit_fct
 
-__all__ = ["fct_convergence", "describe", "plot"]
+__all__ = ["fct_convergence", "pool_job", "describe", "plot"]
+
+
+def _key(cfg: dict, setting: str) -> dict:
+    recipe = MM.get("FCT").default_recipe(cfg)
+    return {"setting": setting, "recipe": MM.recipe_key(recipe), "eval": cfg["eval"],
+            "models": {r: T.model_spec(cfg, setting, r) for r in ("old", "new")}}
+
+
+def pool_job(cfg: dict, setting: str = "extended") -> list[tuple]:
+    """:func:`fct_convergence` as a job for the compatibility stage's worker pool
+    (``seeds.train_seeded(..., also=...)``): ``[(fn, args, cost, label)]``, or ``[]``
+    when the history is already cached. It runs beside the modules' trainings; the
+    notebook then reads it from the cache."""
+    if io.cache_path("convergence", _key(cfg, setting)).is_file():
+        return []
+    epochs = float(MM.get("FCT").default_recipe(cfg).epochs)
+    # a training of FCT plus one validation curve per epoch: about 1.5 trainings
+    return [(_compute, (cfg, setting), 1.5 * epochs, f"{setting}/FCT convergence")]
+
+
+def _compute(cfg: dict, setting: str) -> None:
+    fct_convergence(cfg, setting, progress=False)
 
 
 def fct_convergence(cfg: dict, setting: str = "extended", *, progress: bool = True) -> pd.DataFrame:
     """FCT's history with the validation AUCs after each epoch (see the module docstring)."""
     method = MM.get("FCT")
     recipe = method.default_recipe(cfg)
-    key = {"setting": setting, "recipe": MM.recipe_key(recipe), "eval": cfg["eval"],
-           "models": {r: T.model_spec(cfg, setting, r) for r in ("old", "new")}}
+    key = _key(cfg, setting)
 
     def compute() -> dict:
         train = X.SettingData(cfg, setting, progress=progress)

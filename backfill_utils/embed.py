@@ -76,6 +76,48 @@ def _split_dataset(cfg: dict, split: str, classes, augment: bool):
     return D.training_part(full, classes, part, **T.holdout(cfg))
 
 
+def _key(cfg: dict, setting: str, role: str, split: str, passes: int) -> tuple[list, int, dict]:
+    """The classes, the number of passes and the cache key of :func:`get_embeddings`."""
+    classes = T.setting_classes(cfg, setting)
+    cls = classes["test_classes"] if split == "test" else classes["new_classes"]
+    n_pass = int(passes) if split == "train" else 1
+    key = {"model": embedding_spec(cfg, setting, role), "split": split, "classes": list(map(int, cls)), "passes": n_pass,
+           "seed": int(cfg["seed"]), "holdout": T.holdout(cfg)}
+    return cls, n_pass, key
+
+
+def _prefetch_job(cfg: dict, setting: str, role: str, split: str, passes: int) -> None:
+    get_embeddings(cfg, setting, role, split, passes=passes, progress=False)
+
+
+def prefetch(cfg: dict, wanted, *, progress: bool = True, n_workers: int | None = None) -> int:
+    """Compute the missing embeddings of ``wanted`` -- ``(setting, role, split, passes)``
+    tuples -- in ``$BACKFILL_WORKERS`` worker processes, one job per distinct cache
+    entry (two settings that share a model share its embeddings); returns the number of
+    entries computed. Each extraction is seeded by its own arguments and runs with the
+    same threads, so the arrays equal those of :func:`get_embeddings` called here; a
+    later call of it reads them from the cache."""
+    from . import parallel
+
+    jobs, costs, labels, seen = [], [], [], set()
+    for setting, role, split, passes in wanted:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        _, n_pass, key = _key(cfg, setting, role, split, passes)
+        path = cache_path("embeddings", key)
+        if path in seen or path.is_file():
+            continue
+        seen.add(path)
+        model = T.model_spec(cfg, setting, role)["model"]
+        jobs.append((cfg, setting, role, split, int(passes)))
+        costs.append(n_pass * (model.get("width", 64) / 16) ** 2 * (1.0 if split == "train" else 0.3))
+        labels.append(f"{setting}/{role}/{split}")
+    if jobs:
+        parallel.run_jobs(_prefetch_job, jobs, cost=costs, n_workers=n_workers, desc="embed",
+                          progress=progress, labels=labels)
+    return len(jobs)
+
+
 def get_embeddings(cfg: dict, setting: str, role: str, split: str, *,
                    passes: int = 1, progress: bool = True, device=None) -> dict[str, np.ndarray]:
     """Cached embeddings of model ``role`` of ``setting`` on ``split``.
@@ -96,12 +138,8 @@ def get_embeddings(cfg: dict, setting: str, role: str, split: str, *,
     if int(passes) < 1:
         raise ValueError(f"passes must be >= 1, got {passes!r}")
     spec = T.model_spec(cfg, setting, role)
-    classes = T.setting_classes(cfg, setting)
-    cls = classes["test_classes"] if split == "test" else classes["new_classes"]
-    n_pass = int(passes) if split == "train" else 1
+    cls, n_pass, key = _key(cfg, setting, role, split, passes)
     normalize = C.normalize_embeddings(cfg)
-    key = {"model": embedding_spec(cfg, setting, role), "split": split, "classes": list(map(int, cls)), "passes": n_pass,
-           "seed": int(cfg["seed"]), "holdout": T.holdout(cfg)}
 
     def compute():
         model = T.train(spec, data_root=cfg.get("data_root"), device=device, progress=progress,

@@ -40,7 +40,7 @@ from .recipes import Recipe
 __all__ = ["CURVES_VERSION", "EXPERIMENTS_VERSION", "EVAL_SPLITS", "ratios", "SettingData", "resolve_recipe",
            "compat_key", "train_method", "make_system", "build_system", "build_systems",
            "method_curve", "evaluate_setting", "evaluate_all", "gallery_quality", "train_roles",
-           "cache_train_embeddings"]
+           "prefetch_embeddings", "cache_train_embeddings"]
 
 # Bump CURVES_VERSION when the engine (metrics.py, backfill.py) or the code below changes a
 # curve or a summary number; EXPERIMENTS_VERSION for the order study and the query cost.
@@ -136,6 +136,17 @@ def train_roles() -> list[str]:
     """The backbones whose train-split embeddings some registered method trains from."""
     used = {r for n in MM.names() for r in MM.get(n).train_roles}
     return [r for r in MM.BACKBONES if r in used]
+
+
+def prefetch_embeddings(cfg: dict, *, progress: bool = True) -> int:
+    """Compute the missing embeddings of every setting in worker processes
+    (:func:`backfill_utils.embed.prefetch`): the test split of every backbone and the
+    train split of :func:`train_roles`; returns how many were computed. The series'
+    galleries notebook calls it first, then reads them as usual."""
+    passes = int(cfg["embed"]["train_passes"])
+    wanted = [(s, r, "test", 1) for s in cfg["settings"] for r in MM.BACKBONES]
+    wanted += [(s, r, "train", passes) for s in cfg["settings"] for r in train_roles()]
+    return E.prefetch(cfg, wanted, progress=progress)
 
 
 def cache_train_embeddings(cfg: dict, setting: str, *, progress: bool = True) -> dict[str, tuple]:

@@ -14,6 +14,7 @@ varies, so a difference between seeds is the training's noise.
   processes (:mod:`backfill_utils.parallel`; the cache stores each result);
 * :func:`train_seeded` -- every trainable method of the registry over the seeds of
   each setting (notebook 30);
+* :func:`prefetch_curves` -- compute the missing curves of every seed in worker processes;
 * :func:`evaluate_seeds` -- curves and summaries of every seed, one long table with
   a ``seed`` column (notebooks 31, 44, 50, 51);
 * :func:`seed_stats` -- mean and sample standard deviation over the seeds.
@@ -30,7 +31,7 @@ from . import io
 from . import methods as MM
 from . import parallel
 
-__all__ = ["compat_seeds", "seeds_of", "seeded", "train_jobs", "train_seeded", "evaluate_seeds",
+__all__ = ["compat_seeds", "seeds_of", "seeded", "train_jobs", "train_seeded", "prefetch_curves", "evaluate_seeds",
            "seed_stats", "SUMMARY_METRICS"]
 
 #: The summary numbers whose mean and sd the seed tables report.
@@ -68,6 +69,10 @@ def _train_job(cfg: dict, setting: str, name: str, recipe: Any, seed: int | None
     X.train_method(cfg, setting, name, recipe=recipe, seed=seed, progress=False)
 
 
+def _call(fn, *args) -> None:
+    fn(*args)
+
+
 def _job_cost(cfg: dict, name: str, recipe: Any) -> float:
     recipe = recipe if recipe is not None else MM.get(name).default_recipe(cfg)
     weight = {"cmcl_psi_rho": 3.0, "cmcl_psi": 2.2}.get(getattr(recipe, "name", ""), 1.0)
@@ -75,7 +80,7 @@ def _job_cost(cfg: dict, name: str, recipe: Any) -> float:
 
 
 def train_jobs(cfg: dict | None, jobs: Iterable[tuple], *, progress: bool = True,
-               n_workers: int | None = None) -> None:
+               n_workers: int | None = None, also: Iterable[tuple] = ()) -> None:
     """Train (or find in the cache) every ``(setting, method, recipe, seed)`` of ``jobs``
     (``recipe=None``: the method's default) for the profile ``cfg``, ``$BACKFILL_WORKERS``
     at a time; a job may also be ``(profile, setting, method, recipe, seed)`` with its own
@@ -85,7 +90,13 @@ def train_jobs(cfg: dict | None, jobs: Iterable[tuple], *, progress: bool = True
     :func:`backfill_utils.experiments.train_method`, so the modules equal a serial run's.
     A method whose registration is not one of the package's (registered in a notebook)
     is trained here, in the calling process. Jobs already in the cache cost nothing.
+
+    ``also``: other cached computations to run in the same worker pool, each
+    ``(fn, args, cost, label)`` with ``fn`` a module-level function of the package that
+    writes its result to the cache (e.g. :func:`backfill_utils.convergence.compute_job`);
+    ``cost`` is in the units of a module's training (its recipe's epochs).
     """
+    also = list(also)
     full = [tuple(j) if len(j) == 5 else (cfg, *j) for j in jobs]
     if any(j[0] is None for j in full):
         raise ValueError("train_jobs: a job without its own profile needs cfg")
@@ -95,21 +106,54 @@ def train_jobs(cfg: dict | None, jobs: Iterable[tuple], *, progress: bool = True
         if io.cache_path("compat", X.compat_key(c, setting, name, recipe, seed)).is_file():
             continue
         (remote if MM.is_builtin(name) else local).append(job)
-    if remote:
-        parallel.run_jobs(_train_job, remote, cost=[_job_cost(j[0], j[2], j[3]) for j in remote],
+    if remote or also:
+        parallel.run_jobs(_call, [(_train_job, *j) for j in remote] + [(fn, *args) for fn, args, _, _ in also],
+                          cost=[_job_cost(j[0], j[2], j[3]) for j in remote] + [float(c) for _, _, c, _ in also],
                           n_workers=n_workers, desc="train modules", progress=progress,
-                          labels=[f"{s}/{n}/seed {sd}" for _, s, n, _, sd in remote])
+                          labels=[f"{s}/{n}/seed {sd}" for _, s, n, _, sd in remote] + [lb for *_, lb in also])
     for c, setting, name, recipe, seed in local:
         X.train_method(c, setting, name, recipe=recipe, seed=seed, progress=progress)
 
 
-def train_seeded(cfg: dict, names=None, *, progress: bool = True) -> list[tuple]:
+def train_seeded(cfg: dict, names=None, *, progress: bool = True, also: Iterable[tuple] = ()) -> list[tuple]:
     """Every trainable method of ``names`` (default: the registry) with its default recipe,
-    over :func:`seeds_of` each setting of the profile; returns the jobs."""
+    over :func:`seeds_of` each setting of the profile (and the computations ``also``, in
+    the same worker pool: :func:`train_jobs`); returns the training jobs."""
     names = [n for n in (names or MM.names()) if MM.get(n).trainable]
     jobs = [(s, n, None, seed) for s in cfg["settings"] for seed in seeds_of(cfg, s) for n in names]
-    train_jobs(cfg, jobs, progress=progress)
+    train_jobs(cfg, jobs, progress=progress, also=also)
     return jobs
+
+
+def _curves_job(cfg: dict, setting: str, names: list[str], seed: int) -> None:
+    X.evaluate_setting(cfg, setting, names, seed=seed, progress=False)
+
+
+def prefetch_curves(cfg: dict, names=None, *, progress: bool = True, n_workers: int | None = None) -> int:
+    """Compute the missing test curves of ``names`` (default: the registry) for every
+    seed of every setting (:func:`seeds_of`) in worker processes, one job per
+    (setting, seed) with the methods it lacks (a method without training once per
+    setting); :func:`evaluate_seeds` and ``experiments.evaluate_all`` then read them
+    from the cache. Returns the number of curves computed."""
+    names = list(names or MM.names())
+    jobs, costs, labels, seen = [], [], [], set()
+    for s in cfg["settings"]:
+        for seed in seeds_of(cfg, s):
+            todo = []
+            for n in names:
+                path = io.cache_path("curves", X._curve_key(cfg, s, n, None, seed if MM.get(n).trainable else None,
+                                                             "test"))
+                if path not in seen and not path.is_file():
+                    seen.add(path)
+                    todo.append(n)
+            if todo:
+                jobs.append((cfg, s, todo, seed))
+                costs.append(float(len(todo)))
+                labels.append(f"{s}/seed {seed}: {len(todo)} curves")
+    if jobs:
+        parallel.run_jobs(_curves_job, jobs, cost=costs, n_workers=n_workers, desc="curves",
+                          progress=progress, labels=labels)
+    return len(seen)
 
 
 def evaluate_seeds(cfg: dict, names=None, *, settings=None, progress: bool = True):

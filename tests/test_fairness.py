@@ -59,6 +59,46 @@ def test_parallel_backbones_equal_serial_ones(tmp_path, monkeypatch):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_prefetched_embeddings_curves_and_convergence_equal_serial_ones(tmp_path, monkeypatch):
+    """Embeddings, curves and FCT's convergence history computed in two worker processes
+    equal those computed in this process, bit for bit, and a second prefetch finds them cached."""
+    from backfill_utils import convergence as CV
+    from backfill_utils import experiments as X
+    from backfill_utils import seeds as SD
+
+    cfg = tiny_profile(train={"epochs": 1, "batch_size": 16}, settings=["extended"], compat_seeds=2,
+                       val_fraction=0.25, compat={"epochs": 2, "batch_size": 16})
+    names = ["old", "RM", "FCT", "Ours"]
+    out = {}
+    # the same torch threads here as in the workers (the thread count changes the last bits of training)
+    monkeypatch.setenv(C.THREADS_ENV, "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for n in (1, 2):
+            monkeypatch.setenv(C.CACHE_ENV, str(tmp_path / f"cache{n}"))
+            T.train_many([T.model_spec(cfg, "extended", r) for r in T.ROLES], progress=False)
+            if n == 2:
+                assert X.prefetch_embeddings(cfg, progress=False) == 3 + len(X.train_roles())
+                assert X.prefetch_embeddings(cfg, progress=False) == 0
+                jobs = [("extended", m, None, sd) for sd in SD.seeds_of(cfg, "extended") for m in ("FCT", "Ours")]
+                SD.train_jobs(cfg, jobs, progress=False, n_workers=2, also=CV.pool_job(cfg, "extended"))
+                assert CV.pool_job(cfg, "extended") == []
+                # one curve per method without training, one per seed of each trained method
+                assert SD.prefetch_curves(cfg, names, progress=False, n_workers=2) == 2 + 2 * 2
+                assert SD.prefetch_curves(cfg, names, progress=False, n_workers=2) == 0
+            emb = [E.get_embeddings(cfg, "extended", r, "test", progress=False)["emb"] for r in T.ROLES]
+            _, summary = SD.evaluate_seeds(cfg, names, progress=False)
+            out[n] = emb, summary, CV.fct_convergence(cfg, "extended", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(out[1][0], out[2][0]):
+        np.testing.assert_array_equal(a, b)
+    pd.testing.assert_frame_equal(out[1][1], out[2][1])
+    pd.testing.assert_frame_equal(out[1][2].drop(columns="seconds", errors="ignore"),
+                                  out[2][2].drop(columns="seconds", errors="ignore"))
+
+
 # --------------------------------------------------------------------------- tuning
 @pytest.mark.parametrize("name", ["RM+psi", "RM+psi+CMCL", "Ours", "FCT", "FastFill", "BiCT"])
 def test_trial_zero_is_the_default_recipe(name):
