@@ -360,9 +360,10 @@ def render_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_doc_block(result: dict, path: Path = DOC) -> None:
-    """Replace the block between the BENCH markers of ``path`` (docs/protocol.md) atomically."""
-    blocks.write_block(path, BLOCK, lambda: render_markdown(result))
+def write_doc_block(result: dict, path: Path | None = None) -> None:
+    """Replace the block between the BENCH markers of ``path`` (default :data:`DOC`,
+    docs/protocol.md) atomically; the rest of the file is unchanged."""
+    blocks.write_block(DOC if path is None else path, BLOCK, lambda: render_markdown(result))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -401,7 +402,7 @@ def main(argv=None) -> dict:
     if args.render_only:
         result = json.loads(args.out.read_text())
         write_doc_block(result)
-        print(f"{DOC.relative_to(C.REPO_ROOT)} benchmark block rewritten from {args.out}")
+        print(f"{DOC} benchmark block rewritten from {args.out}")
         return result
     torch.set_num_threads(args.threads)
     env = _environment(args.threads)
