@@ -9,6 +9,7 @@ counting_numba, phases), orders, backfill, methods (the method registry),
 experiments (+ order_study, query_cost), seeds, claims, tuning, sensitivity,
 regimes, report, tables, illustrate, plots (+ study_plots, thumbnails,
 animation), serve (+ serve_parts, serve_side: faiss over the mixed gallery),
-run, bench, bench_serve, gpu_check. See README.md.
+run, bench, bench_serve, gpu_check, blocks (the generated blocks of README.md and docs/).
+See README.md and docs/.
 """
 __version__ = "0.1.0"

@@ -2,7 +2,7 @@
 
     python -m backfill_utils.bench [--threads 2] [--n 10000] [--large 50000]
                                    [--skip-baseline] [--out PATH] [--no-progress]
-                                   [--readme | --render-only]
+                                   [--docs | --render-only]
 
 Everything is measured in one run, with ``torch.set_num_threads(threads)``:
 
@@ -27,9 +27,9 @@ Data: class-structured random 128-d embeddings of an "old" and a "new" model
 (:func:`make_data`), every class the same size. The table is printed and a JSON
 file is written (default ``results/bench/bench.json``; temporary file, then
 ``os.replace``). On a shared machine, the load average is recorded next to the
-numbers (``environment.load_average_*``). ``--readme`` also rewrites the
-README's benchmark block from the result (``--render-only``: from the JSON
-file, measuring nothing).
+numbers (``environment.load_average_*``). ``--docs`` (or ``--readme``) also
+rewrites the benchmark block ``BENCH`` of docs/protocol.md from the result
+(``--render-only``: from the JSON file, measuring nothing).
 """
 from __future__ import annotations
 
@@ -49,12 +49,14 @@ import torch
 
 from . import io
 from . import backfill as bf
+from . import blocks
+from . import config as C
 from . import counting, engine, phases
 from . import metrics as mt
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "results" / "bench" / "bench.json"
-README = Path(__file__).resolve().parents[1] / "README.md"
-README_START, README_END = "<!-- BENCH:START -->", "<!-- BENCH:END -->"
+#: The page that holds the benchmark block, and the block's name (:mod:`backfill_utils.blocks`).
+DOC, BLOCK = blocks.DOCS / "protocol.md", "BENCH"
 #: The cases of the paper's scale: (name, number of classes); items per class = large / classes.
 LARGE_CASES = (("100 classes x 500 (500 relevant per query)", 100),
                ("ImageNet-val shape: 1000 classes x 50", 1000))
@@ -252,21 +254,6 @@ def _run_large(classes: int, args: argparse.Namespace, extras: bool) -> dict:
     return res
 
 
-def _write_json(obj: dict, path: Path) -> None:
-    io.atomic_write_json(path, obj)
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _environment(threads: int) -> dict:
     try:
         import numba
@@ -276,7 +263,7 @@ def _environment(threads: int) -> dict:
         numba_version = None
     return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
             "numba": numba_version, "cpu_method": counting.resolve_method(engine.CPU_METHOD, torch.device("cpu")),
-            "torch_threads": threads, "cpu_count": os.cpu_count(), "cpu_model": _cpu_model(),
+            "torch_threads": threads, "cpu_count": os.cpu_count(), "cpu_model": C.cpu_model(),
             "machine": platform.machine(), "system": platform.system(),
             "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
@@ -324,7 +311,7 @@ def _fmt_phases(times: dict, keys: list[str]) -> str:
 
 
 def render_markdown(result: dict) -> str:
-    """The README's benchmark block (Markdown) from a result of :func:`main`."""
+    """The benchmark block (Markdown) of docs/protocol.md from a result of :func:`main`."""
     env, sbs = result["environment"], result["side_by_side"]
     load = [f"{x:.1f}" for x in (env.get("load_average_start") or [])[:1] + (env.get("load_average_end") or [])[:1]]
     lines = [f"Measured by `python -m backfill_utils.bench` on {env['cpu_model']} ({env['cpu_count']} CPUs), "
@@ -373,9 +360,10 @@ def render_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_readme(result: dict, readme: Path = README) -> None:
-    """Replace the README block between the BENCH markers (atomically)."""
-    io.replace_block(readme, README_START, README_END, render_markdown(result))
+def write_doc_block(result: dict, path: Path | None = None) -> None:
+    """Replace the block between the BENCH markers of ``path`` (default :data:`DOC`,
+    docs/protocol.md) atomically; the rest of the file is unchanged."""
+    blocks.write_block(DOC if path is None else path, BLOCK, lambda: render_markdown(result))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -393,10 +381,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-baseline", action="store_true", help="do not run the straightforward method")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--readme", action="store_true",
-                   help="also rewrite the README's benchmark block (between the BENCH markers)")
+    p.add_argument("--docs", "--readme", dest="docs", action="store_true",
+                   help="also rewrite the benchmark block of docs/protocol.md (between the BENCH markers)")
     p.add_argument("--render-only", action="store_true",
-                   help="measure nothing: rewrite the README's block from the JSON at --out")
+                   help="measure nothing: rewrite the block of docs/protocol.md from the JSON at --out")
     p.add_argument("--_large-worker", dest="large_worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--products", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -413,8 +401,8 @@ def main(argv=None) -> dict:
         return {}
     if args.render_only:
         result = json.loads(args.out.read_text())
-        write_readme(result)
-        print(f"README.md benchmark block rewritten from {args.out}")
+        write_doc_block(result)
+        print(f"{DOC} benchmark block rewritten from {args.out}")
         return result
     torch.set_num_threads(args.threads)
     env = _environment(args.threads)
@@ -444,9 +432,9 @@ def main(argv=None) -> dict:
     print("\n".join(f"{a:<58}  {b}" for a, b in rows))
     for k, v in result["targets"].items():
         print(f"target {k}: {v['measured']:.1f} vs {v['target']} -> {'met' if v['met'] else 'NOT met'}")
-    _write_json(result, args.out)
-    if args.readme:
-        write_readme(result)
+    io.atomic_write_json(args.out, result)
+    if args.docs:
+        write_doc_block(result)
     print(f"\nload average at the end {env['load_average_end']}; wrote {args.out}")
     return result
 

@@ -382,10 +382,6 @@ def goals(table: pd.DataFrame, rows: list[dict], target_size: int = 1_000_000) -
             "approximate_recall_0.95_met": any(v["reaches_0.95"] for v in approx.values())}
 
 
-def _write_json(obj: dict, path: Path) -> None:
-    io.atomic_write_json(path, obj, default=float)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m backfill_utils.bench_serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000], help="gallery sizes")
@@ -465,7 +461,7 @@ def main(argv=None) -> dict:
               "(data, every index, buffers)")
     print()
     print(json.dumps(result["goals"], indent=2, default=float))
-    _write_json(result, args.out)
+    io.atomic_write_json(args.out, result, default=float)
     print(f"\nwrote {args.out}")
     return result
 

@@ -45,7 +45,7 @@ DATA_ENV = "BACKFILL_DATA_ROOT"
 RESULTS_ENV = "BACKFILL_RESULTS"
 THREADS_ENV = "BACKFILL_THREADS"  # torch CPU threads (e.g. 1 on a machine shared with other jobs)
 
-# One CPU code path for the math libraries on every x86-64 CPU with AVX2 (README
+# One CPU code path for the math libraries on every x86-64 CPU with AVX2 (docs/reproducibility.md,
 # "Reproducibility"): torch's own kernels and oneDNN (convolutions) on their AVX2
 # branches, MKL (torch's BLAS) on its COMPATIBLE branch (its only branch, besides AUTO,
 # that is the same on Intel and other vendors' CPUs), numpy's SIMD dispatch without
@@ -67,6 +67,21 @@ def code_path() -> str:
 
     pinned = all(os.environ.get(k) == v for k, v in PINNED_ENV.items())
     return f"{torch.backends.cpu.get_cpu_capability()}, {'pinned' if pinned else 'not pinned'}"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; else what :mod:`platform` knows), for the
+    machine line of a benchmark or an estimate."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
 
 
 def cache_dir() -> Path:

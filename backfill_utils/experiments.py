@@ -16,7 +16,7 @@ For a profile ``cfg`` and a setting:
    ``"curves"``, so adding a method computes only its own curve);
    :func:`evaluate_setting` / :func:`evaluate_all` enumerate the registry.
 
-``CURVES_VERSION`` and ``EXPERIMENTS_VERSION`` go into cache keys (README, "Cache
+``CURVES_VERSION`` and ``EXPERIMENTS_VERSION`` go into cache keys (docs/reproducibility.md, "Cache
 versions"); ``compat.COMPAT_VERSION`` versions the trained modules.
 """
 from __future__ import annotations

@@ -161,10 +161,6 @@ def compare_devices(old: np.ndarray, new: np.ndarray, labels: np.ndarray, device
     return out
 
 
-def _write_json(obj: dict, path: Path) -> None:
-    io.atomic_write_json(path, obj)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m backfill_utils.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -211,7 +207,7 @@ def main(argv=None) -> dict:
         brief["engine"][kind].pop("curve_cpu")
     print(json.dumps(brief, indent=2))
     if args.out is not None:
-        _write_json(summary, args.out)
+        io.atomic_write_json(args.out, summary)
     return summary
 
 

@@ -23,7 +23,7 @@ before checksums existed (no ``.sha256``) is read as before and, once it loaded,
 gets its checksum recorded.
 
 **Code versions.** Each producing module has an integer constant that is bumped
-when a change of its code changes its output (README, "Cache versions"):
+when a change of its code changes its output (docs/reproducibility.md, "Cache versions"):
 ``data.SYNTHETIC_VERSION``, ``train.TRAIN_VERSION``, ``embed.EMBED_VERSION``,
 ``compat.COMPAT_VERSION``, ``experiments.CURVES_VERSION`` and
 ``experiments.EXPERIMENTS_VERSION``. A kind's key holds the versions of its whole
@@ -147,30 +147,6 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, **dump_kwargs: Any) -> 
     """``json.dump(obj)`` (indent 2 unless given, a final newline) to ``path`` atomically."""
     dump_kwargs.setdefault("indent", 2)
     return atomic_write_text(path, json.dumps(obj, **dump_kwargs) + "\n")
-
-
-def replace_block(path: str | os.PathLike, start: str, end: str, body: str | Callable[[], str],
-                  hint: str = "") -> Path:
-    r"""Replace the text between the markers ``start`` and ``end`` of the file ``path``
-    (a README's generated block) with ``body`` (a string, or a function giving it, called
-    after the markers are checked), atomically; the rest stays byte for byte.
-    An error naming the file if it does not hold exactly one ``start ... end`` pair
-    (``hint`` is added to the message: where the markers belong).
-
-    >>> import tempfile
-    >>> p = Path(tempfile.mkdtemp()) / "R.md"
-    >>> _ = p.write_text("a\n<!-- S -->\nold\n<!-- E -->\nz\n")
-    >>> replace_block(p, "<!-- S -->", "<!-- E -->", "new\n").read_text()
-    'a\n<!-- S -->\nnew\n<!-- E -->\nz\n'
-    """
-    path = Path(path)
-    text = path.read_text()
-    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
-        raise ValueError(f"{path} needs exactly one {start} ... {end} block{hint}; add the two markers and "
-                         "run again")
-    body = body() if callable(body) else body
-    head, rest = text.split(start, 1)
-    return atomic_write_text(path, head + start + "\n" + body + end + rest.split(end, 1)[1])
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> Path:

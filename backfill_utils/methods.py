@@ -29,7 +29,7 @@ the gallery side). The serving index (``backfill_utils.serve``) takes the same s
 ``query_transform=psi``, ``new_transform=rho``, ``gallery_transform=h``.
 
 Every table, figure, claim and notebook enumerates the registry (:func:`names`,
-optionally by group). **Adding a method is one** :func:`register` **call** (README,
+optionally by group). **Adding a method is one** :func:`register` **call** (docs/methods.md,
 "Adding a method"; ``notebooks/60_your_own_method.ipynb``).
 
 The paper's methods (PAPER.md section 3) and BiCT are registered below:

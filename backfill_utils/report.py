@@ -1,9 +1,11 @@
-"""The README section "What holds, and where", written from the files in ``results/``.
+"""The verdict "What holds, and where", written from the files in ``results/``: in full
+(:func:`section`, the block ``VERDICT_FULL`` of docs/fairness.md) and in at most
+:data:`MAX_BULLETS` short bullets (:func:`short_section`, the block ``VERDICT`` of README.md).
 
-Every number of the section is read from a results file, and the file is named next to
-it; the wording follows the numbers (a claim's verdict over the seeds, who wins a
-regime, where the crossover is), so the section is regenerated, never edited by hand,
-whenever ``make reproduce``, ``make tune`` or ``make regimes`` rewrites its inputs
+Every number of the section is read from a results file, and the full section names the file
+next to it; the wording follows the numbers (a claim's verdict over the seeds, who wins a
+regime, where the crossover is), so both are regenerated, never edited by hand,
+whenever ``make reproduce``, ``make tune`` or ``make regimes`` rewrites their inputs
 (:func:`update_readme`). A missing input is said in the section, naming the target.
 
 Inputs: ``tables/claims.csv`` and ``tables/table1.csv`` (31/50), ``tables/table2_cost.csv``
@@ -17,15 +19,19 @@ from pathlib import Path
 
 import pandas as pd
 
+from . import blocks
 from . import config as C
-from . import io
 from . import outside as O
 from . import tables as T
 from .claims import FAILS, HOLDS, WITHIN_NOISE, verdict
 
-__all__ = ["START", "END", "section", "update_readme"]
+__all__ = ["MAX_BULLETS", "README_BLOCK", "DOC", "DOC_BLOCK", "section", "short_section", "update_readme"]
 
-START, END = "<!-- VERDICT:START -->", "<!-- VERDICT:END -->"
+#: The short verdict in README.md, the full one in docs/fairness.md (:mod:`backfill_utils.blocks`).
+README_BLOCK, DOC_BLOCK = "VERDICT", "VERDICT_FULL"
+DOC = blocks.DOCS / "fairness.md"
+#: The most bullets of the short verdict.
+MAX_BULLETS = 12
 FORWARD = ("FCT", "FastFill", "BiCT")
 
 
@@ -249,6 +255,110 @@ def section(results: Path | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_readme(results: Path | None = None, readme: Path | None = None) -> None:
-    """Rewrite the README block between the VERDICT markers from the files in ``results``."""
-    io.replace_block(readme or C.REPO_ROOT / "README.md", START, END, section(results))
+def _short_v(claims: pd.DataFrame, setting: str, claim: str) -> str:
+    """'**holds (> 2 sd)** (+0.67 +- 0.05)': one claim's verdict and paired difference, compact."""
+    r = claims[(claims.setting == setting) & (claims.claim == claim)]
+    if r.empty:
+        return "not computed"
+    r = r.iloc[0]
+    sd = "" if pd.isna(r["diff_sd"]) else f" +- {r['diff_sd']:.2f}"
+    return f"**{r['verdict']}** ({r['diff']:+.2f}{sd})"
+
+
+def _grouped(items: list[tuple[str, str, float]]) -> str:
+    """'**holds (> 2 sd)** against A (+1.00), B (+2.00); **fails** against C (-0.50)'."""
+    by: dict[str, list[str]] = {}
+    for name, v, d in items:
+        by.setdefault(v, []).append(f"{name} ({d:+.2f})")
+    return "; ".join(f"**{v}** against {', '.join(names)}" for v, names in by.items())
+
+
+def short_section(results: Path | None = None) -> str:
+    """The verdict in at most :data:`MAX_BULLETS` short bullets (README.md), from the same files
+    as :func:`section`; the full text, with every file named, is in docs/fairness.md."""
+    results = Path(results or C.RESULTS_DIR)
+    claims, t1 = _read(results, "tables/claims.csv"), _read(results, "tables/table1.csv")
+    if claims is None or t1 is None:
+        return "Not computed yet: run `make reproduce` (then `make tune` and `make regimes`).\n"
+    if "verdict" not in claims.columns or "gain_mAP_%_sd" not in t1.columns:
+        return "`results/tables/claims.csv` and `table1.csv` predate the verdicts over seeds: run `make reproduce`.\n"
+    setting = "extended" if (claims.setting == "extended").any() else claims.setting.iloc[0]
+    c = lambda name: _short_v(claims, setting, name)  # noqa: E731
+    b = [f"**Rank merge** (no training): its curve rises {c('RM rises: no step down by more than 0.5 mAP')} and "
+         f"runs from old/old to new/new {c('RM endpoints equal old/old and new/new (mAP, within 1e-6)')}; it delivers {_gain(t1, setting, 'RM')} "
+         "of the upgrade's gain.",
+         f"**Ablation:** psi over RM {c('RM+psi >= RM on AUC_mAP')}; CMCL over L_rev "
+         f"{c('RM+psi+CMCL > RM+psi on AUC_mAP')}; L_rev inside CMCL {c('RM+psi+CMCL > CMCL w/o L_rev on AUC_mAP')}; "
+         f"rho {c('Ours > RM+psi+CMCL on AUC_mAP')}.",
+         "**Joint CMCL** over single "
+         f"{c('joint CMCL > single-system CMCL (psi only: RM+psi+CMCL vs CMCL-single) on AUC_mAP')}, over separate "
+         f"{c('joint CMCL > separate CMCL (psi + rho: Ours vs CMCL-separate) on AUC_mAP')}; fewer negative flips "
+         f"than separate: vs old/old {c(T.FLIPS + ': mean negative flips vs old/old over ratios > 0')}, per step "
+         f"{c(T.FLIPS + ': total negative flips between consecutive backfill steps')}."]
+    rows = claims[(claims.setting == setting)].set_index("claim")
+    default = [(m, rows.loc[f"Ours > {m} on auc_map", "verdict"], rows.loc[f"Ours > {m} on auc_map", "diff"])
+               for m in ("BCT", *FORWARD) if f"Ours > {m} on auc_map" in rows.index]
+    if default:
+        b.append(f"**Ours ahead of the baselines** (AUC_mAP, default recipes): {_grouped(default)}.")
+    test = _read(results, "tuning/test_seeds.csv")
+    if test is None:
+        b.append("**Tuned with equal budgets:** not run yet (`make tune`).")
+    else:
+        tuned = [(m, v[2], v[0]) for m in ("BCT", *FORWARD) if (v := _tuned_pairs(test, "Ours", m)) is not None]
+        b.append(f"**Tuned with equal budgets** (`make tune`), Ours ahead: {_grouped(tuned) or 'not tuned'}.")
+    win, cross = _read(results, "regimes/winners.csv"), _read(results, "regimes/crossover.csv")
+    if win is None:
+        b.append("**Regime map:** not run yet (`make regimes`).")
+    else:
+        fwd = win[win.winner.str.startswith("forward")]
+        cr = cross[cross["axis"] == "start_gap_minus_end_bonus"] if cross is not None and "axis" in cross else pd.DataFrame()
+        where = (f"; the winner changes where the forward head start minus Ours' end bonus crosses {cr['at'].iloc[0]:.1f} "
+                 "points" if len(cr) else "")
+        b.append(f"**Regime map:** a forward transformation wins {len(fwd)} of {len(win)} regimes "
+                 f"({', '.join(fwd.variant) or 'none'}){where}.")
+    norm = _read(results, "regimes/normalisation.csv")
+    if norm is not None and len(norm):
+        raw = norm[norm["normalize_embeddings"].astype(str) != "True"]
+        unit = norm[norm["normalize_embeddings"].astype(str) == "True"]
+        if len(raw) and len(unit):
+            r, u = raw.iloc[0], unit.iloc[0]
+            b.append(f"**Raw embeddings:** Ours delivers {r['ours_gain_%']:.1f} % of the gain ({u['ours_gain_%']:.1f} % "
+                     f"normalised); Ours minus FCT {r['ours_minus_fct_auc_map']:+.2f}, minus FastFill "
+                     f"{r['ours_minus_fastfill_auc_map']:+.2f} AUC_mAP points.")
+    sens = _read(results, "tuning/sensitivity_summary.csv")
+    if sens is not None:
+        t = sens[sens.split == "test"]
+        span = t.groupby("knob", sort=False)["auc_map"].agg(["min", "max"])
+        if len(span):
+            k = (span["max"] - span["min"]).idxmax()
+            b.append(f"**Sensitivity** of Ours around its tuned recipe: {k} moves the test AUC_mAP most, "
+                     f"{span.loc[k, 'min']:.2f}-{span.loc[k, 'max']:.2f}.")
+    cost = _read(results, "tables/table2_cost.csv")
+    if cost is not None:
+        cc = cost[cost.setting == setting].set_index("method")
+        fwd_m = [m for m in FORWARD if m in cc.index]
+        if "Ours" in cc.index and fwd_m:
+            b.append(f"**Cost:** Ours {int(cc.loc['Ours', 'query_passes'])} query pass, no gallery transform; "
+                     + ", ".join(f"{m} {cc.loc[m, 's_per_million_items']:.1f} s" for m in fwd_m)
+                     + " per million old gallery items.")
+    others = [s for s in dict.fromkeys(claims.setting) if s != setting]
+    if others:
+        b.append("**Other settings** (one seed): " + "; ".join(
+            f"{s}: Ours > FCT {_claim(claims, s, 'Ours > FCT on auc_map').split(' (')[0]}" for s in others) + ".")
+    checked = claims[claims["checked"].astype(bool)]
+    main = checked[checked.setting == setting]
+    n_fail = int((main.verdict == FAILS).sum())
+    n_other = int(((checked.setting != setting) & (checked.verdict == FAILS)).sum())
+    b.append(f"**Disagreements:** {n_fail} of {len(main)} checked claims of the {setting} setting fail, "
+             f"{n_other} in the settings with one seed; the paper's own tables are not public.")
+    assert len(b) <= MAX_BULLETS, f"the short verdict has {len(b)} bullets, more than {MAX_BULLETS}"
+    return "\n".join(f"- {x}" for x in b) + "\n"
+
+
+def update_readme(results: Path | None = None, root: Path | None = None) -> None:
+    """Rewrite the short verdict (block ``VERDICT`` of README.md) and the full one (block
+    ``VERDICT_FULL`` of docs/fairness.md) from the files in ``results``. ``root``: the folder
+    holding README.md and docs/ (default: the repository)."""
+    readme, doc = (blocks.README, DOC) if root is None else (Path(root) / "README.md", Path(root) / "docs" / "fairness.md")
+    blocks.write_block(readme, README_BLOCK, lambda: short_section(results))
+    blocks.write_block(doc, DOC_BLOCK, lambda: section(results))

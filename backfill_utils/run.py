@@ -21,7 +21,7 @@ run (from ``tables/claims.csv`` and the notebooks' claim lines).
 
 ``--pin`` pins the math libraries' CPU code path for the notebooks' kernels
 (:data:`config.PINNED_ENV`): the same numbers on any x86-64 CPU with AVX2, at
-about 35% more CPU time in training (README "Reproducibility"); off by default.
+about 35% more CPU time in training (docs/reproducibility.md); off by default.
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from . import blocks
 from . import config as C
 from . import io
 from . import parallel
@@ -309,16 +310,21 @@ def summary(results: Path, executed: Path, names: list[str] | None = None) -> st
                      + [f"  - {c}" for c in claims])
 
 
-README_START, README_END = "<!-- RESULTS:START -->", "<!-- RESULTS:END -->"
+#: The compact results of README.md and every figure and table of docs/results.md
+#: (:mod:`backfill_utils.blocks`).
+README_BLOCK, DOC_BLOCK = "RESULTS", "RESULTS_FULL"
+DOC = blocks.DOCS / "results.md"
+#: The setting of README's compact Table 1 (the one over several seeds).
+README_SETTING = "extended"
 # (title, path under results/): figures shown inline, tables included as Markdown
-README_FIGURES = [
+RESULTS_FIGURES = [
     ("Backfilling, animated", "figures/backfill_animation.gif"),
     ("Fig. 2: rank merge of old and new (mAP, CMC top-1)", "figures/fig2_merge_curves.png"),
     ("Every method's backfilling curve", "figures/methods_compared.png"),
     ("The regime map: when the reverse direction wins (make regimes)", "figures/regime_map.png"),
     ("Sensitivity of Ours around its tuned recipe (make tune)", "figures/sensitivity.png"),
 ]
-README_TABLES = [
+RESULTS_TABLES = [
     ("Table 1: AUC and relative gain of every method (mean and sd over the seeds of the compatibility stage)",
      "tables/table1.md"),
     ("Table 1, second block: default recipe and tuned with an equal budget (make tune)", "tables/table1_tuned.md"),
@@ -328,17 +334,55 @@ README_TABLES = [
 ]
 
 
-def update_readme(results: Path | None = None, readme: Path | None = None) -> None:
-    """Rewrite the README block between the RESULTS markers from the files in ``results``."""
+def _pm(mean, sd, fmt: str) -> str:
+    if pd.isna(mean):
+        return "n/a"
+    return format(mean, fmt) + ("" if pd.isna(sd) else " +- " + format(sd, fmt))
+
+
+def compact_table1(results: Path | None = None, setting: str = README_SETTING) -> str:
+    """README's Table 1: one setting, method x AUC_mAP and relative gain of AUC_mAP (mean +- sd
+    over the seeds of the compatibility stage), from ``tables/table1.csv``."""
+    results = Path(results or C.RESULTS_DIR)
+    path = results / "tables" / "table1.csv"
+    if not path.is_file():
+        return "Not computed yet: run `make reproduce`.\n"
+    t1 = pd.read_csv(path)
+    rows = t1[t1.setting == setting]
+    if rows.empty:
+        return f"`{path.name}` has no {setting} setting: run `make reproduce`.\n"
+    seeds = int(rows["seeds"].max()) if "seeds" in rows else 1
+    lines = [f"Table 1, {setting} setting (`results/tables/table1.csv`; mean +- sd over {seeds} seed(s) of the "
+             "compatibility stage; relative gain = (AUC - M_old) / (M_new - M_old)):", "",
+             "| method | AUC_mAP | relative gain of AUC_mAP (%) |", "|:--|--:|--:|"]
+    nan = float("nan")
+    for _, r in rows.iterrows():
+        lines.append(f"| {r['method']} | {_pm(r['AUC_mAP'], r.get('AUC_mAP_sd', nan), '.2f')} | "
+                     f"{_pm(r.get('gain_mAP_%', nan), r.get('gain_mAP_%_sd', nan), '.1f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def full_results(results: Path | None = None) -> str:
+    """docs/results.md: every figure and table of :data:`RESULTS_FIGURES` / :data:`RESULTS_TABLES`
+    that exists under ``results``."""
     results = Path(results or C.RESULTS_DIR)
     parts = []
-    for title, rel in README_FIGURES:
+    for title, rel in RESULTS_FIGURES:
         if (results / rel).is_file():
-            parts.append(f"**{title}** (`results/{rel}`)\n\n![{title}](results/{rel})\n")
-    for title, rel in README_TABLES:
+            parts.append(f"**{title}** (`results/{rel}`)\n\n![{title}](../results/{rel})\n")
+    for title, rel in RESULTS_TABLES:
         if (results / rel).is_file():
             parts.append(f"**{title}** (`results/{rel}`)\n\n{(results / rel).read_text().strip()}\n")
-    io.replace_block(readme or C.REPO_ROOT / "README.md", README_START, README_END, "\n".join(parts))
+    return "\n".join(parts)
+
+
+def update_readme(results: Path | None = None, root: Path | None = None) -> None:
+    """Rewrite README's compact Table 1 (block ``RESULTS``) and docs/results.md's figures and
+    tables (block ``RESULTS_FULL``) from the files in ``results``. ``root``: the folder holding
+    README.md and docs/ (default: the repository)."""
+    readme, doc = (blocks.README, DOC) if root is None else (Path(root) / "README.md", Path(root) / "docs" / "results.md")
+    blocks.write_block(readme, README_BLOCK, lambda: compact_table1(results))
+    blocks.write_block(doc, DOC_BLOCK, lambda: full_results(results))
 
 
 def main(argv=None) -> None:
@@ -351,7 +395,7 @@ def main(argv=None) -> None:
     parser.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebook's)")
     parser.add_argument("--pin", action="store_true",
                         help="pin the math libraries' CPU code path: the same numbers on any x86-64 CPU "
-                             "with AVX2, about 35%% more CPU time in training (README: Reproducibility)")
+                             "with AVX2, about 35%% more CPU time in training (docs/reproducibility.md)")
     args = parser.parse_args(argv)
     if args.profile not in C.available_profiles():
         parser.error(f"unknown profile {args.profile!r}; available: {C.available_profiles()}")
@@ -372,7 +416,7 @@ def main(argv=None) -> None:
 
         update_readme()
         report.update_readme()
-        print("README.md results block and 'What holds, and where' updated from results/")
+        print("README.md and docs/: results and 'What holds, and where' updated from results/")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,15 @@
 """What the paper's scale would cost: measured per-image costs times the work of the paper profile.
 
-    python -m backfill_utils.scale_cost [--readme] [--gpu-json PATH] [--out PATH]
+    python -m backfill_utils.scale_cost [--docs] [--gpu-json PATH] [--out PATH]
 
 :func:`plan` lists the work of the ``paper`` profile on each dataset of :data:`DATASETS` from the
 package's own logic (``train.model_spec``, ``seeds.seeds_of``, the method registry); :func:`measure`
 times on this CPU, one torch thread, CPU seconds (robust to other jobs), a training step and an
 embedding pass of ResNet-18/50 at each resolution and an epoch of every compatibility method;
 :func:`estimate` scales them, with the engine's seconds of ``results/bench/bench.json`` and a
-``gpu_check`` JSON if given, to seconds on 2 cores and on one GPU (formulas: README, "What the
-paper's scale would cost"). Writes ``results/bench/scale.json`` atomically; ``--readme``
-rewrites the README block between the SCALE markers.
+``gpu_check`` JSON if given, to seconds on 2 cores and on one GPU (formulas: docs/reproducibility.md,
+"What the paper's scale would cost"). Writes ``results/bench/scale.json`` atomically; ``--docs``
+(or ``--readme``) rewrites the block ``SCALE`` of docs/reproducibility.md.
 """
 from __future__ import annotations
 
@@ -27,16 +27,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import config as C, io, methods as MM, seeds as SD, train as T
-from .bench import _cpu_model
+from . import blocks, config as C, io, methods as MM, seeds as SD, train as T
 from .experiments import train_roles
 from .models import CosineClassifier, EmbeddingNet
 from .transforms import nominal_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT, BENCH_JSON = (ROOT / "results" / "bench" / f for f in ("scale.json", "bench.json"))
-README = ROOT / "README.md"
-START, END = "<!-- SCALE:START -->", "<!-- SCALE:END -->"
+#: The page that holds the estimate's block, and the block's name (:mod:`backfill_utils.blocks`).
+DOC, BLOCK = blocks.DOCS / "reproducibility.md", "SCALE"
 #: The paper's datasets: registry name, images per split (train, test), CIFAR stem or not.
 #: Classes and resolution come from the registry (``transforms.nominal_stats``).
 DATASETS = {"CIFAR-100": ("cifar100", 50_000, 10_000, True),
@@ -202,7 +201,7 @@ def _work(stage: str, p: dict, e: dict) -> str:
 
 
 def render(result: dict) -> str:
-    """The README block: the table, the machine, the load and the measured costs it rests on."""
+    """The SCALE block of docs/reproducibility.md: the table, the machine, the load and the measured costs it rests on."""
     env, gpu, meas = result["environment"], result.get("gpu"), result["measurements"]
     rows = ["| dataset | gallery (test) | training images | stage | work | this machine, 2 cores | one GPU |",
             "|---|---:|---:|---|---|---:|---:|"]
@@ -243,10 +242,10 @@ items per query), scaled to each gallery.
 """
 
 
-def write_readme(result: dict, readme: Path = README) -> None:
-    """Replace the README block between the SCALE markers (atomically); the rest is unchanged."""
-    io.replace_block(readme, START, END, lambda: render(result),
-                     " (in the section \"What the paper's scale would cost\")")
+def write_doc_block(result: dict, path: Path | None = None) -> None:
+    """Replace the block between the SCALE markers of ``path`` (default :data:`DOC`) atomically;
+    the rest is unchanged."""
+    blocks.write_block(DOC if path is None else path, BLOCK, lambda: render(result))
 
 
 def load_gpu(path: Path) -> dict:
@@ -269,7 +268,7 @@ def load_gpu(path: Path) -> dict:
 def run(gpu: dict | None = None, bench_path: Path = BENCH_JSON) -> dict:
     """Plan every dataset, measure, estimate; the JSON-able result."""
     bench = json.loads(Path(bench_path).read_text())
-    env = {"cpu_model": _cpu_model(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+    env = {"cpu_model": C.cpu_model(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
            "torch_threads": 1, "load_average_start": list(os.getloadavg())}
     with tempfile.TemporaryDirectory() as empty:  # no dataset files: the registry's class counts
         cfgs = {name: profile_for(name, empty) for name in DATASETS}
@@ -283,14 +282,15 @@ def run(gpu: dict | None = None, bench_path: Path = BENCH_JSON) -> dict:
 def main(argv=None) -> dict:
     """The command line (module docstring); prints the block and returns the result."""
     ap = argparse.ArgumentParser(prog="python -m backfill_utils.scale_cost", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--readme", action="store_true", help="rewrite the README block between the SCALE markers")
+    ap.add_argument("--docs", "--readme", dest="docs", action="store_true",
+                    help="rewrite the block between the SCALE markers of docs/reproducibility.md")
     ap.add_argument("--gpu-json", type=Path, help="a gpu_check JSON (make gpu-check) for the GPU column")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
     result = run(load_gpu(args.gpu_json) if args.gpu_json else None, BENCH_JSON)
     io.atomic_write_json(args.out, result, indent=1)
-    if args.readme:
-        write_readme(result, README)
+    if args.docs:
+        write_doc_block(result)
     print(render(result))
     return result
 

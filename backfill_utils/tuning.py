@@ -334,7 +334,7 @@ def main(argv=None) -> None:
         from . import report
 
         report.update_readme()
-        print("README.md 'What holds, and where' updated from results/")
+        print("README.md and docs/fairness.md: 'What holds, and where' updated from results/")
 
 
 if __name__ == "__main__":

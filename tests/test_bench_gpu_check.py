@@ -19,7 +19,7 @@ def _keep_torch_threads():
     torch.set_num_threads(before)
 
 
-def test_bench_tiny_run_writes_consistent_json(tmp_path):
+def test_bench_tiny_run_writes_consistent_json(tmp_path, monkeypatch):
     out = tmp_path / "bench.json"
     res = bench.main(["--n", "240", "--classes", "8", "--large", "2000", "--torch-sample", "50",
                       "--threads", "1", "--no-progress", "--out", str(out)])
@@ -38,6 +38,16 @@ def test_bench_tiny_run_writes_consistent_json(tmp_path):
     assert set(saved["targets"]) >= {"side_by_side_seconds", "speedup"}
     assert all(isinstance(t["met"], bool) for t in saved["targets"].values())
     assert not list(tmp_path.glob("*.tmp"))  # written atomically
+    # the BENCH block of a page is rewritten from the JSON alone; the rest of the page byte for byte
+    page = tmp_path / "protocol.md"
+    page.write_text("# head\n<!-- BENCH:START -->\nold\n<!-- BENCH:END -->\ntail\n")
+    monkeypatch.setattr(bench, "DOC", page)
+    bench.main(["--render-only", "--out", str(out)])
+    assert page.read_text() == ("# head\n<!-- BENCH:START -->\n" + bench.render_markdown(saved)
+                                + "<!-- BENCH:END -->\ntail\n")
+    page.write_text("# no block\n")
+    with pytest.raises(ValueError, match=r"protocol\.md needs exactly one <!-- BENCH:START -->"):
+        bench.write_doc_block(saved, page)
 
 
 def test_make_data_is_balanced_and_seeded():

@@ -1,4 +1,5 @@
-"""The README section "What holds, and where" (report.py) is written from the results files."""
+"""The verdict "What holds, and where" (report.py) is written from the results files: short in README.md,
+in full in docs/fairness.md."""
 import pandas as pd
 import pytest
 
@@ -88,16 +89,39 @@ def test_section_reads_the_studies(results):
     assert "forward winning in 1 of 2 regimes (strong)" in text
 
 
-def test_update_readme_rewrites_only_the_block(results, tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_text(f"head\n{report.START}\nold text\n{report.END}\ntail\n")
-    report.update_readme(results, readme)
-    text = readme.read_text()
-    assert text.startswith("head\n") and text.endswith("tail\n") and "old text" not in text
-    assert "Verdict rule" in text
+def test_update_readme_rewrites_only_the_two_blocks(results, tmp_path):
+    root = tmp_path / "repo"
+    (root / "docs").mkdir(parents=True)
+    readme, doc = root / "README.md", root / "docs" / "fairness.md"
+    readme.write_text("head\n<!-- VERDICT:START -->\nold text\n<!-- VERDICT:END -->\ntail\n")
+    doc.write_text("# page\n<!-- VERDICT_FULL:START -->\nold\n<!-- VERDICT_FULL:END -->\nend\n")
+    report.update_readme(results, root)
+    short, full = readme.read_text(), doc.read_text()
+    assert short == ("head\n<!-- VERDICT:START -->\n" + report.short_section(results) + "<!-- VERDICT:END -->\ntail\n")
+    assert full == ("# page\n<!-- VERDICT_FULL:START -->\n" + report.section(results)
+                    + "<!-- VERDICT_FULL:END -->\nend\n")
+    assert "Verdict rule" in full and "Verdict rule" not in short
     readme.write_text("no markers")
-    with pytest.raises(ValueError, match="VERDICT"):
-        report.update_readme(results, readme)
+    with pytest.raises(ValueError, match=r"README\.md needs exactly one <!-- VERDICT:START -->"):
+        report.update_readme(results, root)
+    assert readme.read_text() == "no markers"
+
+
+def test_short_verdict_is_at_most_twelve_short_bullets(results):
+    (results / "regimes").mkdir()
+    pd.DataFrame([{"variant": "strong", "old_over_new": 0.8, "fct_r0_over_new": 0.9, "winner": "forward",
+                   "reverse_gain_%": 60.0, "best_forward": "FastFill", "best_forward_gain_%": 90.0}]).to_csv(
+        results / "regimes" / "winners.csv", index=False)
+    text = report.short_section(results)
+    bullets = text.splitlines()
+    assert 1 <= len(bullets) <= report.MAX_BULLETS and all(b.startswith("- **") for b in bullets)
+    assert all(len(b) <= 250 for b in bullets), max(bullets, key=len)
+    assert "**Ours ahead of the baselines** (AUC_mAP, default recipes): **fails** against FCT (-1.50); " \
+           "**holds (> 2 sd)** against BCT (+9.00)" not in text  # grouped in the order of the baselines
+    assert "**holds (> 2 sd)** against BCT (+9.00); **fails** against FCT (-1.50)" in text
+    assert "a forward transformation wins 1 of 1 regimes (strong)" in text
+    assert "**Tuned with equal budgets:** not run yet (`make tune`)." in text
+    assert "1 of 4 checked claims of the extended setting fail, 1 in the settings with one seed" in text
 
 
 def test_missing_main_results_say_what_to_run(tmp_path):

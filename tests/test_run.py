@@ -124,19 +124,29 @@ def test_summary_lists_the_claims_that_do_not_hold(tmp_path):
     assert "every checked claim of the paper holds" in R.summary(tmp_path, executed)
 
 
-def test_update_readme_fills_only_the_marked_block(tmp_path):
+def test_update_readme_fills_only_the_marked_blocks(tmp_path):
     res = tmp_path / "results"
     (res / "tables").mkdir(parents=True)
     (res / "tables" / "table1.md").write_text("| a |\n|---|\n| 1 |\n")
-    readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{R.README_START}\nold\n{R.README_END}\noutro\n")
-    R.update_readme(res, readme)
+    pd.DataFrame([{"setting": s, "method": m, "seeds": 3, "AUC_mAP": a, "AUC_mAP_sd": 0.05,
+                   "gain_mAP_%": g, "gain_mAP_%_sd": float("nan")}
+                  for s in ("extended", "open") for m, a, g in (("old", 10.0, 0.0), ("Ours", 33.814, 77.63))]).to_csv(
+        res / "tables" / "table1.csv", index=False)
+    root = tmp_path / "repo"
+    (root / "docs").mkdir(parents=True)
+    readme, doc = root / "README.md", root / "docs" / "results.md"
+    readme.write_text("intro\n<!-- RESULTS:START -->\nold\n<!-- RESULTS:END -->\noutro\n")
+    doc.write_text("# all\n<!-- RESULTS_FULL:START -->\n<!-- RESULTS_FULL:END -->\n")
+    R.update_readme(res, root)
     text = readme.read_text()
-    assert text.startswith("intro\n") and text.endswith("outro\n")
-    assert "| 1 |" in text and "old\n" not in text
-    readme.write_text("no markers")
-    with pytest.raises(ValueError, match="RESULTS"):
-        R.update_readme(res, readme)
+    assert text.startswith("intro\n<!-- RESULTS:START -->\nTable 1, extended setting")
+    assert text.endswith("\n<!-- RESULTS:END -->\noutro\n") and "old\n" not in text
+    assert "| Ours | 33.81 +- 0.05 | 77.6 |" in text and text.count("| Ours |") == 1  # one setting
+    assert doc.read_text() == ("# all\n<!-- RESULTS_FULL:START -->\n**" + R.RESULTS_TABLES[0][0]
+                               + "** (`results/tables/table1.md`)\n\n| a |\n|---|\n| 1 |\n<!-- RESULTS_FULL:END -->\n")
+    doc.write_text("no markers")
+    with pytest.raises(ValueError, match=r"results\.md needs exactly one <!-- RESULTS_FULL:START -->"):
+        R.update_readme(res, root)
 
 
 def test_makefile_pins_what_the_runner_pins():

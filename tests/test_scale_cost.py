@@ -87,10 +87,10 @@ def test_estimate_against_a_hand_computation(cifar_plan):
 
 
 @pytest.fixture
-def readme(tmp_path, monkeypatch):
-    path = tmp_path / "README.md"
-    shutil.copy(S.README, path)
-    monkeypatch.setattr(S, "README", path)
+def page(tmp_path, monkeypatch):
+    path = tmp_path / "reproducibility.md"
+    shutil.copy(S.DOC, path)
+    monkeypatch.setattr(S, "DOC", path)
     monkeypatch.setattr(S, "measure", fake_measure)
     bench = tmp_path / "bench.json"
     bench.write_text(json.dumps(BENCH))
@@ -99,29 +99,29 @@ def readme(tmp_path, monkeypatch):
 
 
 def _outside(text):
-    head, rest = text.split(S.START, 1)
-    return head, rest.split(S.END, 1)[1]
+    head, rest = text.split("<!-- SCALE:START -->", 1)
+    return head, rest.split("<!-- SCALE:END -->", 1)[1]
 
 
-def test_readme_rewrite_is_idempotent_and_touches_only_the_block(readme, tmp_path):
-    before = readme.read_text()
+def test_doc_block_rewrite_is_idempotent_and_touches_only_the_block(page, tmp_path):
+    before = page.read_text()
     out = tmp_path / "scale.json"
-    result = S.main(["--readme", "--out", str(out)])
-    once = readme.read_text()
-    S.write_readme(result, readme)
-    assert readme.read_text() == once  # the same result renders the same block
-    assert _outside(once) == _outside(before)  # the rest of README byte for byte
-    block = once.split(S.START, 1)[1].split(S.END, 1)[0]
+    result = S.main(["--docs", "--out", str(out)])
+    once = page.read_text()
+    S.write_doc_block(result, page)
+    assert page.read_text() == once  # the same result renders the same block
+    assert _outside(once) == _outside(before)  # the rest of the page byte for byte
+    block = once.split("<!-- SCALE:START -->", 1)[1].split("<!-- SCALE:END -->", 1)[0]
     assert "run `make gpu-check`" in block and "no GPU was available here" in block
     assert json.loads(out.read_text())["datasets"].keys() == S.DATASETS.keys()
     assert not list(tmp_path.glob(".*.tmp*"))
 
 
-def test_gpu_json_fills_the_gpu_column(readme, tmp_path):
+def test_gpu_json_fills_the_gpu_column(page, tmp_path):
     gpu = tmp_path / "gpu_check.json"
     gpu.write_text(json.dumps(GPU))
     result = S.main(["--readme", "--gpu-json", str(gpu), "--out", str(tmp_path / "scale.json")])
-    block = readme.read_text().split(S.START, 1)[1].split(S.END, 1)[0]
+    block = page.read_text().split("<!-- SCALE:START -->", 1)[1].split("<!-- SCALE:END -->", 1)[0]
     assert "run `make gpu-check`" not in block and "Fake GPU" in block
     for d in result["datasets"].values():
         assert all(d["estimate"][s]["gpu_s"] > 0 for s in ("backbones", "embedding", "evaluation"))
@@ -129,7 +129,7 @@ def test_gpu_json_fills_the_gpu_column(readme, tmp_path):
     assert saved["gpu"]["environment"]["card"] == "Fake GPU"
 
 
-def test_bad_inputs_name_the_file(tmp_path, readme):
+def test_bad_inputs_name_the_file(tmp_path, page):
     cpu = tmp_path / "cpu.json"
     cpu.write_text(json.dumps({**GPU, "environment": {"device": "cpu"}}))
     with pytest.raises(ValueError, match="cpu.json was measured on 'cpu', not a GPU"):
@@ -144,6 +144,6 @@ def test_bad_inputs_name_the_file(tmp_path, readme):
         S.load_gpu(narrow)
     no_markers = tmp_path / "plain.md"
     no_markers.write_text("# nothing here\n")
-    with pytest.raises(ValueError, match="plain.md needs exactly one"):
-        S.write_readme({}, no_markers)
+    with pytest.raises(ValueError, match="plain.md needs exactly one <!-- SCALE:START -->"):
+        S.write_doc_block({}, no_markers)
     assert no_markers.read_text() == "# nothing here\n"
