@@ -32,6 +32,9 @@ from . import config as C
 from . import io
 
 CLAIM_MARK = "CLAIM DOES NOT HOLD on this run:"
+# every check of claims prints one line starting with this and the number of claims it checked
+# (the runner's summary adds them up: a run that checked none says so)
+CHECKED_MARK = "claims checked on this run:"
 KINDS = ("compute", "render")
 
 
@@ -84,11 +87,12 @@ class Run:
     def expect(self, holds: bool, claim: str, detail: object = "", *, asserted: bool = True) -> bool:
         """A claim of the paper: asserted when ``strict`` (and ``asserted``), otherwise reported.
 
-        On a non-reference run, or for ``asserted=False`` (a single-seed observation whose
-        noise is unknown), a claim that does not hold prints one line starting with
-        :data:`CLAIM_MARK` and the series goes on. Returns ``holds``.
+        Prints one :data:`CHECKED_MARK` line. On a non-reference run, or for ``asserted=False``
+        (a single-seed observation whose noise is unknown), a claim that does not hold prints
+        one line starting with :data:`CLAIM_MARK` and the series goes on. Returns ``holds``.
         """
         holds = bool(holds)
+        print(f"{CHECKED_MARK} 1 ({claim}: {'holds' if holds else 'does not hold'})")
         if not holds:
             line = f"{CLAIM_MARK} {claim}" + (f" ({detail})" if detail != "" else "")
             self.failed_claims.append(line)
@@ -116,7 +120,8 @@ class Run:
         ``claims.over_seeds`` with a ``verdict`` over seeds) that does not hold; when
         ``strict``, assert those selected by the boolean mask ``asserted`` (default: all):
         with verdicts, an asserted claim must hold by more than two standard deviations
-        (``claims.HOLDS``). Returns the failed rows."""
+        (``claims.HOLDS``). Prints one :data:`CHECKED_MARK` line with the number of checked
+        rows. Returns the failed rows."""
         from .claims import HOLDS
 
         checked = claims["checked"].astype(bool)
@@ -140,8 +145,8 @@ class Run:
             beyond = row["verdict"] == HOLDS if with_verdict else ok
             if self.strict and mask[i] and not beyond:
                 fatal.append(f"{where}{row['claim']} ({row['verdict'] if with_verdict else 'fails'}; {numbers})")
-        if failed.empty:
-            print(f"all {int(checked.sum())} checked claims hold on this run")
+        n = int(checked.sum())
+        print(f"{CHECKED_MARK} {n} (" + ("all hold" if failed.empty else f"{len(failed)} do not hold") + ")")
         if fatal:
             raise AssertionError("on the reference run of the default profile every asserted claim must "
                                  "hold" + (" by more than two standard deviations" if with_verdict else "")
