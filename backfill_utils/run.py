@@ -236,26 +236,41 @@ def _execute_group(group: list[Path], books: list[Path], out_dir: Path, params: 
         return [f.result() for f in futures]
 
 
+def kernel_env(profile: str, results: Path, pin: bool = False, env: dict | None = None) -> dict:
+    """The variables the runner sets for its kernels (they inherit its environment): the
+    profile, the run's results folder (``$BACKFILL_RESULTS``, so that a kernel writes
+    where the runner reports), ``PYTHONPATH`` led by this package's checkout (a kernel
+    imports the code, profiles and cache of the runner's checkout, also where another
+    checkout is installed in editable mode) and, with ``pin``, :data:`PINNED_ENV` (values
+    already in ``env``, default ``os.environ``, are kept)."""
+    env = os.environ if env is None else env
+    root = str(C.REPO_ROOT)
+    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
+    out = {C.PROFILE_ENV: profile, C.RESULTS_ENV: str(Path(results).resolve()),
+           "PYTHONPATH": os.pathsep.join([root, *rest])}
+    if pin:
+        out.update({k: env.get(k, v) for k, v in PINNED_ENV.items()})
+    return out
+
+
 def run_series(profile: str = "default", params: dict | None = None, select: list[str] | None = None,
                out_dir: Path | None = None, kernel: str | None = None, pin: bool = False) -> pd.DataFrame:
     """Execute the series (or ``select``) with ``params``; returns the runtime table.
 
     Checks first, before any notebook runs: parameter names against every
     notebook, the profile and its overrides. ``out_dir`` defaults to the run's
-    ``executed/`` folder. ``pin``: set :data:`PINNED_ENV` for the kernels
-    (values already in the environment are kept).
+    ``executed/`` folder. The kernels get :func:`kernel_env` (``pin``: with
+    :data:`PINNED_ENV`, values already in the environment kept).
     """
     params = dict(params or {}, profile=profile)
     books, cfg = prepare(profile, params, select)
-    out_dir = Path(out_dir) if out_dir else C.output_dir(cfg) / "executed"
+    results = C.output_dir(cfg)
+    out_dir = Path(out_dir) if out_dir else results / "executed"
     rows = []
     env_before = dict(os.environ)
-    os.environ[C.PROFILE_ENV] = profile
-    if pin:
-        for k, v in PINNED_ENV.items():
-            os.environ.setdefault(k, v)
+    os.environ.update(kernel_env(profile, results, pin))
     n_workers = parallel.workers()
-    print(f"run {cfg['run_name']}: {len(books)} notebooks -> {out_dir}"
+    print(f"run {cfg['run_name']}: {len(books)} notebooks; results -> {results}/ (executed notebooks: {out_dir}/)"
           + (f" (render notebooks {n_workers} at a time)" if n_workers > 1 else ""), flush=True)
     start = time.perf_counter()
     try:

@@ -1,5 +1,7 @@
 """The papermill batch runner: checks before anything runs, the run's own folder, the summary."""
 
+import os
+
 import nbformat
 import pandas as pd
 import pytest
@@ -57,6 +59,27 @@ def test_runs_go_to_their_own_folder(monkeypatch, tmp_path):
     assert seen[0][1] == {"overrides": "{train: {epochs: 1}}", "profile": "smoke"}
     files = {p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()}
     assert {p.parts[:3] for p in files} == {("results", cfg["run_name"], "executed")}
+
+
+def test_kernels_get_the_runners_results_folder_and_checkout(monkeypatch, tmp_path):
+    """A kernel inherits the runner's environment while it runs: the run's results folder
+    and a PYTHONPATH led by the runner's checkout, so that a kernel of another checkout's
+    editable install writes where the runner reports; the environment is restored after."""
+    monkeypatch.setattr(C, "RESULTS_DIR", tmp_path / "results")
+    monkeypatch.delenv(C.RESULTS_ENV, raising=False)
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    seen = []
+    monkeypatch.setattr(R, "_execute", lambda book, target, params, kernel: seen.append(dict(os.environ)))
+    R.run_series("smoke", {}, select=["00"])
+    assert seen[0][C.RESULTS_ENV] == str(tmp_path / "results" / "smoke")
+    assert seen[0]["PYTHONPATH"].split(os.pathsep) == [str(C.REPO_ROOT), "/elsewhere"]
+    assert seen[0][C.PROFILE_ENV] == "smoke"
+    assert C.RESULTS_ENV not in os.environ and os.environ["PYTHONPATH"] == "/elsewhere"
+    # a kernel's set-up resolves the same folder as the runner from that variable
+    monkeypatch.setenv(C.RESULTS_ENV, seen[0][C.RESULTS_ENV])
+    assert C.output_dir(C.load_profile("smoke")) == tmp_path / "results" / "smoke"
+    env = R.kernel_env("smoke", tmp_path, pin=True, env={"MKL_CBWR": "AUTO"})
+    assert env["MKL_CBWR"] == "AUTO" and env["ATEN_CPU_CAPABILITY"] == "avx2"
 
 
 def test_select_and_unknown_prefix():
