@@ -165,13 +165,50 @@ def describe(cfg: dict, out: Path) -> str:
             f"overrides={changes or 'none'} -> {where}/")
 
 
+def run_args(profile: str | None, params: Mapping) -> str:
+    """The runner's arguments (``--profile``, ``-p name value``) for a notebook's
+    parameters ``params``, shell-quoted; nothing for the default profile as it is.
+
+    >>> print(run_args("smoke", {"seed": 3, "overrides": {"train": {"epochs": 1}}}))
+     --profile smoke -p seed 3 -p overrides '{"train": {"epochs": 1}}'
+    """
+    import json
+    import shlex
+
+    args = [] if profile in (None, "default") else ["--profile", str(profile)]
+    for name, value in params.items():
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        elif not isinstance(value, str):
+            value = json.dumps(value, default=str)  # JSON is YAML, the runner's -p values
+        args += ["-p", name, value]
+    return "".join(" " + shlex.quote(a) for a in args)
+
+
+def missing_inputs_note(reads=None) -> str | None:
+    """For a render notebook that reads artifacts of the kinds ``reads`` (default: all
+    of :data:`io.KINDS`): when the cache holds none of some of them (a fresh clone), the
+    lines that say so and give the runner's command that computes them
+    (:func:`io.compute_command`, with this notebook's parameters); else ``None``."""
+    absent = io.absent_kinds(reads)
+    if not absent:
+        return None
+    return (f"INPUTS NOT COMPUTED YET: this notebook only renders, and the artifact cache ({C.cache_dir()}) holds "
+            f"no {', '.join(absent)} yet. Compute them first (the compute notebooks, with these parameters):\n"
+            f"    {io.compute_command(io.producers(absent))}\n"
+            "then run this notebook again.")
+
+
 def setup(profile: str | None = None, dataset: str | None = None, data_root: str | None = None,
           seed: int | None = None, overrides: Mapping | str | None = None, download: bool = False,
-          *, kind: str = "render", style: bool = True) -> Run:
+          *, kind: str = "render", style: bool = True, reads=None) -> Run:
     """Load the run's configuration and set the notebook up (see the module docstring).
 
     ``kind``: ``"compute"`` (may train and evaluate, writes to the cache) or
-    ``"render"`` (reads the cache only). Prints one line (:func:`describe`).
+    ``"render"`` (reads the cache only). Prints one line (:func:`describe`); before it,
+    for a render notebook whose inputs are not computed yet, the command that computes
+    them (:func:`missing_inputs_note`; ``reads``: the artifact kinds it reads, default
+    all of :data:`io.KINDS`; ``()`` for one that reads no cache).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -184,7 +221,14 @@ def setup(profile: str | None = None, dataset: str | None = None, data_root: str
     strict = cfg["run_name"] == "default"
     params = {k: v for k, v in dict(profile=cfg["profile"], dataset=dataset, data_root=data_root,
                                     seed=seed, overrides=overrides).items() if v not in (None, "", {})}
-    io.set_mode(kind, hint="with the same parameters (" + ", ".join(f"{k}={v!r}" for k, v in params.items()) + ")")
+    given = {k: v for k, v in params.items() if k != "profile"}
+    if download:
+        given["download"] = True
+    io.set_mode(kind, hint="with the same parameters (" + ", ".join(f"{k}={v!r}" for k, v in params.items()) + ")",
+                run_args=run_args(cfg["profile"] if C.profile_name(profile) == cfg["profile"] else profile, given))
+    note = missing_inputs_note(reads) if kind == "render" else None
+    if note:
+        print(note)
     if style:
         from . import plots
 
