@@ -47,6 +47,7 @@ class Run:
     strict: bool
     kind: str
     failed_claims: list = dataclasses.field(default_factory=list)
+    own: str | None = None  # the name of a run on own embeddings (notebook 61), whose folder is ``out``
 
     def figure(self, fig, name: str, *, inline: str = "png") -> None:
         """Save ``fig`` as ``<out>/figures/<name>.{png,pdf}`` (deterministic files) and
@@ -154,14 +155,14 @@ class Run:
         return failed
 
 
-def describe(cfg: dict, out: Path) -> str:
-    """One line: profile, dataset, seed, overrides and output folder."""
+def describe(cfg: dict, out: Path, dataset: str | None = None) -> str:
+    """One line: profile, dataset (``dataset``, else the profile's), seed, overrides and output folder."""
     try:
         where = out.relative_to(C.REPO_ROOT)
     except ValueError:
         where = out
     changes = {k: v for k, v in cfg.get("run_changes", {}).items() if k not in ("dataset", "seed")}
-    return (f"profile={cfg['profile']} dataset={cfg['dataset']} seed={cfg['seed']} "
+    return (f"profile={cfg['profile']} dataset={dataset or cfg['dataset']} seed={cfg['seed']} "
             f"overrides={changes or 'none'} -> {where}/")
 
 
@@ -201,14 +202,17 @@ def missing_inputs_note(reads=None) -> str | None:
 
 def setup(profile: str | None = None, dataset: str | None = None, data_root: str | None = None,
           seed: int | None = None, overrides: Mapping | str | None = None, download: bool = False,
-          *, kind: str = "render", style: bool = True, reads=None) -> Run:
+          *, kind: str = "render", style: bool = True, reads=None, own: str | None = None) -> Run:
     """Load the run's configuration and set the notebook up (see the module docstring).
 
     ``kind``: ``"compute"`` (may train and evaluate, writes to the cache) or
     ``"render"`` (reads the cache only). Prints one line (:func:`describe`); before it,
     for a render notebook whose inputs are not computed yet, the command that computes
     them (:func:`missing_inputs_note`; ``reads``: the artifact kinds it reads, default
-    all of :data:`io.KINDS`; ``()`` for one that reads no cache).
+    all of :data:`io.KINDS`; ``()`` for one that reads no cache). ``own``: the name of a
+    run on own embeddings (``own_models.own_run_name``): its outputs go to
+    ``<run folder>/own_models/<own>/``, apart from the series', the line names the
+    dataset ``own:<own>``, and no claim is asserted.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -218,7 +222,12 @@ def setup(profile: str | None = None, dataset: str | None = None, data_root: str
 
     check_dataset_options(cfg["dataset"], cfg.get("dataset_options"))
     out = C.output_dir(cfg)
-    strict = cfg["run_name"] == "default"
+    strict = cfg["run_name"] == "default" and own is None
+    if own is not None:
+        own = str(own)
+        if not own or Path(own).name != own or own in (".", ".."):
+            raise ValueError(f"own must be a plain folder name, got {own!r}")
+        out = out / "own_models" / own
     params = {k: v for k, v in dict(profile=cfg["profile"], dataset=dataset, data_root=data_root,
                                     seed=seed, overrides=overrides).items() if v not in (None, "", {})}
     given = {k: v for k, v in params.items() if k != "profile"}
@@ -234,5 +243,6 @@ def setup(profile: str | None = None, dataset: str | None = None, data_root: str
 
         plots.style()
     policy = "claims asserted" if strict else "claims reported, not asserted"
-    print(f"{describe(cfg, out)} ({kind} notebook; {policy}; CPU code path {C.code_path()})")
-    return Run(cfg=cfg, out=out, strict=strict, kind=kind)
+    line = describe(cfg, out, f"own:{own}" if own is not None else None)
+    print(f"{line} ({kind} notebook; {policy}; CPU code path {C.code_path()})")
+    return Run(cfg=cfg, out=out, strict=strict, kind=kind, own=own)
