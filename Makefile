@@ -57,8 +57,9 @@ test: install
 	BACKFILL_THREADS=$(THREADS) BACKFILL_WORKERS=$(WORKERS) $(PY) -m backfill_utils.regimes --profile smoke --quiet
 	BACKFILL_PROFILE=smoke $(PY) -m pytest tests notebooks --doctest-modules backfill_utils --nbval-lax --nbval-sanitize-with notebooks/nbval_sanitize.cfg
 
+# --allow-root only when run as root (e.g. in a container), where JupyterLab refuses to start without it
 lab: install
-	$(if $(PIN),env $(PINNED_ENV)) $(VENV)/bin/jupyter lab notebooks
+	$(if $(PIN),env $(PINNED_ENV)) $(VENV)/bin/jupyter lab notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 # the exact engine (about 15 minutes on 2 cores; results/bench/bench.json), then the faiss index
 # over the mixed gallery at 100k and 1M items against one faiss index (about 35 minutes;

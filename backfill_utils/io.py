@@ -263,17 +263,19 @@ def corrupt_entry(kind: str, what: str, path: str | os.PathLike, why: str) -> st
 
 
 # --------------------------------------------------------------------------- mode
-_STATE = {"mode": "compute", "hint": ""}
+_STATE = {"mode": "compute", "hint": "", "run_args": ""}
 
 
-def set_mode(mode: str, hint: str = "") -> None:
+def set_mode(mode: str, hint: str = "", run_args: str = "") -> None:
     """``"compute"`` (default: a miss computes) or ``"render"`` (a miss is an error).
 
-    ``hint`` is appended to the error, e.g. the parameters to run the producer with.
+    ``hint`` is appended to the error, e.g. the parameters to run the producer with;
+    ``run_args``: the runner's arguments for those parameters (e.g. `` --profile smoke``),
+    put in the command the error gives (:func:`compute_command`).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    _STATE.update(mode=mode, hint=hint)
+    _STATE.update(mode=mode, hint=hint, run_args=run_args)
 
 
 def get_mode() -> str:
@@ -282,10 +284,10 @@ def get_mode() -> str:
 
 
 @contextlib.contextmanager
-def mode(name: str, hint: str = "") -> Iterator[None]:
+def mode(name: str, hint: str = "", run_args: str = "") -> Iterator[None]:
     """Context manager: :func:`set_mode` inside, the previous mode after."""
     before = dict(_STATE)
-    set_mode(name, hint)
+    set_mode(name, hint, run_args)
     try:
         yield
     finally:
@@ -299,12 +301,45 @@ def producer(kind: str) -> str:
     return KINDS[kind][0]
 
 
+def producers(kinds) -> list[str]:
+    """The notebooks that compute artifacts of ``kinds``, in the series' order.
+
+    >>> producers(["curves", "models", "convergence", "compat"])
+    ['10_train', '30_compat', '31_backfill']
+    """
+    return sorted({producer(k) for k in kinds})
+
+
+def absent_kinds(kinds=None) -> list[str]:
+    """The artifact kinds of ``kinds`` (default: all of :data:`KINDS`) of which the cache
+    holds no entry at all (``<cache>/<kind>/*.npz``, a model's ``<cache>/models/*/model.pt``),
+    as on a fresh clone. Cheap: it says
+    nothing of whether the entries of a given configuration are there."""
+    kinds = list(KINDS if kinds is None else kinds)
+    producers(kinds)  # an unknown kind is an error
+    root = C.cache_dir()
+    return [k for k in kinds if not any((root / k).glob("*.npz")) and not any((root / k).glob("*/model.pt"))]
+
+
+def compute_command(notebooks) -> str:
+    """The runner's command that runs the compute ``notebooks`` (names or prefixes) with
+    the parameters of the current mode (:func:`set_mode`'s ``run_args``).
+
+    >>> compute_command(["10_train", "31_backfill"])
+    'python -m backfill_utils.run --only 10 31'
+    """
+    return f"python -m backfill_utils.run{_STATE['run_args']} --only " + " ".join(n[:2] for n in notebooks)
+
+
 def missing(kind: str, what: str, path: Path) -> MissingArtifactError:
-    """The error of a render notebook that lacks ``what`` (of ``kind``) at ``path``."""
+    """The error of a render notebook that lacks ``what`` (of ``kind``) at ``path``; its
+    command also runs the producers of the kinds of which the cache holds nothing
+    (:func:`absent_kinds`: on a fresh clone, every compute notebook)."""
     hint = f" {_STATE['hint']}" if _STATE["hint"] else ""
+    command = compute_command(producers({kind, *absent_kinds()}))
     return MissingArtifactError(
         f"missing input: {what} (not in the artifact cache: {path}). This notebook only renders and never "
-        f"trains or evaluates: run notebooks/{producer(kind)}.ipynb first{hint}, or the whole "
+        f"trains or evaluates: run notebooks/{producer(kind)}.ipynb first{hint} (`{command}`), or the whole "
         "series with `make reproduce` / `python -m backfill_utils.run`."
     )
 

@@ -28,11 +28,14 @@ that needs a classifier or a backward-compatible backbone is listed as skipped) 
 its default recipe of the profile, caches the trained modules by the content of the
 training files, and evaluates every method's backfilling curve with the engine.
 :func:`export_profile_embeddings` writes the profile's cached embeddings as such files
-(the notebook's default, so that it runs offline).
+(the notebook's default, so that it runs offline). :func:`own_run_name` names the
+folder of a run on own files (``<run folder>/own_models/<name>/``), apart from the
+series' outputs.
 """
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -46,12 +49,56 @@ from . import io
 from . import methods as MM
 from . import metrics as MT
 
-__all__ = ["FILES", "OwnEmbeddings", "NeedsClassifier", "OwnData", "load_own_embeddings", "check_own_embeddings",
+__all__ = ["FILES", "own_run_name", "OwnEmbeddings", "NeedsClassifier", "OwnData", "load_own_embeddings", "check_own_embeddings",
            "export_profile_embeddings", "train_own", "evaluate_own", "export_modules", "served_index"]
 
 FILES = ("old_train", "new_train", "train_labels", "old_test", "new_test", "test_labels")
 _EMB = ("old_train", "new_train", "old_test", "new_test")
 OWN_VERSION = 1  # in the cache keys of modules trained on own embeddings: bump when training here changes
+
+
+# under <run folder>/own_models/: the outputs of the run on the profile's exported embeddings
+RESERVED_NAMES = ("embeddings", "modules", "index_ours.npz")
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}$")
+
+
+def own_run_name(paths: Mapping[str, Any], name: str | None = None) -> str | None:
+    """The name of a run on own embeddings, which names its folder
+    (``<run folder>/own_models/<name>/``, :func:`backfill_utils.session.setup`'s ``own``):
+    ``name`` if given, else ``<folder of the files>_<hash of their paths>``; ``None`` when
+    no path is given (the profile's exported embeddings, written with the series' outputs).
+    Some paths but not all, or a name that is not a plain folder name, is an error.
+
+    >>> own_run_name(dict.fromkeys(FILES)) is None
+    True
+    >>> own_run_name({n: f"/data/clip_vs_dino/{n}.npy" for n in FILES}).startswith("clip_vs_dino_")
+    True
+    >>> own_run_name({n: f"/data/x/{n}.npy" for n in FILES}, name="clip-v2")
+    'clip-v2'
+    """
+    unknown = sorted(set(paths) - set(FILES))
+    if unknown:
+        raise ValueError(f"unknown file name(s) {unknown}; the files are {list(FILES)}")
+    given = {n: paths.get(n) for n in FILES if paths.get(n) not in (None, "")}
+    if not given:
+        if name is not None:
+            raise ValueError(f"name={name!r} names a run on your own embeddings: give the six paths too "
+                             f"({list(FILES)})")
+        return None
+    if len(given) < len(FILES):
+        raise ValueError(f"no path given for {[n for n in FILES if n not in given]}; give a .npy file for each of "
+                         f"{list(FILES)} (or none: the profile's cached embeddings)")
+    if name is not None:
+        text = str(name)
+        if not _RUN_NAME.match(text) or text in RESERVED_NAMES:
+            raise ValueError(f"name {text!r} must be a plain folder name (letters, digits, '_', '-', '.', '+'), not "
+                             f"one of {list(RESERVED_NAMES)}")
+        return text
+    full = [str(Path(given[n]).expanduser().resolve()) for n in FILES]
+    parents = {str(Path(f).parent) for f in full}
+    folder = Path(parents.pop()).name if len(parents) == 1 else "own"
+    folder = re.sub(r"[^A-Za-z0-9_.+-]", "_", folder).lstrip("._+-")[:60] or "own"
+    return f"{folder}_{hashlib.sha256(chr(0).join(full).encode()).hexdigest()[:8]}"
 
 
 class NeedsClassifier(LookupError):

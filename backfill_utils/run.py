@@ -16,8 +16,9 @@ collapsed to their last state, so the copies stay small), with a runtime table
 With ``$BACKFILL_WORKERS`` > 1, consecutive render notebooks (which only read)
 run side by side, that many at a time, and compute notebooks train independent
 models in that many worker processes (:mod:`backfill_utils.parallel`). At the end the runner prints a summary: the
-folder, the runtimes, and every claim of the paper that does not hold on this
-run (from ``tables/claims.csv`` and the notebooks' claim lines).
+folder, the runtimes, how many claims of the paper the notebooks checked (none for
+e.g. ``--only 00``) and every one that does not hold on this run (from
+``tables/claims.csv`` and the notebooks' claim lines).
 
 ``--pin`` pins the math libraries' CPU code path for the notebooks' kernels
 (:data:`config.PINNED_ENV`): the same numbers on any x86-64 CPU with AVX2, at
@@ -39,7 +40,7 @@ from . import blocks
 from . import config as C
 from . import io
 from . import parallel
-from .session import CLAIM_MARK
+from .session import CHECKED_MARK, CLAIM_MARK
 
 PINNED_ENV = C.PINNED_ENV
 PARAMETERS = ("profile", "dataset", "data_root", "seed", "overrides", "download")
@@ -236,26 +237,41 @@ def _execute_group(group: list[Path], books: list[Path], out_dir: Path, params: 
         return [f.result() for f in futures]
 
 
+def kernel_env(profile: str, results: Path, pin: bool = False, env: dict | None = None) -> dict:
+    """The variables the runner sets for its kernels (they inherit its environment): the
+    profile, the run's results folder (``$BACKFILL_RESULTS``, so that a kernel writes
+    where the runner reports), ``PYTHONPATH`` led by this package's checkout (a kernel
+    imports the code, profiles and cache of the runner's checkout, also where another
+    checkout is installed in editable mode) and, with ``pin``, :data:`PINNED_ENV` (values
+    already in ``env``, default ``os.environ``, are kept)."""
+    env = os.environ if env is None else env
+    root = str(C.REPO_ROOT)
+    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
+    out = {C.PROFILE_ENV: profile, C.RESULTS_ENV: str(Path(results).resolve()),
+           "PYTHONPATH": os.pathsep.join([root, *rest])}
+    if pin:
+        out.update({k: env.get(k, v) for k, v in PINNED_ENV.items()})
+    return out
+
+
 def run_series(profile: str = "default", params: dict | None = None, select: list[str] | None = None,
                out_dir: Path | None = None, kernel: str | None = None, pin: bool = False) -> pd.DataFrame:
     """Execute the series (or ``select``) with ``params``; returns the runtime table.
 
     Checks first, before any notebook runs: parameter names against every
     notebook, the profile and its overrides. ``out_dir`` defaults to the run's
-    ``executed/`` folder. ``pin``: set :data:`PINNED_ENV` for the kernels
-    (values already in the environment are kept).
+    ``executed/`` folder. The kernels get :func:`kernel_env` (``pin``: with
+    :data:`PINNED_ENV`, values already in the environment kept).
     """
     params = dict(params or {}, profile=profile)
     books, cfg = prepare(profile, params, select)
-    out_dir = Path(out_dir) if out_dir else C.output_dir(cfg) / "executed"
+    results = C.output_dir(cfg)
+    out_dir = Path(out_dir) if out_dir else results / "executed"
     rows = []
     env_before = dict(os.environ)
-    os.environ[C.PROFILE_ENV] = profile
-    if pin:
-        for k, v in PINNED_ENV.items():
-            os.environ.setdefault(k, v)
+    os.environ.update(kernel_env(profile, results, pin))
     n_workers = parallel.workers()
-    print(f"run {cfg['run_name']}: {len(books)} notebooks -> {out_dir}"
+    print(f"run {cfg['run_name']}: {len(books)} notebooks; results -> {results}/ (executed notebooks: {out_dir}/)"
           + (f" (render notebooks {n_workers} at a time)" if n_workers > 1 else ""), flush=True)
     start = time.perf_counter()
     try:
@@ -275,39 +291,67 @@ def run_series(profile: str = "default", params: dict | None = None, select: lis
     return table
 
 
-def failed_claims(results: Path, executed: Path, names: list[str] | None = None) -> list[str]:
-    """Claims of the paper that do not hold on a run: the checked rows of
-    ``tables/claims.csv`` that fail, then the claim lines (:data:`CLAIM_MARK`)
-    printed by the executed notebooks (``names``: which ones; default all)."""
+def _executed(executed: Path, names: list[str] | None) -> list[Path]:
+    """The executed notebooks of ``executed`` that this run ran (``names``; default all)."""
+    return [p for p in sorted(executed.glob("[0-9][0-9]_*.ipynb")) if names is None or p.name in names]
+
+
+def _stream_lines(path: Path) -> list[str]:
+    """The lines a notebook printed (its stream outputs)."""
     import nbformat
 
+    nb = nbformat.read(path, as_version=4)
+    return [line for cell in nb.cells for out in cell.get("outputs", []) if out.get("output_type") == "stream"
+            for line in out.get("text", "").splitlines()]
+
+
+def _wrote_claims_csv(path: Path) -> bool:
+    return path.name.startswith("31_")  # 31_backfill writes tables/claims.csv and prints its rows
+
+
+def failed_claims(results: Path, executed: Path, names: list[str] | None = None) -> list[str]:
+    """Claims of the paper that do not hold on a run: the checked rows of
+    ``tables/claims.csv`` that fail (when the run ran the notebook that writes it), then
+    the claim lines (:data:`CLAIM_MARK`) printed by the executed notebooks (``names``:
+    which ones; default all)."""
     lines = []
+    books = _executed(executed, names)
     claims_csv = results / "tables" / "claims.csv"
-    if claims_csv.is_file():
+    if claims_csv.is_file() and any(_wrote_claims_csv(p) for p in books):
         t = pd.read_csv(claims_csv)
         bad = t[t["checked"].astype(bool) & ~t["holds"].astype(bool)]
         lines += [f"claims.csv: {r.setting} setting: {r.claim} (value {r.value:.2f}, reference {r.reference:.2f})"
                   for r in bad.itertuples()]
-    for path in sorted(executed.glob("[0-9][0-9]_*.ipynb")):
-        if names is not None and path.name not in names or path.name.startswith("31_"):
-            continue  # 31 prints the claims.csv rows, listed above
-        nb = nbformat.read(path, as_version=4)
-        for cell in nb.cells:
-            for out in cell.get("outputs", []):
-                for line in out.get("text", "").splitlines() if out.get("output_type") == "stream" else []:
-                    if line.startswith(CLAIM_MARK):
-                        lines.append(f"{path.stem}: {line[len(CLAIM_MARK):].strip()}")
+    for path in books:
+        if _wrote_claims_csv(path):
+            continue  # its claim lines are the claims.csv rows, listed above
+        lines += [f"{path.stem}: {line[len(CLAIM_MARK):].strip()}" for line in _stream_lines(path)
+                  if line.startswith(CLAIM_MARK)]
     return lines
 
 
+_CHECKED = re.compile(re.escape(CHECKED_MARK) + r" (\d+)")
+
+
+def checked_claims(executed: Path, names: list[str] | None = None) -> int:
+    """How many claims of the paper the executed notebooks (``names``; default all)
+    checked: the sum of their :data:`CHECKED_MARK` lines."""
+    return sum(int(m.group(1)) for path in _executed(executed, names) for line in _stream_lines(path)
+               if (m := _CHECKED.match(line)))
+
+
 def summary(results: Path, executed: Path, names: list[str] | None = None) -> str:
-    """The closing lines of a run: where its results are, and the claims that do not hold."""
+    """The closing lines of a run: where its results are, how many claims of the paper
+    its notebooks checked, and those that do not hold."""
     claims = failed_claims(results, executed, names)
+    n = checked_claims(executed, names)
     head = f"results of this run: {results}/ (executed notebooks: {executed}/)"
     if not claims:
-        return head + "\nevery checked claim of the paper holds on this run"
-    return "\n".join([head, f"{len(claims)} claim(s) of the paper do not hold on this run:"]
-                     + [f"  - {c}" for c in claims])
+        if n == 0:
+            return head + "\nno claim of the paper was checked on this run (none of its notebooks checks one)"
+        return head + f"\nall {n} checked claim(s) of the paper hold on this run"
+    return "\n".join([head, f"{len(claims)} of {max(n, len(claims))} checked claim(s) of the paper do not hold "
+                             "on this run:"] + [f"  - {c}" for c in claims])
 
 
 #: The compact results of README.md and every figure and table of docs/results.md

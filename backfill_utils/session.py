@@ -32,6 +32,9 @@ from . import config as C
 from . import io
 
 CLAIM_MARK = "CLAIM DOES NOT HOLD on this run:"
+# every check of claims prints one line starting with this and the number of claims it checked
+# (the runner's summary adds them up: a run that checked none says so)
+CHECKED_MARK = "claims checked on this run:"
 KINDS = ("compute", "render")
 
 
@@ -44,6 +47,7 @@ class Run:
     strict: bool
     kind: str
     failed_claims: list = dataclasses.field(default_factory=list)
+    own: str | None = None  # the name of a run on own embeddings (notebook 61), whose folder is ``out``
 
     def figure(self, fig, name: str, *, inline: str = "png") -> None:
         """Save ``fig`` as ``<out>/figures/<name>.{png,pdf}`` (deterministic files) and
@@ -84,11 +88,12 @@ class Run:
     def expect(self, holds: bool, claim: str, detail: object = "", *, asserted: bool = True) -> bool:
         """A claim of the paper: asserted when ``strict`` (and ``asserted``), otherwise reported.
 
-        On a non-reference run, or for ``asserted=False`` (a single-seed observation whose
-        noise is unknown), a claim that does not hold prints one line starting with
-        :data:`CLAIM_MARK` and the series goes on. Returns ``holds``.
+        Prints one :data:`CHECKED_MARK` line. On a non-reference run, or for ``asserted=False``
+        (a single-seed observation whose noise is unknown), a claim that does not hold prints
+        one line starting with :data:`CLAIM_MARK` and the series goes on. Returns ``holds``.
         """
         holds = bool(holds)
+        print(f"{CHECKED_MARK} 1 ({claim}: {'holds' if holds else 'does not hold'})")
         if not holds:
             line = f"{CLAIM_MARK} {claim}" + (f" ({detail})" if detail != "" else "")
             self.failed_claims.append(line)
@@ -116,7 +121,8 @@ class Run:
         ``claims.over_seeds`` with a ``verdict`` over seeds) that does not hold; when
         ``strict``, assert those selected by the boolean mask ``asserted`` (default: all):
         with verdicts, an asserted claim must hold by more than two standard deviations
-        (``claims.HOLDS``). Returns the failed rows."""
+        (``claims.HOLDS``). Prints one :data:`CHECKED_MARK` line with the number of checked
+        rows. Returns the failed rows."""
         from .claims import HOLDS
 
         checked = claims["checked"].astype(bool)
@@ -140,8 +146,8 @@ class Run:
             beyond = row["verdict"] == HOLDS if with_verdict else ok
             if self.strict and mask[i] and not beyond:
                 fatal.append(f"{where}{row['claim']} ({row['verdict'] if with_verdict else 'fails'}; {numbers})")
-        if failed.empty:
-            print(f"all {int(checked.sum())} checked claims hold on this run")
+        n = int(checked.sum())
+        print(f"{CHECKED_MARK} {n} (" + ("all hold" if failed.empty else f"{len(failed)} do not hold") + ")")
         if fatal:
             raise AssertionError("on the reference run of the default profile every asserted claim must "
                                  "hold" + (" by more than two standard deviations" if with_verdict else "")
@@ -149,24 +155,64 @@ class Run:
         return failed
 
 
-def describe(cfg: dict, out: Path) -> str:
-    """One line: profile, dataset, seed, overrides and output folder."""
+def describe(cfg: dict, out: Path, dataset: str | None = None) -> str:
+    """One line: profile, dataset (``dataset``, else the profile's), seed, overrides and output folder."""
     try:
         where = out.relative_to(C.REPO_ROOT)
     except ValueError:
         where = out
     changes = {k: v for k, v in cfg.get("run_changes", {}).items() if k not in ("dataset", "seed")}
-    return (f"profile={cfg['profile']} dataset={cfg['dataset']} seed={cfg['seed']} "
+    return (f"profile={cfg['profile']} dataset={dataset or cfg['dataset']} seed={cfg['seed']} "
             f"overrides={changes or 'none'} -> {where}/")
+
+
+def run_args(profile: str | None, params: Mapping) -> str:
+    """The runner's arguments (``--profile``, ``-p name value``) for a notebook's
+    parameters ``params``, shell-quoted; nothing for the default profile as it is.
+
+    >>> print(run_args("smoke", {"seed": 3, "overrides": {"train": {"epochs": 1}}}))
+     --profile smoke -p seed 3 -p overrides '{"train": {"epochs": 1}}'
+    """
+    import json
+    import shlex
+
+    args = [] if profile in (None, "default") else ["--profile", str(profile)]
+    for name, value in params.items():
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        elif not isinstance(value, str):
+            value = json.dumps(value, default=str)  # JSON is YAML, the runner's -p values
+        args += ["-p", name, value]
+    return "".join(" " + shlex.quote(a) for a in args)
+
+
+def missing_inputs_note(reads=None) -> str | None:
+    """For a render notebook that reads artifacts of the kinds ``reads`` (default: all
+    of :data:`io.KINDS`): when the cache holds none of some of them (a fresh clone), the
+    lines that say so and give the runner's command that computes them
+    (:func:`io.compute_command`, with this notebook's parameters); else ``None``."""
+    absent = io.absent_kinds(reads)
+    if not absent:
+        return None
+    return (f"INPUTS NOT COMPUTED YET: this notebook only renders, and the artifact cache ({C.cache_dir()}) holds "
+            f"no {', '.join(absent)} yet. Compute them first (the compute notebooks, with these parameters):\n"
+            f"    {io.compute_command(io.producers(absent))}\n"
+            "then run this notebook again.")
 
 
 def setup(profile: str | None = None, dataset: str | None = None, data_root: str | None = None,
           seed: int | None = None, overrides: Mapping | str | None = None, download: bool = False,
-          *, kind: str = "render", style: bool = True) -> Run:
+          *, kind: str = "render", style: bool = True, reads=None, own: str | None = None) -> Run:
     """Load the run's configuration and set the notebook up (see the module docstring).
 
     ``kind``: ``"compute"`` (may train and evaluate, writes to the cache) or
-    ``"render"`` (reads the cache only). Prints one line (:func:`describe`).
+    ``"render"`` (reads the cache only). Prints one line (:func:`describe`); before it,
+    for a render notebook whose inputs are not computed yet, the command that computes
+    them (:func:`missing_inputs_note`; ``reads``: the artifact kinds it reads, default
+    all of :data:`io.KINDS`; ``()`` for one that reads no cache). ``own``: the name of a
+    run on own embeddings (``own_models.own_run_name``): its outputs go to
+    ``<run folder>/own_models/<own>/``, apart from the series', the line names the
+    dataset ``own:<own>``, and no claim is asserted.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -176,14 +222,27 @@ def setup(profile: str | None = None, dataset: str | None = None, data_root: str
 
     check_dataset_options(cfg["dataset"], cfg.get("dataset_options"))
     out = C.output_dir(cfg)
-    strict = cfg["run_name"] == "default"
+    strict = cfg["run_name"] == "default" and own is None
+    if own is not None:
+        own = str(own)
+        if not own or Path(own).name != own or own in (".", ".."):
+            raise ValueError(f"own must be a plain folder name, got {own!r}")
+        out = out / "own_models" / own
     params = {k: v for k, v in dict(profile=cfg["profile"], dataset=dataset, data_root=data_root,
                                     seed=seed, overrides=overrides).items() if v not in (None, "", {})}
-    io.set_mode(kind, hint="with the same parameters (" + ", ".join(f"{k}={v!r}" for k, v in params.items()) + ")")
+    given = {k: v for k, v in params.items() if k != "profile"}
+    if download:
+        given["download"] = True
+    io.set_mode(kind, hint="with the same parameters (" + ", ".join(f"{k}={v!r}" for k, v in params.items()) + ")",
+                run_args=run_args(cfg["profile"] if C.profile_name(profile) == cfg["profile"] else profile, given))
+    note = missing_inputs_note(reads) if kind == "render" else None
+    if note:
+        print(note)
     if style:
         from . import plots
 
         plots.style()
     policy = "claims asserted" if strict else "claims reported, not asserted"
-    print(f"{describe(cfg, out)} ({kind} notebook; {policy}; CPU code path {C.code_path()})")
-    return Run(cfg=cfg, out=out, strict=strict, kind=kind)
+    line = describe(cfg, out, f"own:{own}" if own is not None else None)
+    print(f"{line} ({kind} notebook; {policy}; CPU code path {C.code_path()})")
+    return Run(cfg=cfg, out=out, strict=strict, kind=kind, own=own)

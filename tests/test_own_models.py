@@ -180,3 +180,33 @@ def test_a_method_registered_elsewhere_joins_only_when_named(own_run):
     assert "RM copy" not in set(s_default["method"]) and s_default.equals(summary)
     assert list(s_named["method"]) == ["RM", "RM copy"]
     assert s_named.drop(columns="method").iloc[0].equals(s_named.drop(columns="method").iloc[1])
+
+
+def test_a_run_on_own_files_gets_its_own_folder_and_dataset_name(tmp_path, monkeypatch, capsys):
+    """Own files write to <run folder>/own_models/<name>/, named after their paths (or the
+    user's name), never over the series' outputs; the set-up line names them, not the profile's dataset."""
+    from backfill_utils import config as C
+    from backfill_utils import session
+
+    monkeypatch.setattr(C, "RESULTS_DIR", tmp_path / "results")
+    monkeypatch.delenv(C.RESULTS_ENV, raising=False)
+    a = {n: str(tmp_path / "clip_vs_dino" / f"{n}.npy") for n in OM.FILES}
+    b = {n: str(tmp_path / "other" / f"{n}.npy") for n in OM.FILES}
+    name_a = OM.own_run_name(a)
+    assert name_a.startswith("clip_vs_dino_") and name_a == OM.own_run_name(dict(a))
+    assert OM.own_run_name(b) != name_a and OM.own_run_name(a, "mine") == "mine"
+    assert OM.own_run_name(dict.fromkeys(OM.FILES)) is None
+    with pytest.raises(ValueError, match=r"no path given for \['test_labels'\]"):
+        OM.own_run_name({**a, "test_labels": None})
+    for bad in ("../x", "modules", ""):
+        with pytest.raises(ValueError, match="plain folder name"):
+            OM.own_run_name(a, bad)
+    series = session.setup("smoke", kind="compute", style=False)
+    own = session.setup("smoke", kind="compute", style=False, own=name_a)
+    out = capsys.readouterr().out.splitlines()
+    assert series.out == tmp_path / "results" / "smoke" and series.own is None
+    assert own.out == tmp_path / "results" / "smoke" / "own_models" / name_a and own.own == name_a
+    assert "dataset=synthetic" in out[0]
+    assert f"dataset=own:{name_a} " in out[1] and "dataset=synthetic" not in out[1]
+    assert not session.setup("default", kind="compute", style=False, own="mine").strict
+    assert session.setup("default", kind="compute", style=False).out == tmp_path / "results"

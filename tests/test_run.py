@@ -1,5 +1,7 @@
 """The papermill batch runner: checks before anything runs, the run's own folder, the summary."""
 
+import os
+
 import nbformat
 import pandas as pd
 import pytest
@@ -59,6 +61,27 @@ def test_runs_go_to_their_own_folder(monkeypatch, tmp_path):
     assert {p.parts[:3] for p in files} == {("results", cfg["run_name"], "executed")}
 
 
+def test_kernels_get_the_runners_results_folder_and_checkout(monkeypatch, tmp_path):
+    """A kernel inherits the runner's environment while it runs: the run's results folder
+    and a PYTHONPATH led by the runner's checkout, so that a kernel of another checkout's
+    editable install writes where the runner reports; the environment is restored after."""
+    monkeypatch.setattr(C, "RESULTS_DIR", tmp_path / "results")
+    monkeypatch.delenv(C.RESULTS_ENV, raising=False)
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    seen = []
+    monkeypatch.setattr(R, "_execute", lambda book, target, params, kernel: seen.append(dict(os.environ)))
+    R.run_series("smoke", {}, select=["00"])
+    assert seen[0][C.RESULTS_ENV] == str(tmp_path / "results" / "smoke")
+    assert seen[0]["PYTHONPATH"].split(os.pathsep) == [str(C.REPO_ROOT), "/elsewhere"]
+    assert seen[0][C.PROFILE_ENV] == "smoke"
+    assert C.RESULTS_ENV not in os.environ and os.environ["PYTHONPATH"] == "/elsewhere"
+    # a kernel's set-up resolves the same folder as the runner from that variable
+    monkeypatch.setenv(C.RESULTS_ENV, seen[0][C.RESULTS_ENV])
+    assert C.output_dir(C.load_profile("smoke")) == tmp_path / "results" / "smoke"
+    env = R.kernel_env("smoke", tmp_path, pin=True, env={"MKL_CBWR": "AUTO"})
+    assert env["MKL_CBWR"] == "AUTO" and env["ATEN_CPU_CAPABILITY"] == "avx2"
+
+
 def test_select_and_unknown_prefix():
     first = R.list_notebooks()[0]
     assert R.list_notebooks([first.name[:2]])[0] == first
@@ -101,27 +124,69 @@ def test_progress_bars_are_collapsed_in_stored_outputs():
     assert cell.outputs[0]["text"] == "start\ntrain: 100%|##########| 100/100\n"
 
 
-def test_summary_lists_the_claims_that_do_not_hold(tmp_path):
-    (tmp_path / "tables").mkdir()
-    pd.DataFrame({"claim": ["Ours > BCT on auc_map", "(reported) x"], "checked": [True, False],
-                  "value": [1.0, 0.0], "reference": [2.0, 1.0], "holds": [False, False],
-                  "setting": ["open", "open"]}).to_csv(tmp_path / "tables" / "claims.csv", index=False)
-    executed = tmp_path / "executed"
-    executed.mkdir()
+def _executed_notebook(folder, name, text):
     nb = nbformat.v4.new_notebook()
     cell = nbformat.v4.new_code_cell("x")
-    cell.outputs = [nbformat.v4.new_output("stream", name="stdout",
-                                           text=f"hello\n{session.CLAIM_MARK} CMCL raises the AUC (0.8 vs 0.9)\n")]
+    cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text=text)]
     nb.cells.append(cell)
-    nbformat.write(nb, str(executed / "46_distance_distributions.ipynb"))
+    nbformat.write(nb, str(folder / name))
+
+
+def _claims_csv(results):
+    (results / "tables").mkdir(exist_ok=True)
+    pd.DataFrame({"claim": ["Ours > BCT on auc_map", "(reported) x", "Ours > RM on auc_map"],
+                  "checked": [True, False, True], "value": [1.0, 0.0, 3.0], "reference": [2.0, 1.0, 2.0],
+                  "holds": [False, False, True], "setting": ["open", "open", "open"]}
+                 ).to_csv(results / "tables" / "claims.csv", index=False)
+
+
+def test_summary_lists_the_claims_that_do_not_hold(tmp_path):
+    _claims_csv(tmp_path)
+    executed = tmp_path / "executed"
+    executed.mkdir()
+    _executed_notebook(executed, "31_backfill.ipynb",
+                       f"{session.CLAIM_MARK} open setting: Ours > BCT on auc_map\n"
+                       f"{session.CHECKED_MARK} 2 (1 do not hold)\n")
+    _executed_notebook(executed, "46_distance_distributions.ipynb",
+                       f"hello\n{session.CHECKED_MARK} 1 (CMCL raises the AUC: does not hold)\n"
+                       f"{session.CLAIM_MARK} CMCL raises the AUC (0.8 vs 0.9)\n")
+    _executed_notebook(executed, "49_backfill_order.ipynb", f"{session.CHECKED_MARK} 1 (x: holds)\n")
     text = R.summary(tmp_path, executed)
-    assert "2 claim(s) of the paper do not hold on this run" in text
+    assert R.checked_claims(executed) == 4
+    assert "2 of 4 checked claim(s) of the paper do not hold on this run" in text
     assert "claims.csv: open setting: Ours > BCT on auc_map (value 1.00, reference 2.00)" in text
     assert "46_distance_distributions: CMCL raises the AUC (0.8 vs 0.9)" in text
-    assert "(reported) x" not in text
+    assert "(reported) x" not in text and "Ours > RM" not in text
     (tmp_path / "tables" / "claims.csv").unlink()
     (executed / "46_distance_distributions.ipynb").unlink()
-    assert "every checked claim of the paper holds" in R.summary(tmp_path, executed)
+    assert "all 3 checked claim(s) of the paper hold on this run" in R.summary(tmp_path, executed)
+
+
+def test_summary_of_a_run_that_checked_no_claim(tmp_path):
+    """A run of notebooks that check no claim (e.g. --only 00) says so, even next to a
+    claims.csv and executed notebooks left by an earlier run."""
+    _claims_csv(tmp_path)
+    executed = tmp_path / "executed"
+    executed.mkdir()
+    _executed_notebook(executed, "00_data.ipynb", "saved tables/dataset.csv\n")
+    _executed_notebook(executed, "31_backfill.ipynb", f"{session.CHECKED_MARK} 2 (1 do not hold)\n")
+    text = R.summary(tmp_path, executed, ["00_data.ipynb"])
+    assert R.checked_claims(executed, ["00_data.ipynb"]) == 0
+    assert "no claim of the paper was checked on this run" in text
+    assert "hold" not in text.replace("(none of its notebooks checks one)", "")
+    assert "2 checked claim(s)" in R.summary(tmp_path, executed, ["00_data.ipynb", "31_backfill.ipynb"])
+
+
+def test_claim_checks_print_how_many_they_checked(capsys):
+    run = session.Run(cfg={}, out=C.RESULTS_DIR, strict=False, kind="render")
+    run.expect(True, "a wins")
+    run.expect(False, "b wins")
+    claims = pd.DataFrame({"claim": ["c", "d", "e"], "checked": [True, True, False], "holds": [True, False, False],
+                           "value": [1.0, 1.0, 1.0], "reference": [0.0, 2.0, 2.0], "setting": ["open"] * 3})
+    run.check_claims(claims)
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith(session.CHECKED_MARK)]
+    assert lines == [f"{session.CHECKED_MARK} 1 (a wins: holds)", f"{session.CHECKED_MARK} 1 (b wins: does not hold)",
+                     f"{session.CHECKED_MARK} 2 (1 do not hold)"]
 
 
 def test_update_readme_fills_only_the_marked_blocks(tmp_path):

@@ -140,3 +140,46 @@ def test_download_reaches_every_dataset_loader(monkeypatch):
     T.build_train_dataset(T.model_spec(cfg, "extended", "old"), None, cfg["download"])
     assert seen == [True, True]
     assert C.load_profile("smoke")["download"] is False
+
+
+def test_render_notebook_on_a_fresh_clone_first_says_what_to_run(tmp_cache, tmp_path, monkeypatch, capsys):
+    """A render notebook opened before anything was computed: its first output is the one
+    command that computes its inputs, with its own parameters; the runner accepts it."""
+    import shlex
+
+    from backfill_utils import run as R
+
+    monkeypatch.setenv(C.RESULTS_ENV, str(tmp_path / "results"))
+    monkeypatch.delenv(C.PROFILE_ENV, raising=False)
+    session.setup("smoke", seed=3, kind="render", style=False)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("INPUTS NOT COMPUTED YET") and "no models, embeddings, compat" in lines[0]
+    command = "python -m backfill_utils.run --profile smoke -p seed 3 --only 10 20 30 31 32"
+    assert lines[1].strip() == command and lines[2] == "then run this notebook again."
+    assert lines[3].startswith("profile=smoke") and len(lines) == 4
+    args = shlex.split(command)[3:]
+    books, cfg = R.prepare("smoke", {"seed": 3}, args[args.index("--only") + 1:])
+    assert [b.name[:2] for b in books] == ["10", "20", "30", "31", "32"] and cfg["seed"] == 3
+    # the error of a missing artifact gives the command too
+    with pytest.raises(io.MissingArtifactError, match=r"`python -m backfill_utils\.run --profile smoke -p seed 3 "
+                                                      r"--only 10 20 30 31 32`"):
+        io.cached_arrays("curves", {"k": 1}, lambda: pytest.fail("computed in render mode"))
+
+    # computed kinds are left out of the command; the default profile needs no argument
+    (tmp_cache / "models" / "0123abcd").mkdir(parents=True)
+    (tmp_cache / "models" / "0123abcd" / "model.pt").write_bytes(b"")
+    session.setup("default", kind="render", style=False)
+    assert "    python -m backfill_utils.run --only 20 30 31 32\n" in capsys.readouterr().out
+    # no note for a notebook that reads no cache, nor for a compute notebook
+    for kw in ({"kind": "render", "reads": ()}, {"kind": "compute"}):
+        session.setup("smoke", style=False, **kw)
+        out = capsys.readouterr().out
+        assert out.startswith("profile=smoke") and "INPUTS NOT COMPUTED" not in out
+    # nothing when every kind has entries
+    for kind in set(io.KINDS) - {"models"}:
+        (tmp_cache / kind).mkdir(exist_ok=True)
+        (tmp_cache / kind / "x.npz").write_bytes(b"")
+    assert session.missing_inputs_note() is None
+    with io.mode("render", run_args=" --profile smoke"), pytest.raises(io.MissingArtifactError) as err:
+        io.cached_arrays("curves", {"k": 1}, lambda: pytest.fail("computed in render mode"))
+    assert "(`python -m backfill_utils.run --profile smoke --only 31`)" in str(err.value)
