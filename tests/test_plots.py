@@ -78,7 +78,7 @@ def test_ablation_flips_and_variants_figures():
 
 
 def test_method_style_comes_from_the_registry():
-    assert P.method_style("Ours") == MM.style("Ours") and MM.style("Ours")["color"] == MM.get("Ours").style["color"]
+    assert P.method_style("Ours") == MM.style("Ours") and MM.style("Ours")["color"] == MM.COLORS["Ours"]
     v = P.method_style("Ours (sigma order)")
     assert v["color"] == MM.style("Ours")["color"] and v["ls"] == "--"
     assert P.method_style("unknown") == {}
