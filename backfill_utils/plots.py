@@ -4,7 +4,8 @@ Every figure is saved as PNG and PDF with the metadata that would change from
 run to run (software version, creation date) removed, and every table as CSV,
 Markdown and LaTeX, all written atomically (:func:`io.atomic_write`).
 
-Line styles come from the method registry (:func:`backfill_utils.methods.style`);
+Line styles and colours come from the method registry (:func:`backfill_utils.methods.style`;
+one colour per method, :data:`backfill_utils.methods.COLORS`);
 image figures (thumbnails, Fig. 1) are in :mod:`backfill_utils.thumbnails`, the
 backfilling animation in :mod:`backfill_utils.animation`.
 
@@ -108,7 +109,9 @@ def curve_panel(ax, curves: pd.DataFrame, metric: str, methods=None, *, label_fn
         label = label_fn(m) if label_fn else m
         kw = method_style(m)
         if m == "offline" and metric in ("mAP", "top1", "top5"):
-            ax.step(c["ratio"], c[metric], where="post", label=label, lw=1.3, zorder=1.5, **kw)
+            # old/old until r = 1: drawn above the old/old line, with open markers, so that it shows on it
+            ax.step(c["ratio"], c[metric], where="post", label=label,
+                    **{"lw": 1.6, "zorder": 2.5, "marker": "s", "ms": 3.5, "mfc": "white", **kw})
         elif m in ("old", "new"):
             ax.plot(c["ratio"], c[metric], label=label, lw=1.8, zorder=1, **kw)
         else:
