@@ -128,6 +128,38 @@ def _legend_below(fig, ax, ncol: int, title: str | None = None) -> None:
                title_fontsize=8)
 
 
+def _over_seeds(summary: pd.DataFrame | None) -> int:
+    """How many seeds the AUCs of ``summary`` average (its ``seeds`` column; 1 without one)."""
+    if summary is None or "seeds" not in summary or summary.empty:
+        return 1
+    return int(summary["seeds"].max())
+
+
+def auc_text(row, metrics: Sequence[str] = ("mAP", "top1")) -> str:
+    """The AUCs of one summary row for a legend, in the order of ``metrics``: ``"33.9 / 49.1"``
+    for one seed; over seeds (``seeds`` > 1 and ``auc_*_sd`` columns, as
+    :func:`backfill_utils.seeds.seed_stats` gives them) mean and sample sd as Table 1 prints
+    them, ``"33.81 ± 0.05 / 49.12 ± 0.22"``.
+
+    >>> auc_text({"auc_map": 33.8112, "auc_top1": 49.1})
+    '33.8 / 49.1'
+    >>> auc_text({"auc_map": 33.8112, "auc_map_sd": 0.0541, "auc_top1": 49.1, "auc_top1_sd": 0.2, "seeds": 3})
+    '33.81 ± 0.05 / 49.10 ± 0.20'
+    """
+    seeds = int(row.get("seeds", 1) or 1)
+    parts = []
+    for k in metrics:
+        key = AUC_KEY.get(k)
+        if key is None or key not in row:
+            continue
+        sd = row.get(f"{key}_sd")
+        if seeds > 1 and sd is not None and np.isfinite(sd):
+            parts.append(f"{row[key]:.2f} ± {sd:.2f}")
+        else:
+            parts.append(f"{row[key]:.1f}")
+    return " / ".join(parts)
+
+
 def _auc_label(summary: pd.DataFrame | None, metrics: Sequence[str]):
     if summary is None:
         return None
@@ -136,8 +168,16 @@ def _auc_label(summary: pd.DataFrame | None, metrics: Sequence[str]):
     def label(m):
         if m not in s.index:
             return m
-        return f"{m}: " + " / ".join(f"{s.loc[m, AUC_KEY[k]]:.1f}" for k in metrics if AUC_KEY.get(k) in s)
+        return f"{m}: " + auc_text(s.loc[m].to_dict(), metrics)
     return label
+
+
+def _auc_title(summary: pd.DataFrame | None, metrics: Sequence[str]) -> str | None:
+    if summary is None:
+        return None
+    title = "AUC " + " / ".join("CMC top-1" if m == "top1" else m for m in metrics)
+    n = _over_seeds(summary)
+    return title + (f"\nmean ± sd over {n} seeds (as Table 1)" if n > 1 else "")
 
 
 def curve_grid(curves: pd.DataFrame, summary: pd.DataFrame | None = None, methods=None, *,
@@ -145,7 +185,11 @@ def curve_grid(curves: pd.DataFrame, summary: pd.DataFrame | None = None, method
                title: str | None = None, panel_size=(3.6, 2.8)):
     """Backfilling curves: one panel per metric, one row per value of column ``row``
     (e.g. ``"setting"``), one legend per row with each method's AUCs (trapezoid
-    over [0, 1]) for the metrics of the row, in the order of ``metrics``."""
+    over [0, 1]) for the metrics of the row, in the order of ``metrics``.
+
+    ``summary``: one row per method (and ``row`` value) with ``auc_map``, ``auc_top1``; a
+    summary over seeds (``seeds``, ``auc_*_sd``: :func:`backfill_utils.seeds.seed_stats`) gives
+    the legend mean ± sd, as Table 1, while the curves are those of ``curves``."""
     if row is None:
         rows, groups = [None], {None: (curves, summary)}
     else:
@@ -168,7 +212,7 @@ def curve_grid(curves: pd.DataFrame, summary: pd.DataFrame | None = None, method
             if i < nr - 1:
                 ax.set_xlabel("")
         handles, labels = axes[i][-1].get_legend_handles_labels()
-        leg_title = "AUC " + " / ".join("CMC top-1" if m == "top1" else m for m in metrics) if s is not None else None
+        leg_title = _auc_title(s, metrics)
         axes[i][-1].legend(handles, labels, loc="center left", bbox_to_anchor=(1.02, 0.5), title=leg_title,
                            title_fontsize=8)
     if title:

@@ -65,6 +65,19 @@ def test_curve_grid_rows_panels_and_auc_legend():
         P.curve_grid(curves, summary, ["nope"], row="setting")
 
 
+def test_curve_grid_legend_over_seeds_is_mean_and_sd():
+    from backfill_utils import seeds as SD
+
+    curves, summary = fake_results(settings=("extended",), methods=["old", "RM", "Ours"])
+    by_seed = pd.concat([summary.assign(seed=0), summary.assign(seed=1, auc_map=summary.auc_map + 2)])
+    auc = SD.seed_stats(by_seed, ["auc_map", "auc_top1"], by=["setting", "method"])
+    fig = P.curve_grid(curves, auc, ["old", "RM", "Ours"])
+    leg = fig.axes[-1].get_legend()
+    assert [t.get_text() for t in leg.get_texts()][0] == "old: 21.00 ± 1.41 / 25.00 ± 0.00"
+    assert "mean ± sd over 2 seeds" in leg.get_title().get_text()
+    assert P.auc_text({"auc_map": 1.234, "auc_top1": 2.0}) == "1.2 / 2.0"  # one seed: no sd
+
+
 def test_ablation_flips_and_variants_figures():
     curves, summary = fake_results(settings=("extended",))
     for fig in (P.ablation_figure(curves, summary, ["RM", "Ours"]),
