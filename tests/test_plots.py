@@ -193,7 +193,13 @@ def test_inline_display_helpers_are_small_and_close_the_figure():
                                 rng.integers(0, 255, (n, 8, 8, 3), dtype=np.uint8), np.arange(n) % 4, [0],
                                 hold=1, dpi=30)
     img = A.show_animation(anim, fps=4)
-    assert img.data[:6] in (b"GIF87a", b"GIF89a")
+    # an HTML <img> with the GIF inline: nbconvert's HTML (and a notebook viewer on the web) shows it
+    import base64
+    assert img.data.startswith('<img src="data:image/gif;base64,')
+    b64 = img.data.split("base64,", 1)[1].split('"', 1)[0]
+    assert base64.b64decode(b64)[:6] in (b"GIF87a", b"GIF89a")
+    with pytest.raises(ValueError, match="GIF"):
+        A.gif_html(b"\x89PNG....")
     assert not plt.fignum_exists(anim._fig.number), "the figure is closed: Jupyter shows only the GIF"
     fig, ax = plt.subplots()
     ax.imshow(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
