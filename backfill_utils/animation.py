@@ -1,5 +1,5 @@
 """The backfilling animation: the gallery filling up, the curves growing, top results
-changing; written as a GIF with Pillow (no ffmpeg) and shown inline as a small GIF.
+changing; written as a GIF with Pillow (no ffmpeg) and shown inline as an HTML ``<img>`` of that GIF.
 
 Which gallery items hold new embeddings at each frame is the system's own rule
 (:meth:`backfill_utils.backfill.BackfillSystem.backfilled`), the one the curves and
@@ -18,7 +18,7 @@ from .io import atomic_write
 from .plots import METRIC_LABEL, method_style
 from .thumbnails import NEW_COLOR, OLD_COLOR, hex_rgb, lookup, thumbnail_strip, upscale
 
-__all__ = ["backfill_animation", "save_animation", "show_animation"]
+__all__ = ["backfill_animation", "save_animation", "gif_html", "show_animation"]
 
 
 def _gallery_grid_shape(n: int) -> tuple[int, int]:
@@ -66,7 +66,7 @@ def _gallery_axes(fig, cell, frames: _Frames):
     ax.set_yticks([])
     ax.grid(False)
     ax.legend(handles=[Patch(color=OLD_COLOR, label="old embedding"), Patch(color=NEW_COLOR, label="new embedding")],
-              loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=2, fontsize=8, handlelength=1)
+              loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=2, fontsize=10, handlelength=1)
     return ax, im
 
 
@@ -85,10 +85,10 @@ def _curve_axes(fig, cells, curves: pd.DataFrame, methods, refs) -> dict:
             ax.axhline(v, label=f"{m}/{m}", **{k: w for k, w in method_style(m).items() if k in ("color", "ls")})
         for m in methods:
             (lines[(m, metric)],) = ax.plot([], [], marker="o", ms=3, label=m, **method_style(m))
-        ax.set_xlabel("backfill ratio", fontsize=8)
-        ax.set_title(METRIC_LABEL[metric], fontsize=9)
-        ax.tick_params(labelsize=8)
-    axes[-1].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+        ax.set_xlabel("backfill ratio", fontsize=10)
+        ax.set_title(METRIC_LABEL[metric], fontsize=10)
+        ax.tick_params(labelsize=10)
+    axes[-1].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=10)
     return lines
 
 
@@ -101,10 +101,10 @@ def _strip_axes(fig, cell, frames: _Frames, list_method: str) -> list:
         ims.append(ax.imshow(frames.strip(0, q), interpolation="nearest"))
         ax.set_axis_off()
         ax.text(-0.02, 0.5, f"query {frames.queries[q]}\n(class {frames.labels[frames.queries[q]]})",
-                transform=ax.transAxes, ha="right", va="center", fontsize=9)
+                transform=ax.transAxes, ha="right", va="center", fontsize=10)
         if q == 0:
             ax.set_title(f"top-{frames.idx.shape[2]} of {list_method}   (frame: green correct, red wrong;  "
-                         "bar under a result: grey = from the old part, purple = from the new part)", fontsize=9)
+                         "bar under a result: grey = from the old part, purple = from the new part)", fontsize=10)
     return ims
 
 
@@ -132,18 +132,18 @@ def backfill_animation(curves: pd.DataFrame, system, topk: dict, images, labels,
     nq = len(frames.queries)
     fig = plt.figure(figsize=(10.0, 3.2 + 1.3 * nq), dpi=dpi)
     gs = fig.add_gridspec(2, 3, height_ratios=[3.0, 1.3 * nq], width_ratios=[1.0, 1.1, 1.1],
-                          hspace=0.3, wspace=0.3, left=0.03, right=0.88, top=0.9, bottom=0.02)
+                          hspace=0.3, wspace=0.3, left=0.06, right=0.88, top=0.9, bottom=0.02)
     ax_g, im_g = _gallery_axes(fig, gs[0, 0], frames)
     lines = _curve_axes(fig, (gs[0, 1], gs[0, 2]), curves, methods, refs)
     strip_ims = _strip_axes(fig, gs[1, :], frames, list_method)
-    suptitle = fig.suptitle("", fontsize=11)
+    suptitle = fig.suptitle("", fontsize=12)
     series = {(m, metric): curves[curves["method"] == m].sort_values("ratio")[metric].to_numpy()
               for m, metric in lines}
 
     def update(frame):
         i = min(frame, len(ratios) - 1)
         im_g.set_data(frames.gallery(i))
-        ax_g.set_title(f"gallery: {int(frames.masks[i].sum())}/{frames.n} backfilled", fontsize=9)
+        ax_g.set_title(f"gallery: {int(frames.masks[i].sum())}/{frames.n} backfilled", fontsize=10)
         for key, line in lines.items():
             line.set_data(ratios[:i + 1], series[key][:i + 1])
         for q, im in enumerate(strip_ims):
@@ -164,20 +164,35 @@ def save_animation(anim, path: Path | str, *, fps: int = 2, dpi: int | None = No
     return path
 
 
-def show_animation(anim, *, fps: int = 2, dpi: int | None = None, close: bool = True):
-    """``anim`` as an inline GIF for a notebook (``IPython.display.Image``).
+def gif_html(data: bytes, *, alt: str = "animation", width: int | None = None):
+    """A GIF as an HTML ``<img>`` with the bytes inline (``data:image/gif;base64``), for a
+    notebook (``IPython.display.HTML``): unlike an ``image/gif`` output, which JupyterLab shows
+    but ``jupyter nbconvert --to html`` (and so a notebook viewer on the web) does not, HTML
+    is shown everywhere. ``width``: the displayed width in px (default: the GIF's own)."""
+    import base64
+    import html
+
+    from IPython.display import HTML
+
+    if data[:6] not in (b"GIF87a", b"GIF89a"):
+        raise ValueError("gif_html takes the bytes of a GIF file")
+    size = f' width="{int(width)}"' if width else ""
+    return HTML(f'<img src="data:image/gif;base64,{base64.b64encode(data).decode("ascii")}" '
+                f'alt="{html.escape(alt)}"{size} style="max-width: 100%; height: auto">')
+
+
+def show_animation(anim, *, fps: int = 2, dpi: int | None = None, close: bool = True, alt: str = "animation"):
+    """``anim`` as an inline GIF for a notebook (:func:`gif_html`: an HTML ``<img>``).
 
     The GIF is rendered at ``dpi`` (default: the figure's) into memory, so the
-    executed notebook stores one small GIF instead of every frame as HTML/PNG.
+    executed notebook stores one GIF instead of every frame as HTML/PNG.
     ``close``: close the figure, so Jupyter does not show its last frame again
     as a still image.
     """
     import tempfile
 
-    from IPython.display import Image
-
     with tempfile.TemporaryDirectory() as tmp:
         data = save_animation(anim, Path(tmp) / "inline.gif", fps=fps, dpi=dpi).read_bytes()
     if close:
         plt.close(anim._fig)
-    return Image(data=data, format="gif")
+    return gif_html(data, alt=alt)

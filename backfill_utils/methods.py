@@ -250,10 +250,44 @@ def names(group: str | None = None) -> list[str]:
     return [n for n, m in _REGISTRY.items() if group is None or group in m.groups]
 
 
-def style(name: str) -> dict:
-    """Matplotlib line style of a registered method (empty for an unknown name)."""
+#: The colour map of methods: one colour per method of the package, far apart in CIELAB (no two
+#: closer than Delta E 20, ``tests/test_methods.py``). Every figure takes a method's colour from
+#: here, through :func:`style` / :func:`color`; the registrations below give line styles only.
+COLORS: dict[str, str] = {
+    "old": "#7f7f7f", "new": "#000000", "offline": "#a6761d",
+    "naive": "#bcbd22", "BCT": "#9467bd", "BiCT": "#008080",
+    "FCT": "#8c564b", "FastFill": "#e377c2", "FCT-small": "#556b2f", "FastFill-small": "#ad1457",
+    "RM": "#1f77b4", "RM+psi": "#2ca02c", "RM+psi+CMCL": "#ff7f0e", "Ours": "#d62728",
+    "CMCL-single": "#17becf", "CMCL-separate": "#3f007d", "CMCL w/o L_rev": "#fdbf6f",
+}
+#: Colours for methods registered outside the package without a colour of their own, in
+#: registration order (none of them is in :data:`COLORS`).
+SPARE_COLORS = ("#1b9e77", "#e7298a", "#7570b3", "#66a61e", "#e6ab02", "#a6cee3")
+
+
+def color(name: str) -> str | None:
+    """The colour of a registered method: :data:`COLORS`, else the ``color`` of its own
+    ``style``, else the next of :data:`SPARE_COLORS`; ``None`` for an unknown name.
+
+    >>> color("Ours"), color("no such method")
+    ('#d62728', None)
+    """
     m = _REGISTRY.get(name)
-    return dict(m.style) if m is not None else {}
+    if m is None:
+        return None
+    if name in COLORS and is_builtin(name):
+        return COLORS[name]
+    if m.style.get("color"):
+        return m.style["color"]
+    others = [n for n, o in _REGISTRY.items() if not (n in COLORS and is_builtin(n)) and not o.style.get("color")]
+    return SPARE_COLORS[others.index(name) % len(SPARE_COLORS)]
+
+
+def style(name: str) -> dict:
+    """Matplotlib line style of a registered method: its registered style with its colour
+    (:func:`color`); empty for an unknown name."""
+    m = _REGISTRY.get(name)
+    return {**m.style, "color": color(name)} if m is not None else {}
 
 
 def query_side(name: str) -> list[tuple[str, list[str]]]:
@@ -408,51 +442,51 @@ SMALL_H = dict(arch="mlp", hidden=None, depth=1, weight_decay=0.0, warmup_epochs
 
 # Registration order is the order of every table and legend.
 for _m in [
-    Method("old", dict(color="#7f7f7f", ls=":"), "old/old: the old model on the old gallery",
+    Method("old", dict(ls=":"), "old/old: the old model on the old gallery",
            ("main", "fig2", "settings"), backbone="old", reference="old"),
-    Method("new", dict(color="#000000", ls=":"), "new/new: the new model on a fully backfilled gallery",
+    Method("new", dict(ls=":"), "new/new: the new model on a fully backfilled gallery",
            ("main", "fig2", "settings"), reference="new"),
-    Method("offline", dict(color="#7f7f7f", ls="--"), "offline backfilling: old/old until r = 1, then new/new",
+    Method("offline", dict(ls="--"), "offline backfilling: old/old until r = 1, then new/new",
            ("main", "fig2", "flips", "settings", "serving"), backbone="old", reference="offline"),
-    Method("naive", dict(color="#bcbd22", ls="-"), "phi_new queries against the mixed gallery",
+    Method("naive", dict(ls="-"), "phi_new queries against the mixed gallery",
            ("main", "flips")),
-    Method("BCT", dict(color="#9467bd", ls="-"), "backward-compatible new model (influence loss) "
+    Method("BCT", dict(ls="-"), "backward-compatible new model (influence loss) "
            "against the mixed gallery", ("main", "flips", "settings"), backbone="bct"),
-    _forward("FCT", FCTRecipe, dict(color="#8c564b", ls="-"), "phi_new queries; old items hold h(phi_old), "
+    _forward("FCT", FCTRecipe, dict(ls="-"), "phi_new queries; old items hold h(phi_old), "
              "h regressed to phi_new (the authors' transformation and schedule)",
              ("main", "flips", "settings", "order_study", "serving"), _fit_fct, "fct",
              train_roles=("old", "new")),
-    _forward("FastFill", FastFillRecipe, dict(color="#e377c2", ls="-"), "FCT's h with uncertainty and the "
+    _forward("FastFill", FastFillRecipe, dict(ls="-"), "FCT's h with uncertainty and the "
              "new classifier's cross-entropy; backfilled by descending uncertainty",
              ("main", "flips", "settings"), _fit_fastfill, "fastfill",
              train_roles=("old", "new"), order=_fastfill_order, order_name="sigma"),
-    _forward("FCT-small", FCTRecipe, dict(color="#8c564b", ls=":"), "FCT with a small h (one hidden layer "
+    _forward("FCT-small", FCTRecipe, dict(ls=":"), "FCT with a small h (one hidden layer "
              "of width 2 d, the shared compat schedule)", ("main",), _fit_fct,
              "fct", small=True, train_roles=("old", "new")),
-    _forward("FastFill-small", FastFillRecipe, dict(color="#e377c2", ls=":"), "FastFill with a small h "
+    _forward("FastFill-small", FastFillRecipe, dict(ls=":"), "FastFill with a small h "
              "(one hidden layer of width 2 d, the shared compat schedule)", ("main",),
              _fit_fastfill, "fastfill", small=True, train_roles=("old", "new"),
              order=_fastfill_order, order_name="sigma"),
-    _forward("BiCT", BiCTRecipe, dict(color="#5254a3", ls="-."), "BCT queries; old items hold h(phi_old), "
+    _forward("BiCT", BiCTRecipe, dict(ls="-."), "BCT queries; old items hold h(phi_old), "
              "h trained towards the BCT model's space", ("main", "flips", "settings"), _fit_bict, "bict",
              backbone="bct", train_roles=("old", "bct")),
-    Method("RM", dict(color="#1f77b4", ls="-"), "rank merge: phi_old and phi_new searches merged by "
+    Method("RM", dict(ls="-"), "rank merge: phi_old and phi_new searches merged by "
            "distance (two query passes)", ("main", "fig2", "ablation", "distances", "flips", "settings",
                                            "order_study", "animation", "serving"),
            two_pass=True, components=_components_rm),
-    _reverse("RM+psi", RevPsiRecipe, dict(color="#17becf", ls="-"), "psi trained with L_rev only "
+    _reverse("RM+psi", RevPsiRecipe, dict(ls="-"), "psi trained with L_rev only "
              "(before CMCL)", ("main", "ablation", "cmcl_variants", "distances", "flips")),
-    _reverse("RM+psi+CMCL", CMCLPsiRecipe, dict(color="#ff7f0e", ls="-"), "psi trained with joint CMCL "
+    _reverse("RM+psi+CMCL", CMCLPsiRecipe, dict(ls="-"), "psi trained with joint CMCL "
              "+ L_rev", ("main", "ablation", "cmcl_variants", "distances", "flips", "settings"), variant="joint"),
-    _reverse("CMCL-single", CMCLPsiRecipe, dict(color="#2ca02c", ls="-."), "psi trained with the backward "
+    _reverse("CMCL-single", CMCLPsiRecipe, dict(ls="-."), "psi trained with the backward "
              "system's loss only", ("cmcl_variants",), variant="single"),
     # with a frozen new model the separate variant gives psi exactly the gradient of the single
     # one, so separate (and joint = Ours) are compared with rho trained
-    _reverse("CMCL-separate", CMCLPsiRhoRecipe, dict(color="#9467bd", ls="--"), "psi and rho, each "
+    _reverse("CMCL-separate", CMCLPsiRhoRecipe, dict(ls="--"), "psi and rho, each "
              "system's loss with its own negatives only", ("cmcl_variants",), variant="separate"),
-    _reverse("CMCL w/o L_rev", CMCLPsiRecipe, dict(color="#8c564b", ls="-."), "joint CMCL (psi only) "
+    _reverse("CMCL w/o L_rev", CMCLPsiRecipe, dict(ls="-."), "joint CMCL (psi only) "
              "without L_rev", ("ablation",), variant="joint", lambda_rev=0.0),
-    _reverse("Ours", CMCLPsiRhoRecipe, dict(color="#d62728", ls="-", lw=2.2), "psi and rho trained "
+    _reverse("Ours", CMCLPsiRhoRecipe, dict(ls="-", lw=2.2), "psi and rho trained "
              "jointly with CMCL + L_rev (the paper's method)",
              ("main", "ablation", "cmcl_variants", "distances", "flips", "settings", "order_study",
               "animation", "serving"), variant="joint"),

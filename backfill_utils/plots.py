@@ -4,7 +4,8 @@ Every figure is saved as PNG and PDF with the metadata that would change from
 run to run (software version, creation date) removed, and every table as CSV,
 Markdown and LaTeX, all written atomically (:func:`io.atomic_write`).
 
-Line styles come from the method registry (:func:`backfill_utils.methods.style`);
+Line styles and colours come from the method registry (:func:`backfill_utils.methods.style`;
+one colour per method, :data:`backfill_utils.methods.COLORS`);
 image figures (thumbnails, Fig. 1) are in :mod:`backfill_utils.thumbnails`, the
 backfilling animation in :mod:`backfill_utils.animation`.
 
@@ -108,7 +109,9 @@ def curve_panel(ax, curves: pd.DataFrame, metric: str, methods=None, *, label_fn
         label = label_fn(m) if label_fn else m
         kw = method_style(m)
         if m == "offline" and metric in ("mAP", "top1", "top5"):
-            ax.step(c["ratio"], c[metric], where="post", label=label, lw=1.3, zorder=1.5, **kw)
+            # old/old until r = 1: drawn above the old/old line, with open markers, so that it shows on it
+            ax.step(c["ratio"], c[metric], where="post", label=label,
+                    **{"lw": 1.6, "zorder": 2.5, "marker": "s", "ms": 3.5, "mfc": "white", **kw})
         elif m in ("old", "new"):
             ax.plot(c["ratio"], c[metric], label=label, lw=1.8, zorder=1, **kw)
         else:
@@ -118,11 +121,133 @@ def curve_panel(ax, curves: pd.DataFrame, metric: str, methods=None, *, label_fn
     ax.set_xlim(0, 1)
 
 
+def tick_number(v: float) -> str:
+    """A tick label in plain decimal notation, up to 3 significant digits (no powers of ten).
+
+    >>> [tick_number(v) for v in (0.03, 0.1, 0.121, 0.4, 1.0, 2.0, 16.0, 1000.0, 0.00025)]
+    ['0.03', '0.1', '0.121', '0.4', '1', '2', '16', '1000', '0.00025']
+    """
+    if v == 0 or not np.isfinite(v):
+        return f"{v:g}"
+    digits = max(0, 2 - int(np.floor(np.log10(abs(v)))))
+    return f"{v:.{digits}f}".rstrip("0").rstrip(".") if digits else f"{v:.0f}"
+
+
+def staggered(fractions: Sequence[float], labels: Sequence[str], min_gap: float = 0.12) -> list[str]:
+    """Tick labels on two lines where neighbours would collide: a label closer than
+    ``min_gap`` (in axis fractions) to the last label on the first line goes to the second
+    line (``"\\n"`` in front), if it is not too close there too (then to the line whose last
+    label is farther). ``fractions``: the ticks' positions along the axis, in order.
+
+    >>> staggered([0.0, 0.45, 0.5, 1.0], ["0.03", "0.1", "0.121", "0.3"])
+    ['0.03', '0.1', '\\n0.121', '0.3']
+    """
+    out, last = [], [None, None]  # the last label's position on each line
+    for f, lab in zip(fractions, labels):
+        free = [i for i in (0, 1) if last[i] is None or f - last[i] >= min_gap]
+        line = free[0] if free else min((0, 1), key=lambda i: last[i])  # else the line whose last is farthest
+        out.append("\n" * line + lab)
+        last[line] = f
+    return out
+
+
+def plain_log_axis(axis) -> None:
+    """Plain decimal tick labels (:func:`tick_number`) on a log-scaled axis, major and
+    minor alike, instead of matplotlib's mix of ``10^0`` and ``4 x 10^-1``."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: tick_number(v)))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def assign_rows(intervals: Sequence[tuple[float, float]], pad: float = 0.0) -> list[int]:
+    """Rows for labels spanning ``intervals`` ``(left, right)`` along one axis, so that no
+    two labels of one row overlap (nor come closer than ``pad``): each label, taken from left
+    to right, goes to the first row whose last label ends before it starts.
+
+    >>> assign_rows([(0, 2), (1, 3), (2.5, 4), (5, 6)])
+    [0, 1, 0, 0]
+    """
+    ends: list[float] = []
+    rows = [0] * len(intervals)
+    for i in sorted(range(len(intervals)), key=lambda i: intervals[i][0]):
+        left, right = intervals[i]
+        row = next((r for r, end in enumerate(ends) if left > end + pad), len(ends))
+        if row == len(ends):
+            ends.append(right)
+        else:
+            ends[row] = right
+        rows[i] = row
+    return rows
+
+
+def label_strip(ax, xs: Sequence[float], labels: Sequence[str], *, fontsize: float = 7, pad_px: float = 6):
+    """Horizontal labels of the x positions ``xs`` in ``ax`` (a strip under a panel, sharing its
+    x axis), in as many rows as it takes for no two to overlap (:func:`assign_rows` on the
+    labels' drawn extents), each with a thin line up to the top of the strip (behind the
+    labels of the rows above); returns the rows."""
+    fig = ax.figure
+    lo, hi = ax.get_xlim()
+    texts = []
+    for x, lab in zip(xs, labels):
+        frac = (x - lo) / (hi - lo) if hi > lo else 0.5
+        ha = "left" if frac < 0.12 else "right" if frac > 0.88 else "center"
+        texts.append(ax.text(x, 0, lab, fontsize=fontsize, ha=ha, va="center", color="0.25", clip_on=False,
+                             zorder=3, bbox=dict(fc="white", ec="none", pad=0.4)))
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    rows = assign_rows([(b.x0, b.x1) for b in boxes], pad=pad_px)
+    n = max(rows, default=0) + 1
+    for x, t, r in zip(xs, texts, rows):
+        t.set_y(r + 0.5)
+        ax.plot([x, x], [0, r + 0.3], color="0.6", lw=0.6, clip_on=False, zorder=1)
+    ax.set_ylim(n + 0.2, 0)
+    ax.set_yticks([])
+    ax.tick_params(axis="x", which="both", bottom=False, labelbottom=False)
+    ax.grid(False)
+    for side in ("left", "right", "bottom", "top"):
+        ax.spines[side].set_visible(False)
+    return rows
+
+
 def _legend_below(fig, ax, ncol: int, title: str | None = None) -> None:
     """One legend for the whole figure, under the panels (from ``ax``'s handles)."""
     handles, labels = ax.get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=ncol, title=title,
                title_fontsize=8)
+
+
+def _over_seeds(summary: pd.DataFrame | None) -> int:
+    """How many seeds the AUCs of ``summary`` average (its ``seeds`` column; 1 without one)."""
+    if summary is None or "seeds" not in summary or summary.empty:
+        return 1
+    return int(summary["seeds"].max())
+
+
+def auc_text(row, metrics: Sequence[str] = ("mAP", "top1")) -> str:
+    """The AUCs of one summary row for a legend, in the order of ``metrics``: ``"33.9 / 49.1"``
+    for one seed; over seeds (``seeds`` > 1 and ``auc_*_sd`` columns, as
+    :func:`backfill_utils.seeds.seed_stats` gives them) mean and sample sd as Table 1 prints
+    them, ``"33.81 ± 0.05 / 49.12 ± 0.22"``.
+
+    >>> auc_text({"auc_map": 33.8112, "auc_top1": 49.1})
+    '33.8 / 49.1'
+    >>> auc_text({"auc_map": 33.8112, "auc_map_sd": 0.0541, "auc_top1": 49.1, "auc_top1_sd": 0.2, "seeds": 3})
+    '33.81 ± 0.05 / 49.10 ± 0.20'
+    """
+    seeds = int(row.get("seeds", 1) or 1)
+    parts = []
+    for k in metrics:
+        key = AUC_KEY.get(k)
+        if key is None or key not in row:
+            continue
+        sd = row.get(f"{key}_sd")
+        if seeds > 1 and sd is not None and np.isfinite(sd):
+            parts.append(f"{row[key]:.2f} ± {sd:.2f}")
+        else:
+            parts.append(f"{row[key]:.1f}")
+    return " / ".join(parts)
 
 
 def _auc_label(summary: pd.DataFrame | None, metrics: Sequence[str]):
@@ -133,8 +258,16 @@ def _auc_label(summary: pd.DataFrame | None, metrics: Sequence[str]):
     def label(m):
         if m not in s.index:
             return m
-        return f"{m}: " + " / ".join(f"{s.loc[m, AUC_KEY[k]]:.1f}" for k in metrics if AUC_KEY.get(k) in s)
+        return f"{m}: " + auc_text(s.loc[m].to_dict(), metrics)
     return label
+
+
+def _auc_title(summary: pd.DataFrame | None, metrics: Sequence[str]) -> str | None:
+    if summary is None:
+        return None
+    title = "AUC " + " / ".join("CMC top-1" if m == "top1" else m for m in metrics)
+    n = _over_seeds(summary)
+    return title + (f"\nmean ± sd over {n} seeds (as Table 1)" if n > 1 else "")
 
 
 def curve_grid(curves: pd.DataFrame, summary: pd.DataFrame | None = None, methods=None, *,
@@ -142,7 +275,11 @@ def curve_grid(curves: pd.DataFrame, summary: pd.DataFrame | None = None, method
                title: str | None = None, panel_size=(3.6, 2.8)):
     """Backfilling curves: one panel per metric, one row per value of column ``row``
     (e.g. ``"setting"``), one legend per row with each method's AUCs (trapezoid
-    over [0, 1]) for the metrics of the row, in the order of ``metrics``."""
+    over [0, 1]) for the metrics of the row, in the order of ``metrics``.
+
+    ``summary``: one row per method (and ``row`` value) with ``auc_map``, ``auc_top1``; a
+    summary over seeds (``seeds``, ``auc_*_sd``: :func:`backfill_utils.seeds.seed_stats`) gives
+    the legend mean ± sd, as Table 1, while the curves are those of ``curves``."""
     if row is None:
         rows, groups = [None], {None: (curves, summary)}
     else:
@@ -165,7 +302,7 @@ def curve_grid(curves: pd.DataFrame, summary: pd.DataFrame | None = None, method
             if i < nr - 1:
                 ax.set_xlabel("")
         handles, labels = axes[i][-1].get_legend_handles_labels()
-        leg_title = "AUC " + " / ".join("CMC top-1" if m == "top1" else m for m in metrics) if s is not None else None
+        leg_title = _auc_title(s, metrics)
         axes[i][-1].legend(handles, labels, loc="center left", bbox_to_anchor=(1.02, 0.5), title=leg_title,
                            title_fontsize=8)
     if title:

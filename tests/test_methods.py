@@ -33,6 +33,39 @@ def test_the_papers_methods_and_groups():
     assert len(set(styles)) == len(styles)
 
 
+def _lab(hex_color):
+    """CIELAB (D65) of an sRGB colour."""
+    from matplotlib.colors import to_rgb
+
+    c = np.asarray(to_rgb(hex_color))
+    c = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    xyz = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]) @ c
+    f = np.cbrt(xyz / np.array([0.95047, 1.0, 1.08883]))
+    return np.array([116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])])
+
+
+def test_colour_map_gives_every_registered_method_its_own_colour():
+    import itertools
+
+    names = MM.names()
+    assert set(MM.COLORS) == set(names)  # one place: every method of the package has its entry
+    colors = {n: MM.style(n)["color"] for n in names}
+    assert colors == {n: MM.color(n) for n in names} == {n: MM.COLORS[n] for n in names}
+    # distinct to the eye, not only as strings: CIELAB Delta E 76 of at least 20 for every pair
+    close = [(a, b) for a, b in itertools.combinations(names, 2)
+             if np.linalg.norm(_lab(colors[a]) - _lab(colors[b])) < 20]
+    assert not close, close
+    assert not set(MM.SPARE_COLORS) & set(MM.COLORS.values())
+    # a method registered without a colour gets a spare one; with its own colour, that colour
+    MM.register(MM.Method("tmp-a", dict(ls="-"), "no colour", ("flips",)))
+    MM.register(MM.Method("tmp-b", dict(color="#123456"), "own colour", ("flips",)))
+    try:
+        assert MM.color("tmp-a") == MM.SPARE_COLORS[0] and MM.style("tmp-b")["color"] == "#123456"
+        assert MM.color("nope") is None and MM.style("nope") == {}
+    finally:
+        MM.unregister("tmp-a"), MM.unregister("tmp-b")
+
+
 def test_query_side_passes_and_slots():
     assert MM.query_side("RM") == [("old", []), ("new", [])]
     assert MM.query_side("Ours") == [("new", ["psi", "rho"])]

@@ -65,6 +65,19 @@ def test_curve_grid_rows_panels_and_auc_legend():
         P.curve_grid(curves, summary, ["nope"], row="setting")
 
 
+def test_curve_grid_legend_over_seeds_is_mean_and_sd():
+    from backfill_utils import seeds as SD
+
+    curves, summary = fake_results(settings=("extended",), methods=["old", "RM", "Ours"])
+    by_seed = pd.concat([summary.assign(seed=0), summary.assign(seed=1, auc_map=summary.auc_map + 2)])
+    auc = SD.seed_stats(by_seed, ["auc_map", "auc_top1"], by=["setting", "method"])
+    fig = P.curve_grid(curves, auc, ["old", "RM", "Ours"])
+    leg = fig.axes[-1].get_legend()
+    assert [t.get_text() for t in leg.get_texts()][0] == "old: 21.00 ± 1.41 / 25.00 ± 0.00"
+    assert "mean ± sd over 2 seeds" in leg.get_title().get_text()
+    assert P.auc_text({"auc_map": 1.234, "auc_top1": 2.0}) == "1.2 / 2.0"  # one seed: no sd
+
+
 def test_ablation_flips_and_variants_figures():
     curves, summary = fake_results(settings=("extended",))
     for fig in (P.ablation_figure(curves, summary, ["RM", "Ours"]),
@@ -78,7 +91,7 @@ def test_ablation_flips_and_variants_figures():
 
 
 def test_method_style_comes_from_the_registry():
-    assert P.method_style("Ours") == MM.style("Ours") and MM.style("Ours")["color"] == MM.get("Ours").style["color"]
+    assert P.method_style("Ours") == MM.style("Ours") and MM.style("Ours")["color"] == MM.COLORS["Ours"]
     v = P.method_style("Ours (sigma order)")
     assert v["color"] == MM.style("Ours")["color"] and v["ls"] == "--"
     assert P.method_style("unknown") == {}
@@ -180,8 +193,63 @@ def test_inline_display_helpers_are_small_and_close_the_figure():
                                 rng.integers(0, 255, (n, 8, 8, 3), dtype=np.uint8), np.arange(n) % 4, [0],
                                 hold=1, dpi=30)
     img = A.show_animation(anim, fps=4)
-    assert img.data[:6] in (b"GIF87a", b"GIF89a")
+    # an HTML <img> with the GIF inline: nbconvert's HTML (and a notebook viewer on the web) shows it
+    import base64
+    assert img.data.startswith('<img src="data:image/gif;base64,')
+    b64 = img.data.split("base64,", 1)[1].split('"', 1)[0]
+    assert base64.b64decode(b64)[:6] in (b"GIF87a", b"GIF89a")
+    with pytest.raises(ValueError, match="GIF"):
+        A.gif_html(b"\x89PNG....")
     assert not plt.fignum_exists(anim._fig.number), "the figure is closed: Jupyter shows only the GIF"
     fig, ax = plt.subplots()
     ax.imshow(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
     assert P.jpeg_image(fig).data[:3] == b"\xff\xd8\xff"
+
+
+def test_tick_labels_plain_and_staggered_where_they_would_collide():
+    assert [P.tick_number(v) for v in (0.1, 0.121, 0.4, 1.0, 4.0, 16.0)] == ["0.1", "0.121", "0.4", "1", "4", "16"]
+    assert P.staggered([0.0, 0.45, 0.5, 0.55, 1.0], ["a", "b", "c", "d", "e"]) == ["a", "b", "\nc", "d", "e"]
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0.3, 5.0], [1, 2])
+    ax.set_yscale("log")
+    ax.set_xscale("log")
+    P.plain_log_axis(ax.xaxis)
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    assert labels and all("10^" not in t and "times" not in t for t in labels), labels
+
+
+def test_label_strip_puts_overlapping_labels_on_other_rows():
+    import matplotlib.pyplot as plt
+
+    assert P.assign_rows([(0, 2), (1, 3), (2.5, 4), (5, 6)]) == [0, 1, 0, 0]
+    fig, (ax, strip) = plt.subplots(2, 1, sharex=True)
+    ax.plot([0, 1], [0, 1])
+    rows = P.label_strip(strip, [0.5, 0.51, 0.52, 0.9], ["a long label", "another long one", "third", "far"])
+    assert len(set(rows[:3])) == 3 and rows[3] == 0
+
+
+def test_study_figures_legends_are_readable():
+    from backfill_utils import study_plots as SP
+
+    fams = ["profile's", '{"num_classes": 10, "test_per_class": 100, "train_per_class": 1000}']
+    rows = []
+    for v, (fam, x) in enumerate([(fams[0], 0.2), (fams[0], 0.21), (fams[1], 0.5)]):
+        for m, g in (("RM", 0.1), ("Ours", 0.6), ("FCT", 0.5)):
+            rows.append({"variant": f"v{v}", "method": m, "rel_gain_map": g + x, "rel_gain_map_sd": 0.01,
+                         "old_over_new": x, "fct_r0_over_new": x + 0.1, "data": fam})
+    fig = SP.regime_map(pd.DataFrame(rows))
+    texts = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert texts == ["RM", "Ours", "FCT", "profile's data", "10 classes, 1000 train / 100 test images per class"]
+    win = pd.DataFrame({"variant": ["v0", "v2"], "data": fams, "start_gap_minus_end_bonus": [-10.0, 5.0],
+                        "reverse_minus_forward": [5.0, -3.0], "sd": [0.5, 0.4]})
+    fig = SP.regime_decider(win)
+    assert legend_texts(fig.axes[0]) == ["profile's data", "10 classes, 1000 train / 100 test images per class"]
+    assert not any("{" in t for t in legend_texts(fig.axes[0]))
+    summ = pd.DataFrame({"knob": "tau", "split": "test", "value": ["0.03", "0.1", "0.121", "0.3"],
+                         "auc_map": [1.0, 2, 3, 2], "auc_map_sd": 0.1, "final_map": [1.0, 2, 3, 2],
+                         "final_map_sd": 0.1, "is_tuned": [False, False, True, False]})
+    fig = SP.sensitivity(summ, knobs=("tau",))
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["0.03", "0.1", "\n0.121", "0.3"]

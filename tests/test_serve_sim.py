@@ -84,3 +84,30 @@ def test_simulation_quality_is_deterministic_and_latency_is_measured():
         e = old if t == 0 else new
         ref = MT.evaluate_retrieval(e, y, e, y, exclude_self=True, return_per_query=True)
         assert q1["top1"].iloc[t] == pytest.approx(100 * ref["correct_at_1"][rows[t]].mean(), abs=1e-9)
+
+
+def test_load_figure_is_two_by_two_with_plain_latency_ticks():
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from backfill_utils import plots as P
+    from backfill_utils import serve_sim as S
+
+    P.style()
+    plan = S.LoadPlan(throughput=5, settle_ticks=1)
+    t = np.arange(4)
+    quality = pd.concat([pd.DataFrame({"method": m, "elapsed_s": t, "top1": 10.0 + t, "map_at_k": 5.0 + t})
+                         for m in ("RM", "Ours")])
+    latency = pd.concat([pd.DataFrame({"method": m, "elapsed_s": t, "total_p50_ms": 0.3 + 0.1 * t,
+                                       "total_p99_ms": [0.4, 0.9, 3.0, 6.0]}) for m in ("RM", "Ours")])
+    fig = S.load_figure(quality, latency, plan, 15)
+    try:
+        assert len(fig.axes) == 4 and fig.get_size_inches()[1] >= 6
+        fig.canvas.draw()
+        p99 = fig.axes[3]
+        labels = [x.get_text() for x in p99.get_yticklabels() if x.get_text()]
+        assert labels and all(x.replace(".", "").isdigit() for x in labels), labels
+        assert "batch 1" in p99.get_ylabel() and any("Table 2" in x.get_text() for x in fig.texts)
+        assert [x.get_text() for x in fig.legends[0].get_texts()] == ["RM", "Ours"]
+    finally:
+        plt.close(fig)
