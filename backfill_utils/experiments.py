@@ -256,8 +256,8 @@ def make_system(method: MM.Method, old: Any, new: Any, trained: MM.Trained,
     """The generic system of a method from test embeddings and its trained modules.
 
     ``old``: phi_old of the gallery (and of the queries); ``new``: the gallery and
-    queries embedded by the method's ``backbone``; ``order``: the random order, used
-    unless the method defines its own. The new side holds ``rho(new)`` (or ``new``);
+    queries embedded by the method's ``backbone``; ``order``: the backfill order
+    (:func:`~backfill_utils.orders.method_order`). The new side holds ``rho(new)`` (or ``new``);
     not-yet-backfilled items hold ``h(old)`` (or ``old``) and are searched with
     ``old`` (rank merge), ``psi(new)``, or the new side's query.
     """
@@ -267,8 +267,6 @@ def make_system(method: MM.Method, old: Any, new: Any, trained: MM.Trained,
     else:
         query_old = K.apply(trained.psi, new) if trained.psi is not None else new_side
     gallery_old = K.apply(trained.h, old) if trained.h is not None else old
-    if method.order is not None:
-        order = method.order(trained, old)
     return B.BackfillSystem(method.name, query_old, gallery_old, new_side, new_side, order,
                             method.query_passes)
 
@@ -284,7 +282,7 @@ def build_system(cfg: dict, setting: str, name: str, *, recipe: Any = None, seed
     trained = (train_method(cfg, setting, name, recipe=recipe, seed=seed, data=data, progress=progress)
                if m.trainable else MM.Trained())
     old = data.test("old")
-    order = B.random_order(len(old), int(cfg["eval"]["order_seed"]))
+    order = B.method_order(m, trained, old, int(cfg["eval"]["order_seed"]))
     return (m.system or make_system)(m, old, data.test(m.backbone), trained, order)
 
 

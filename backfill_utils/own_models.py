@@ -371,7 +371,7 @@ def evaluate_own(emb: OwnEmbeddings, cfg: dict, names=None, *, paths: Mapping[st
     y, r = emb.test_labels, X.ratios(cfg)
     refs = [MT.evaluate_retrieval(data.test(role), y, data.test(role), y, exclude_self=True,
                                   return_per_query=True) for role in ("old", "new")]
-    order = B.random_order(len(y), int(cfg["eval"]["order_seed"]))
+    seed = int(cfg["eval"]["order_seed"])
     curves, rows, trained = [], [], {}
     for n in keep:
         m = MM.get(n)
@@ -384,8 +384,9 @@ def evaluate_own(emb: OwnEmbeddings, cfg: dict, names=None, *, paths: Mapping[st
         if m.reference is not None:
             curve = X.reference_curve(m.reference, _Refs(refs), r)
         else:
-            system = (m.system or X.make_system)(m, data.test("old"), data.test(m.backbone),
-                                                 trained.get(n, MM.Trained()), order)
+            t = trained.get(n, MM.Trained())
+            system = (m.system or X.make_system)(m, data.test("old"), data.test(m.backbone), t,
+                                                 B.method_order(m, t, data.test("old"), seed))
             curve = B.backfill_curve(system, y, y, ratios=r, exclude_self=True,
                                      reference_correct=refs[0]["correct_at_1"])
         rows.append({"method": n, "query_passes": m.query_passes,
@@ -412,8 +413,8 @@ def export_modules(trained: Mapping[str, MM.Trained], folder: Any) -> list[Path]
 
 def served_index(emb: OwnEmbeddings, cfg: dict, name: str, trained: MM.Trained | None, ratio: float, **kwargs):
     """The :class:`~backfill_utils.serve.OnlineBackfillIndex` of method ``name`` over the
-    own test gallery (ids = rows), backfilled to ``ratio`` in the profile's random order
-    (the order of :func:`evaluate_own`); ``kwargs``: the index's (``factory``, ...)."""
+    own test gallery (ids = rows), backfilled to ``ratio`` in the method's order
+    (:func:`backfill_utils.orders.method_order`, as in :func:`evaluate_own`); ``kwargs``: the index's (``factory``, ...)."""
     from .serve import OnlineBackfillIndex
     from .serve_registry import index_arguments
 
@@ -422,7 +423,8 @@ def served_index(emb: OwnEmbeddings, cfg: dict, name: str, trained: MM.Trained |
                                 **index_arguments(m, trained or MM.Trained()), **kwargs)
     n = len(emb.test_labels)
     index.add_old(np.arange(n), emb.old_test)
-    batch = B.random_order(n, int(cfg["eval"]["order_seed"]))[:B.backfilled_count(ratio, n)]
+    order = B.method_order(m, trained or MM.Trained(), emb.old_test, int(cfg["eval"]["order_seed"]))
+    batch = order[:B.backfilled_count(ratio, n)]
     index.backfill(batch, emb.new_test[batch])
     return index
 
