@@ -6,7 +6,7 @@ config, io, session, data (with dataset_registry, synthetic, layouts, ...),
 models, distances, losses, recipes, compat (+ compat_inputs, compat_train),
 train (+ parallel), embed, metrics (the exact engine: engine, counting,
 counting_numba, phases), orders, backfill, methods (the method registry),
-experiments (+ order_study, query_cost), seeds, claims, tuning, sensitivity,
+experiments (+ evaluate: the one evaluation loop; order_study, query_cost), seeds, claims, tuning, sensitivity,
 regimes, report, tables, illustrate, plots (+ study_plots, thumbnails,
 animation), serve (+ serve_parts, serve_side: faiss over the mixed gallery),
 run, bench, bench_serve, gpu_check, blocks (the generated blocks of README.md and docs/).

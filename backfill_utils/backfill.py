@@ -53,11 +53,12 @@ import torch
 
 from . import metrics as _m
 from .orders import (DEFAULT_RATIOS, backfill_segments, backfilled_count, check_order, check_ratios,
-                     random_order)
+                     method_order, random_order)
 
 __all__ = [
     "BackfillSystem",
     "random_order",
+    "method_order",
     "backfilled_count",
     "check_ratios",
     "check_order",

@@ -59,11 +59,11 @@ def fct_convergence(cfg: dict, setting: str = "extended", *, progress: bool = Tr
         train = X.SettingData(cfg, setting, progress=progress)
         val = X.SettingData(cfg, setting, progress=progress, split="val")
         old, new, labels = val.test("old"), val.test("new"), val.test_labels
-        order = B.random_order(len(old), int(cfg["eval"]["order_seed"]))
-        r = X.ratios(cfg)
+        seed, r = int(cfg["eval"]["order_seed"]), X.ratios(cfg)
 
         def on_epoch(epoch: int, modules) -> dict:
-            system = X.make_system(method, old, new, MM.Trained(h=modules[0]), order)
+            trained = MM.Trained(h=modules[0])
+            system = X.make_system(method, old, new, trained, B.method_order(method, trained, old, seed))
             # a validation class with a single image has no relevant item left out of it: skipped
             curve = B.backfill_curve(system, labels, labels, ratios=r, exclude_self=True, on_no_relevant="skip")
             return {f"val_auc_{k}": float(np.trapezoid(curve[m].to_numpy(), r))

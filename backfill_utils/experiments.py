@@ -12,9 +12,10 @@ For a profile ``cfg`` and a setting:
    ``state_dict``, and the training history);
 3. :func:`build_system` / :func:`make_system` turn a method and its trained modules
    into a :class:`~backfill_utils.backfill.BackfillSystem`;
-4. :func:`method_curve` evaluates one method (cached per method, kind
-   ``"curves"``, so adding a method computes only its own curve);
-   :func:`evaluate_setting` / :func:`evaluate_all` enumerate the registry.
+4. :func:`method_curve` evaluates one method with the loop of
+   :mod:`backfill_utils.evaluate` (cached per method, kind ``"curves"``, so adding a
+   method computes only its own curve); :func:`evaluate_setting` /
+   :func:`evaluate_all` enumerate the registry.
 
 ``CURVES_VERSION`` and ``EXPERIMENTS_VERSION`` go into cache keys (docs/reproducibility.md, "Cache
 versions"); ``compat.COMPAT_VERSION`` versions the trained modules.
@@ -31,10 +32,12 @@ import torch
 from . import backfill as B
 from . import compat as K
 from . import embed as E
+from . import evaluate as EV
 from . import io
 from . import methods as MM
 from . import metrics as MT
 from . import train as T
+from .evaluate import make_system, reference_curve  # noqa: F401 - part of this module's interface
 from .recipes import Recipe
 
 __all__ = ["CURVES_VERSION", "EXPERIMENTS_VERSION", "EVAL_SPLITS", "ratios", "SettingData", "resolve_recipe",
@@ -60,7 +63,8 @@ EVAL_SPLITS = ("test", "val")
 
 
 class SettingData:
-    """Cached embeddings and classifiers of one setting, loaded on first use.
+    """Cached embeddings and classifiers of one setting, loaded on first use: the
+    profile's :class:`~backfill_utils.evaluate.EmbeddingSource`.
 
     ``test(role)`` ``(N, d)`` and ``test_labels``: the gallery (= queries) a method is
     evaluated on, the test split or, with ``split="val"``, the validation split held out
@@ -251,28 +255,6 @@ def train_method(cfg: dict, setting: str, name: str, *, recipe: Any = None, seed
 
 
 # --------------------------------------------------------------------------- systems
-def make_system(method: MM.Method, old: Any, new: Any, trained: MM.Trained,
-                order: np.ndarray | None) -> B.BackfillSystem:
-    """The generic system of a method from test embeddings and its trained modules.
-
-    ``old``: phi_old of the gallery (and of the queries); ``new``: the gallery and
-    queries embedded by the method's ``backbone``; ``order``: the random order, used
-    unless the method defines its own. The new side holds ``rho(new)`` (or ``new``);
-    not-yet-backfilled items hold ``h(old)`` (or ``old``) and are searched with
-    ``old`` (rank merge), ``psi(new)``, or the new side's query.
-    """
-    new_side = K.apply(trained.rho, new) if trained.rho is not None else new
-    if method.two_pass:
-        query_old = old
-    else:
-        query_old = K.apply(trained.psi, new) if trained.psi is not None else new_side
-    gallery_old = K.apply(trained.h, old) if trained.h is not None else old
-    if method.order is not None:
-        order = method.order(trained, old)
-    return B.BackfillSystem(method.name, query_old, gallery_old, new_side, new_side, order,
-                            method.query_passes)
-
-
 def build_system(cfg: dict, setting: str, name: str, *, recipe: Any = None, seed: int | None = None,
                  data: SettingData | None = None, progress: bool = True) -> B.BackfillSystem:
     """The :class:`~backfill_utils.backfill.BackfillSystem` of method ``name`` on the
@@ -283,9 +265,7 @@ def build_system(cfg: dict, setting: str, name: str, *, recipe: Any = None, seed
     data = data or SettingData(cfg, setting, progress=progress)
     trained = (train_method(cfg, setting, name, recipe=recipe, seed=seed, data=data, progress=progress)
                if m.trainable else MM.Trained())
-    old = data.test("old")
-    order = B.random_order(len(old), int(cfg["eval"]["order_seed"]))
-    return (m.system or make_system)(m, old, data.test(m.backbone), trained, order)
+    return EV.system_of(m, data, trained, int(cfg["eval"]["order_seed"]))
 
 
 def build_systems(cfg: dict, setting: str, names=None, *, progress: bool = True):
@@ -302,32 +282,6 @@ def build_systems(cfg: dict, setting: str, names=None, *, progress: bool = True)
 
 
 # --------------------------------------------------------------------------- curves
-class _References:
-    """old/old and new/new on the test split (leave-one-out), computed on first use."""
-
-    def __init__(self, data: SettingData) -> None:
-        self.data, self._refs = data, None
-
-    def get(self) -> tuple[dict, dict]:
-        if self._refs is None:
-            y = self.data.test_labels
-            self._refs = tuple(MT.evaluate_retrieval(self.data.test(r), y, self.data.test(r), y,
-                                                     exclude_self=True, return_per_query=True)
-                               for r in ("old", "new"))
-        return self._refs
-
-
-def reference_curve(kind: str, refs: Any, r: np.ndarray) -> pd.DataFrame:
-    """The curve of a reference (``old``, ``new`` or ``offline``) at ratios ``r``; ``refs.get()``
-    gives the per-query metrics of old/old and new/new."""
-    old_ref, new_ref = refs.get()
-    if kind == "offline":
-        return B.offline_curve(old_ref, new_ref, r)
-    ref = old_ref if kind == "old" else new_ref
-    return pd.DataFrame({"ratio": r, "mAP": ref["mAP"], "top1": ref["top1"], "top5": ref["top5"],
-                         "negative_flips": 0.0})
-
-
 def _curve_key(cfg: dict, setting: str, name: str, recipe: Any, seed: int | None, split: str) -> dict:
     m = MM.get(name)
     roles = sorted({"old", "new", m.backbone})
@@ -339,7 +293,7 @@ def _curve_key(cfg: dict, setting: str, name: str, recipe: Any, seed: int | None
 
 def method_curve(cfg: dict, setting: str, name: str, *, recipe: Any = None, seed: int | None = None,
                  split: str = "test", data: SettingData | None = None, progress: bool = True,
-                 _refs: _References | None = None) -> tuple[pd.DataFrame, dict]:
+                 _refs: EV.References | None = None) -> tuple[pd.DataFrame, dict]:
     """The backfilling curve of one method and its summary row; cached per method
     (kind ``"curves"``), trained first if needed (:func:`train_method`).
 
@@ -358,19 +312,10 @@ def method_curve(cfg: dict, setting: str, name: str, *, recipe: Any = None, seed
 
     def compute():
         d = data or SettingData(cfg, setting, progress=progress, split=split)
-        refs = _refs or _References(d)
-        r = ratios(cfg)
-        extra = 0
-        if m.reference is not None:
-            curve = reference_curve(m.reference, refs, r)
-        else:
-            system = build_system(cfg, setting, name, recipe=recipe, seed=seed, data=d, progress=progress)
-            curve = B.backfill_curve(system, d.test_labels, d.test_labels, ratios=r, exclude_self=True,
-                                     reference_correct=refs.get()[0]["correct_at_1"])
-            if m.trainable:
-                extra = train_method(cfg, setting, name, recipe=recipe, seed=seed, data=d).n_params
-        row = {"method": name, "query_passes": m.query_passes, "extra_params": extra,
-               **B.summarize_curve(curve, *refs.get())}
+        trained = (train_method(cfg, setting, name, recipe=recipe, seed=seed, data=d, progress=progress)
+                   if m.trainable else MM.Trained())
+        curve, row = EV.curve_and_row(m, d, _refs or EV.References(d), ratios(cfg), trained,
+                                      int(cfg["eval"]["order_seed"]))
         return {**io.frame_to_arrays(curve, "curve::"), **io.frame_to_arrays(pd.DataFrame([row]), "row::")}
 
     arrays = io.cached_arrays("curves", _curve_key(cfg, setting, name, recipe, seed, split), compute,
@@ -387,20 +332,14 @@ def evaluate_setting(cfg: dict, setting: str, names=None, *, seed: int | None = 
     ``names`` (default: every registered method) in ``setting``; each curve cached.
     ``seed``: the training seed of the trained methods (default: the profile's);
     ``split``: the evaluation split (:data:`EVAL_SPLITS`)."""
-    names = list(names or MM.names())
     data = SettingData(cfg, setting, progress=progress, split=split)
-    refs = _References(data)
-    curves, rows = [], []
-    for n in names:
+    refs = EV.References(data)
+
+    def curve_of(n: str):
         s = seed if MM.get(n).trainable else None
-        c, row = method_curve(cfg, setting, n, seed=s, split=split, data=data, progress=progress, _refs=refs)
-        c.insert(0, "method", n)
-        curves.append(c)
-        rows.append(row)
-    summary = pd.DataFrame(rows)
-    summary["query_passes"] = summary["query_passes"].astype(np.int64)
-    summary["extra_params"] = summary["extra_params"].astype(np.int64)
-    return pd.concat(curves, ignore_index=True), summary
+        return method_curve(cfg, setting, n, seed=s, split=split, data=data, progress=progress, _refs=refs)
+
+    return EV.evaluate_methods(list(names or MM.names()), curve_of)
 
 
 def evaluate_all(cfg: dict, names=None, *, seed: int | None = None,

@@ -17,7 +17,8 @@ train, evaluate, draw, tabulate and serve it:
   ``rho`` (new side: queries and backfilled items) and ``h`` (gallery side: the old
   embeddings of the not-yet-backfilled items). From these a generic builder makes
   its :class:`~backfill_utils.backfill.BackfillSystem` (``system=`` overrides it);
-* its backfill ``order`` if it defines one (FastFill), else the seeded random order;
+* its backfill ``order`` if it defines one (FastFill), else the seeded random order
+  (:func:`backfill_utils.orders.method_order` applies this rule everywhere);
 * its ``components`` for the ablation table (psi, CMCL, L_rev, rho);
 * or, for the three references (old/old, new/new, offline backfilling), which
   ``reference`` curve it is.
@@ -133,7 +134,8 @@ class Method:
     :class:`~backfill_utils.experiments.SettingData` restricted to ``train_roles``,
     ``recipe(cfg)`` the default recipe from the profile; ``order(trained, old_gallery)
     -> permutation`` and its ``order_name`` if the method defines its backfill order;
-    ``system(method, old, new, trained, random_order) -> BackfillSystem`` to replace the
+    ``system(method, old, new, trained, order) -> BackfillSystem`` (``order``: the method's
+    order, :func:`~backfill_utils.orders.method_order`) to replace the
     generic :func:`~backfill_utils.experiments.make_system`; ``components(recipe) ->
     {psi, CMCL, L_rev, rho}`` for the ablation; ``reference`` (``"old"``, ``"new"``,
     ``"offline"``) for a reference curve; ``version`` (in its cache keys: bump it when

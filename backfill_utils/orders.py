@@ -3,7 +3,8 @@
 At ratio ``r`` the first :func:`backfilled_count` ``(r, N)`` = ``floor(r N)`` items of
 the backfill order hold their new embeddings. :class:`~backfill_utils.backfill.BackfillSystem`
 applies this rule (``backfilled``, ``segments``); the functions here are its parts:
-orders (:func:`random_order`, :func:`check_order`), ratios (:func:`check_ratios`,
+orders (:func:`random_order`, :func:`check_order`, and :func:`method_order`, the one rule for
+the order a registered method is backfilled in), ratios (:func:`check_ratios`,
 :data:`DEFAULT_RATIOS`), counts and the first ratio of each item (:func:`backfill_segments`).
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["DEFAULT_RATIOS", "random_order", "backfilled_count", "check_ratios", "check_order",
+__all__ = ["DEFAULT_RATIOS", "random_order", "method_order", "backfilled_count", "check_ratios", "check_order",
            "backfill_segments"]
 
 #: The paper's backfill ratios 0, 0.1, ..., 1.0.
@@ -35,6 +36,27 @@ def random_order(n: int, seed: int = 0) -> np.ndarray:
     if int(n) < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     return np.random.default_rng(seed).permutation(int(n)).astype(np.int64)
+
+
+def method_order(method: Any, trained: Any, old_gallery: Any, seed: int) -> np.ndarray:
+    """The order in which ``method`` (a :class:`~backfill_utils.methods.Method`) backfills
+    the gallery whose old embeddings are ``old_gallery``: its own order
+    ``method.order(trained, old_gallery)`` if it defines one (FastFill's sigma order), else
+    the seeded random order ``random_order(len(old_gallery), seed)`` (``seed``: the
+    profile's ``eval.order_seed``). Checked to be a permutation; int64.
+
+    >>> class NoOrder: order = None
+    >>> method_order(NoOrder, None, [[0.0]] * 5, seed=0).tolist() == random_order(5, 0).tolist()
+    True
+    >>> class Reverse: order = staticmethod(lambda trained, old: list(range(len(old)))[::-1])
+    >>> method_order(Reverse, None, [[0.0]] * 3, seed=0).tolist()
+    [2, 1, 0]
+    """
+    n = len(old_gallery)
+    if getattr(method, "order", None) is None:
+        return random_order(n, seed)
+    name = getattr(method, "name", type(method).__name__)
+    return check_order(method.order(trained, old_gallery), n, f"the backfill order of {name!r}")
 
 
 def backfilled_count(ratio: float, n: int) -> int:

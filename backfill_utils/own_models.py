@@ -26,7 +26,9 @@ keeps them as they are).
 only the two models' embeddings (the paper's psi and rho, RM+psi, FCT, ...; a method
 that needs a classifier or a backward-compatible backbone is listed as skipped) with
 its default recipe of the profile, caches the trained modules by the content of the
-training files, and evaluates every method's backfilling curve with the engine.
+training files, and evaluates every method's backfilling curve with the loop of
+:mod:`backfill_utils.evaluate` (the one the profile's curves use; :class:`OwnData` is
+the :class:`~backfill_utils.evaluate.EmbeddingSource` of own embeddings).
 :func:`export_profile_embeddings` writes the profile's cached embeddings as such files
 (the notebook's default, so that it runs offline). :func:`own_run_name` names the
 folder of a run on own files (``<run folder>/own_models/<name>/``), apart from the
@@ -44,10 +46,10 @@ import numpy as np
 import pandas as pd
 
 from . import backfill as B
+from . import evaluate as EV
 from . import experiments as X
 from . import io
 from . import methods as MM
-from . import metrics as MT
 
 __all__ = ["FILES", "own_run_name", "OwnEmbeddings", "NeedsClassifier", "OwnData", "load_own_embeddings", "check_own_embeddings",
            "export_profile_embeddings", "train_own", "evaluate_own", "export_modules", "served_index"]
@@ -253,22 +255,35 @@ def export_profile_embeddings(cfg: dict, setting: str, folder: Any, *, progress:
 
 
 class OwnData:
-    """Own embeddings in the shape of :class:`~backfill_utils.experiments.SettingData`,
-    which a method's ``fit`` reads: ``embeddings("old" | "new")``, ``labels``,
-    ``test(role)``, ``test_labels``; ``classifier`` raises :class:`NeedsClassifier`."""
+    """Own embeddings as an :class:`~backfill_utils.evaluate.EmbeddingSource` (like the
+    profile's :class:`~backfill_utils.experiments.SettingData`): ``embeddings("old" |
+    "new")`` ``(N, d)`` and ``labels`` of the training files, ``test(role)`` and
+    ``test_labels`` of the test files (split ``"test"``); ``classifier`` and any backbone
+    other than old and new raise :class:`NeedsClassifier`."""
 
     split = "test"
 
-    def __init__(self, emb: OwnEmbeddings, *, progress: bool = True) -> None:
-        self.emb, self.progress = emb, progress
+    def __init__(self, emb: OwnEmbeddings, *, progress: bool = True, roles: tuple[str, ...] = ("old", "new")) -> None:
+        self.emb, self.progress, self.roles = emb, progress, tuple(roles)
+
+    def restricted(self, roles, seed: int | None = None) -> "OwnData":
+        """The same embeddings limited to the backbones ``roles`` (``seed``: unused, the
+        embeddings do not depend on it)."""
+        return OwnData(self.emb, progress=self.progress, roles=tuple(roles))
 
     def _role(self, role: str) -> str:
         if role not in ("old", "new"):
             raise NeedsClassifier(f"own embeddings come from two models (old, new), not from a {role!r} backbone")
         return role
 
+    def _train_role(self, role: str) -> str:
+        if self._role(role) not in self.roles:
+            raise ValueError(f"the {role!r} model is not among the backbones this method declared ({self.roles}); "
+                             "add it to the method's train_roles")
+        return role
+
     def embeddings(self, role: str) -> np.ndarray:
-        return getattr(self.emb, f"{self._role(role)}_train")
+        return getattr(self.emb, f"{self._train_role(role)}_train")
 
     @property
     def labels(self) -> np.ndarray:
@@ -304,7 +319,7 @@ def train_own(emb: OwnEmbeddings, cfg: dict, name: str, *, progress: bool = True
     recipe, _ = X.resolve_recipe(cfg, name)
 
     def compute():
-        trained = m.fit(OwnData(emb, progress=progress), recipe)
+        trained = m.fit(OwnData(emb, progress=progress).restricted(m.train_roles), recipe)
         return X.trained_to_arrays(name, trained, m.slots)
 
     arrays = io.cached_arrays("compat", _own_key(emb, cfg, name), compute,
@@ -368,31 +383,21 @@ def evaluate_own(emb: OwnEmbeddings, cfg: dict, names=None, *, paths: Mapping[st
     keep, skipped = _plan(list(names or [n for n in MM.names("main") if MM.is_builtin(n)]), emb)
     _pretrain(paths, emb, cfg, keep, normalize, progress)
     data = OwnData(emb, progress=progress)
-    y, r = emb.test_labels, X.ratios(cfg)
-    refs = [MT.evaluate_retrieval(data.test(role), y, data.test(role), y, exclude_self=True,
-                                  return_per_query=True) for role in ("old", "new")]
-    order = B.random_order(len(y), int(cfg["eval"]["order_seed"]))
-    curves, rows, trained = [], [], {}
-    for n in keep:
+    refs, r, seed = EV.References(data), X.ratios(cfg), int(cfg["eval"]["order_seed"])
+    trained: dict[str, MM.Trained] = {}
+
+    def curve_of(n: str):
         m = MM.get(n)
         if m.trainable:
             try:
                 trained[n] = train_own(emb, cfg, n, progress=progress)
             except NeedsClassifier as exc:
                 skipped[n] = f"needs more than embeddings ({exc})"
-                continue
-        if m.reference is not None:
-            curve = X.reference_curve(m.reference, _Refs(refs), r)
-        else:
-            system = (m.system or X.make_system)(m, data.test("old"), data.test(m.backbone),
-                                                 trained.get(n, MM.Trained()), order)
-            curve = B.backfill_curve(system, y, y, ratios=r, exclude_self=True,
-                                     reference_correct=refs[0]["correct_at_1"])
-        rows.append({"method": n, "query_passes": m.query_passes,
-                     "extra_params": trained[n].n_params if n in trained else 0,
-                     **B.summarize_curve(curve, *refs)})
-        curves.append(curve.assign(method=n)[["method", *curve.columns]])
-    return pd.concat(curves, ignore_index=True), pd.DataFrame(rows), trained, skipped
+                return None
+        return EV.curve_and_row(m, data, refs, r, trained.get(n, MM.Trained()), seed)
+
+    curves, summary = EV.evaluate_methods(keep, curve_of)
+    return curves, summary, trained, skipped
 
 
 def export_modules(trained: Mapping[str, MM.Trained], folder: Any) -> list[Path]:
@@ -412,8 +417,8 @@ def export_modules(trained: Mapping[str, MM.Trained], folder: Any) -> list[Path]
 
 def served_index(emb: OwnEmbeddings, cfg: dict, name: str, trained: MM.Trained | None, ratio: float, **kwargs):
     """The :class:`~backfill_utils.serve.OnlineBackfillIndex` of method ``name`` over the
-    own test gallery (ids = rows), backfilled to ``ratio`` in the profile's random order
-    (the order of :func:`evaluate_own`); ``kwargs``: the index's (``factory``, ...)."""
+    own test gallery (ids = rows), backfilled to ``ratio`` in the method's order
+    (:func:`backfill_utils.orders.method_order`, as in :func:`evaluate_own`); ``kwargs``: the index's (``factory``, ...)."""
     from .serve import OnlineBackfillIndex
     from .serve_registry import index_arguments
 
@@ -422,16 +427,7 @@ def served_index(emb: OwnEmbeddings, cfg: dict, name: str, trained: MM.Trained |
                                 **index_arguments(m, trained or MM.Trained()), **kwargs)
     n = len(emb.test_labels)
     index.add_old(np.arange(n), emb.old_test)
-    batch = B.random_order(n, int(cfg["eval"]["order_seed"]))[:B.backfilled_count(ratio, n)]
+    order = B.method_order(m, trained or MM.Trained(), emb.old_test, int(cfg["eval"]["order_seed"]))
+    batch = order[:B.backfilled_count(ratio, n)]
     index.backfill(batch, emb.new_test[batch])
     return index
-
-
-class _Refs:
-    """The references in the shape ``experiments.reference_curve`` reads."""
-
-    def __init__(self, refs) -> None:
-        self._refs = tuple(refs)
-
-    def get(self):
-        return self._refs

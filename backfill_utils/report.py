@@ -22,7 +22,7 @@ import pandas as pd
 from . import blocks
 from . import config as C
 from . import outside as O
-from . import tables as T
+from . import claims as CL
 from .claims import FAILS, HOLDS, WITHIN_NOISE, verdict
 
 __all__ = ["MAX_BULLETS", "README_BLOCK", "DOC", "DOC_BLOCK", "section", "short_section", "update_readme"]
@@ -46,8 +46,14 @@ def _v(row) -> str:
     return f"**{row['verdict']}** (difference {row['diff']:+.2f}{sd} over {int(row['seeds'])} seed(s))"
 
 
-def _claim(claims: pd.DataFrame, setting: str, claim: str) -> str:
-    r = claims[(claims.setting == setting) & (claims.claim == claim)]
+def _ours_gt(method: str) -> str:
+    """The id of the claim "Ours > ``method`` on auc_map"."""
+    return CL.claim(f"ours_gt_{method.lower()}_map").id
+
+
+def _claim(claims: pd.DataFrame, setting: str, cid: str) -> str:
+    """The evidence of the claim with id ``cid`` (:data:`backfill_utils.claims.CLAIMS`)."""
+    r = claims[(claims.setting == setting) & (claims.id == CL.claim(cid).id)]
     return "not computed" if r.empty else _v(r.iloc[0])
 
 
@@ -66,23 +72,23 @@ def _components(claims, t1, setting) -> list[str]:
     c = lambda name: _claim(claims, setting, name)  # noqa: E731
     return [
         f"- **Rank merge needs no training and runs from old/old to new/new (Fig. 2).** Its curve rises: "
-        f"{c('RM rises: no step down by more than 0.5 mAP')}; its endpoints are old/old and new/new: "
-        f"{c('RM endpoints equal old/old and new/new (mAP, within 1e-6)')}. It delivers {_gain(t1, setting, 'RM')} "
+        f"{c('rm_rises')}; its endpoints are old/old and new/new: "
+        f"{c('rm_endpoints')}. It delivers {_gain(t1, setting, 'RM')} "
         "of the upgrade's gain (relative gain of AUC_mAP, `tables/table1.csv`); the paper's own figure is "
         "unknown: " + O.PAPER_UNKNOWN + ".",
         f"- **Each component adds (the ablation, Table 2).** psi trained with L_rev over rank merge: "
-        f"{c('RM+psi >= RM on AUC_mAP')}; CMCL over L_rev alone: {c('RM+psi+CMCL > RM+psi on AUC_mAP')}; "
-        f"L_rev inside the CMCL objective (lambda_rev 1 against 0): {c('RM+psi+CMCL > CMCL w/o L_rev on AUC_mAP')}; "
-        f"the learnable new embedding rho over psi + CMCL: {c('Ours > RM+psi+CMCL on AUC_mAP')}; Ours ends at "
-        f"new/new or above: {c('Ours final mAP >= new/new - 0.5')} (`tables/claims.csv`).",
+        f"{c('rm_psi_ge_rm')}; CMCL over L_rev alone: {c('cmcl_gt_rm_psi')}; "
+        f"L_rev inside the CMCL objective (lambda_rev 1 against 0): {c('cmcl_gt_no_lrev')}; "
+        f"the learnable new embedding rho over psi + CMCL: {c('ours_gt_cmcl')}; Ours ends at "
+        f"new/new or above: {c('ours_final_near_new')} (`tables/claims.csv`).",
         f"- **Joint CMCL beats its variants (the same modules on both sides).** Over single-system CMCL, psi "
         f"only (RM+psi+CMCL vs CMCL-single): "
-        f"{c('joint CMCL > single-system CMCL (psi only: RM+psi+CMCL vs CMCL-single) on AUC_mAP')}; over "
+        f"{c('joint_gt_single_cmcl')}; over "
         f"separate CMCL, psi + rho (Ours vs CMCL-separate): "
-        f"{c('joint CMCL > separate CMCL (psi + rho: Ours vs CMCL-separate) on AUC_mAP')}. Fewer negative flips "
+        f"{c('joint_gt_separate_cmcl')}. Fewer negative flips "
         f"than separate, asserted only where both definitions hold: against old/old "
-        f"{c(T.FLIPS + ': mean negative flips vs old/old over ratios > 0')}; between consecutive backfill steps "
-        f"{c(T.FLIPS + ': total negative flips between consecutive backfill steps')}.",
+        f"{c('joint_fewer_flips_vs_old')}; between consecutive backfill steps "
+        f"{c('joint_fewer_flips_steps')}.",
     ]
 
 
@@ -133,7 +139,7 @@ def _tuned_pairs(test: pd.DataFrame, a: str, b: str) -> tuple[float, float, str]
 def _baselines(claims, t1, test, setting) -> list[str]:
     lines = []
     for b in ("BCT", *FORWARD):
-        default = _claim(claims, setting, f"Ours > {b} on auc_map")
+        default = _claim(claims, setting, _ours_gt(b))
         tuned = _tuned_pairs(test, "Ours", b) if test is not None else None
         tuned_txt = ("not run (`make tune`)" if test is None else "not tuned" if tuned is None else
                      f"**{tuned[2]}** (difference {tuned[0]:+.2f} +- {tuned[1]:.2f}, `tuning/test_seeds.csv`)")
@@ -229,7 +235,7 @@ def section(results: Path | None = None) -> str:
     claims, t1 = _read(results, "tables/claims.csv"), _read(results, "tables/table1.csv")
     if claims is None or t1 is None:
         return "Not computed yet: run `make reproduce` (then `make tune` and `make regimes`).\n"
-    if "verdict" not in claims.columns or "gain_mAP_%_sd" not in t1.columns:
+    if "verdict" not in claims.columns or "id" not in claims.columns or "gain_mAP_%_sd" not in t1.columns:
         return ("`results/tables/claims.csv` and `table1.csv` predate the verdicts over seeds: run "
                 "`make reproduce`.\n")
     setting = "extended" if (claims.setting == "extended").any() else claims.setting.iloc[0]
@@ -249,15 +255,15 @@ def section(results: Path | None = None) -> str:
     others = [s for s in dict.fromkeys(claims.setting) if s != setting]
     if others:
         lines.append("- **Other settings (the profile's seed only: at best within noise).** " + "; ".join(
-            f"{s}: Ours > FCT {_claim(claims, s, 'Ours > FCT on auc_map')}, Ours > BCT "
-            f"{_claim(claims, s, 'Ours > BCT on auc_map')}" for s in others) + ".")
+            f"{s}: Ours > FCT {_claim(claims, s, 'ours_gt_fct_map')}, Ours > BCT "
+            f"{_claim(claims, s, 'ours_gt_bct_map')}" for s in others) + ".")
     lines += _disagreements(claims, t1, _read(results, "regimes/winners.csv"), setting)
     return "\n".join(lines) + "\n"
 
 
-def _short_v(claims: pd.DataFrame, setting: str, claim: str) -> str:
-    """'**holds (> 2 sd)** (+0.67 +- 0.05)': one claim's verdict and paired difference, compact."""
-    r = claims[(claims.setting == setting) & (claims.claim == claim)]
+def _short_v(claims: pd.DataFrame, setting: str, cid: str) -> str:
+    """'**holds (> 2 sd)** (+0.67 +- 0.05)': one claim's verdict and paired difference (by id), compact."""
+    r = claims[(claims.setting == setting) & (claims.id == CL.claim(cid).id)]
     if r.empty:
         return "not computed"
     r = r.iloc[0]
@@ -280,24 +286,24 @@ def short_section(results: Path | None = None) -> str:
     claims, t1 = _read(results, "tables/claims.csv"), _read(results, "tables/table1.csv")
     if claims is None or t1 is None:
         return "Not computed yet: run `make reproduce` (then `make tune` and `make regimes`).\n"
-    if "verdict" not in claims.columns or "gain_mAP_%_sd" not in t1.columns:
+    if "verdict" not in claims.columns or "id" not in claims.columns or "gain_mAP_%_sd" not in t1.columns:
         return "`results/tables/claims.csv` and `table1.csv` predate the verdicts over seeds: run `make reproduce`.\n"
     setting = "extended" if (claims.setting == "extended").any() else claims.setting.iloc[0]
     c = lambda name: _short_v(claims, setting, name)  # noqa: E731
-    b = [f"**Rank merge** (no training): its curve rises {c('RM rises: no step down by more than 0.5 mAP')} and "
-         f"runs from old/old to new/new {c('RM endpoints equal old/old and new/new (mAP, within 1e-6)')}; it delivers {_gain(t1, setting, 'RM')} "
+    b = [f"**Rank merge** (no training): its curve rises {c('rm_rises')} and "
+         f"runs from old/old to new/new {c('rm_endpoints')}; it delivers {_gain(t1, setting, 'RM')} "
          "of the upgrade's gain.",
-         f"**Ablation:** psi over RM {c('RM+psi >= RM on AUC_mAP')}; CMCL over L_rev "
-         f"{c('RM+psi+CMCL > RM+psi on AUC_mAP')}; L_rev inside CMCL {c('RM+psi+CMCL > CMCL w/o L_rev on AUC_mAP')}; "
-         f"rho {c('Ours > RM+psi+CMCL on AUC_mAP')}.",
+         f"**Ablation:** psi over RM {c('rm_psi_ge_rm')}; CMCL over L_rev "
+         f"{c('cmcl_gt_rm_psi')}; L_rev inside CMCL {c('cmcl_gt_no_lrev')}; "
+         f"rho {c('ours_gt_cmcl')}.",
          "**Joint CMCL** over single "
-         f"{c('joint CMCL > single-system CMCL (psi only: RM+psi+CMCL vs CMCL-single) on AUC_mAP')}, over separate "
-         f"{c('joint CMCL > separate CMCL (psi + rho: Ours vs CMCL-separate) on AUC_mAP')}; fewer negative flips "
-         f"than separate: vs old/old {c(T.FLIPS + ': mean negative flips vs old/old over ratios > 0')}, per step "
-         f"{c(T.FLIPS + ': total negative flips between consecutive backfill steps')}."]
-    rows = claims[(claims.setting == setting)].set_index("claim")
-    default = [(m, rows.loc[f"Ours > {m} on auc_map", "verdict"], rows.loc[f"Ours > {m} on auc_map", "diff"])
-               for m in ("BCT", *FORWARD) if f"Ours > {m} on auc_map" in rows.index]
+         f"{c('joint_gt_single_cmcl')}, over separate "
+         f"{c('joint_gt_separate_cmcl')}; fewer negative flips "
+         f"than separate: vs old/old {c('joint_fewer_flips_vs_old')}, per step "
+         f"{c('joint_fewer_flips_steps')}."]
+    rows = claims[(claims.setting == setting)].set_index("id")
+    default = [(m, rows.loc[_ours_gt(m), "verdict"], rows.loc[_ours_gt(m), "diff"])
+               for m in ("BCT", *FORWARD) if _ours_gt(m) in rows.index]
     if default:
         b.append(f"**Ours ahead of the baselines** (AUC_mAP, default recipes): {_grouped(default)}.")
     test = _read(results, "tuning/test_seeds.csv")
@@ -344,7 +350,7 @@ def short_section(results: Path | None = None) -> str:
     others = [s for s in dict.fromkeys(claims.setting) if s != setting]
     if others:
         b.append("**Other settings** (one seed): " + "; ".join(
-            f"{s}: Ours > FCT {_claim(claims, s, 'Ours > FCT on auc_map').split(' (')[0]}" for s in others) + ".")
+            f"{s}: Ours > FCT {_claim(claims, s, 'ours_gt_fct_map').split(' (')[0]}" for s in others) + ".")
     checked = claims[claims["checked"].astype(bool)]
     main = checked[checked.setting == setting]
     n_fail = int((main.verdict == FAILS).sum())

@@ -311,7 +311,8 @@ def _wrote_claims_csv(path: Path) -> bool:
 
 def failed_claims(results: Path, executed: Path, names: list[str] | None = None) -> list[str]:
     """Claims of the paper that do not hold on a run: the checked rows of
-    ``tables/claims.csv`` that fail (when the run ran the notebook that writes it), then
+    ``tables/claims.csv`` that fail, each named by its text and its id (when the run ran the
+    notebook that writes it; a claims.csv without ids is an error asking to rerun it), then
     the claim lines (:data:`CLAIM_MARK`) printed by the executed notebooks (``names``:
     which ones; default all)."""
     lines = []
@@ -319,9 +320,11 @@ def failed_claims(results: Path, executed: Path, names: list[str] | None = None)
     claims_csv = results / "tables" / "claims.csv"
     if claims_csv.is_file() and any(_wrote_claims_csv(p) for p in books):
         t = pd.read_csv(claims_csv)
+        if "id" not in t.columns:
+            raise ValueError(f"{claims_csv} has no claim ids (column 'id'): it predates them; rerun 31_backfill")
         bad = t[t["checked"].astype(bool) & ~t["holds"].astype(bool)]
-        lines += [f"claims.csv: {r.setting} setting: {r.claim} (value {r.value:.2f}, reference {r.reference:.2f})"
-                  for r in bad.itertuples()]
+        lines += [f"claims.csv: {r.setting} setting: {r.claim} [{r.id}] (value {r.value:.2f}, "
+                  f"reference {r.reference:.2f})" for r in bad.itertuples()]
     for path in books:
         if _wrote_claims_csv(path):
             continue  # its claim lines are the claims.csv rows, listed above

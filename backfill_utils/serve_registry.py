@@ -120,8 +120,7 @@ def served_method(cfg: dict, setting: str, name: str, *, recipe: Any = None, see
                if m.trainable else MM.Trained())
     kwargs = index_arguments(m, trained)
     old, new = data.test("old"), data.test(m.backbone)
-    order = (np.asarray(m.order(trained, old), dtype=np.int64) if m.order is not None
-             else B.random_order(len(old), int(cfg["eval"]["order_seed"])))
+    order = B.method_order(m, trained, old, int(cfg["eval"]["order_seed"]))
     index = OnlineBackfillIndex(old.shape[1], new.shape[1], **kwargs, **index_kwargs)
     if fill:
         index.add_old(np.arange(len(old)), old)

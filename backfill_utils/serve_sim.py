@@ -147,7 +147,7 @@ def service(cfg: dict, setting: str, name: str, *, progress: bool = True, **inde
     if MM.get(name).reference == "offline":
         data = X.SettingData(cfg, setting, progress=progress)
         old = data.test("old")
-        order = B.random_order(len(old), int(cfg["eval"]["order_seed"]))
+        order = B.method_order(MM.get(name), MM.Trained(), old, int(cfg["eval"]["order_seed"]))
         return OfflineService(old, data.test("new"), np.asarray(data.test_labels), order, **index_kwargs)
     return served_method(cfg, setting, name, progress=progress, **index_kwargs)
 

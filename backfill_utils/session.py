@@ -117,35 +117,46 @@ class Run:
             return None
 
     def check_claims(self, claims: pd.DataFrame, asserted=None) -> pd.DataFrame:
-        """Report every checked claim of a claims table (``tables.claims``, or
-        ``claims.over_seeds`` with a ``verdict`` over seeds) that does not hold; when
-        ``strict``, assert those selected by the boolean mask ``asserted`` (default: all):
-        with verdicts, an asserted claim must hold by more than two standard deviations
-        (``claims.HOLDS``). Prints one :data:`CHECKED_MARK` line with the number of checked
-        rows. Returns the failed rows."""
-        from .claims import HOLDS
+        """Report every checked claim of a claims table (``claims.seed_claims``, or
+        ``claims.over_seeds`` with a ``verdict`` over seeds) that does not hold, named by its
+        text and its id; when ``strict``, assert the claims ``asserted``: a collection of claim
+        or group ids (``claims.ASSERTED``; an unknown id is an error; in a table with a
+        ``setting`` column, in ``claims.ASSERTED_SETTING`` only), or by default the
+        table's ``asserted`` column (set from the ids of ``claims.ASSERTED``), or every row
+        of a table without one. With verdicts, an asserted claim must hold by more than two
+        standard deviations (``claims.HOLDS``). Prints one :data:`CHECKED_MARK` line with the
+        number of checked rows. Returns the failed rows."""
+        from .claims import ASSERTED_SETTING, CLAIMS, HOLDS, check_asserted
 
         checked = claims["checked"].astype(bool)
         failed = claims[checked & ~claims["holds"].astype(bool)]
-        mask = (pd.Series(True, index=claims.index) if asserted is None
-                else pd.Series(asserted, index=claims.index).astype(bool))
+        if asserted is None:
+            mask = (claims["asserted"].astype(bool) if "asserted" in claims.columns
+                    else pd.Series(True, index=claims.index))
+        else:
+            ids = check_asserted(asserted)
+            groups = {c.id: c.group for c in CLAIMS}
+            mask = claims["id"].map(lambda i: i in ids or groups.get(i) in ids).astype(bool)
+            if "setting" in claims.columns:
+                mask &= claims["setting"] == ASSERTED_SETTING
         with_verdict = "verdict" in claims.columns
         fatal = []
         for i, row in claims[checked].iterrows():
             where = f"{row['setting']} setting: " if "setting" in row else ""
+            named = f"{row['claim']} [{row['id']}]" if "id" in row else row["claim"]
             numbers = f"value {row['value']:.2f}, reference {row['reference']:.2f}"
             if with_verdict:
                 numbers += f", difference {row['diff']:.2f} +- {row['diff_sd']:.2f} over {row['seeds']} seed(s)"
             ok = bool(row["holds"])
             if not ok:
-                line = f"{CLAIM_MARK} {where}{row['claim']} ({numbers})"
+                line = f"{CLAIM_MARK} {where}{named} ({numbers})"
                 self.failed_claims.append(line)
                 print(line)
             elif with_verdict and row["verdict"] != HOLDS:
-                print(f"claim holds within noise only: {where}{row['claim']} ({numbers})")
+                print(f"claim holds within noise only: {where}{named} ({numbers})")
             beyond = row["verdict"] == HOLDS if with_verdict else ok
             if self.strict and mask[i] and not beyond:
-                fatal.append(f"{where}{row['claim']} ({row['verdict'] if with_verdict else 'fails'}; {numbers})")
+                fatal.append(f"{where}{named} ({row['verdict'] if with_verdict else 'fails'}; {numbers})")
         n = int(checked.sum())
         print(f"{CHECKED_MARK} {n} (" + ("all hold" if failed.empty else f"{len(failed)} do not hold") + ")")
         if fatal:

@@ -1,12 +1,12 @@
-"""Tables and claims from the summaries of the registered methods.
+"""Tables from the summaries of the registered methods.
 
 * :func:`main_comparison` -- one row per (setting, method) of the ``main`` group;
 * :func:`table1` -- Table 1: AUC_mAP and AUC_CMC (trapezoid and plain mean) and the
   relative gains, long or one row per method with the settings side by side;
 * :func:`table2_ablation` -- Table 2 (a): each ``ablation`` method's components
   (from its registration and the profile's recipe) with its AUCs;
-* :func:`claims` -- the phenomena the paper shows, checked on one setting and one seed
-  (:mod:`backfill_utils.claims` turns several seeds into verdicts).
+
+The paper's claims (each defined once, by id) are in :mod:`backfill_utils.claims`.
 
 Summaries with a ``seed`` column (the compatibility stage trained over several seeds)
 give means, sample standard deviations (``*_sd``) and the number of ``seeds``.
@@ -23,14 +23,12 @@ import pandas as pd
 from . import backfill as B
 from . import methods as MM
 
-__all__ = ["MAIN_COLUMNS", "main_comparison", "table1", "table2_ablation", "claims", "BASELINES", "FLIPS"]
+__all__ = ["MAIN_COLUMNS", "main_comparison", "table1", "table2_ablation", "BASELINES"]
 
 MAIN_COLUMNS = ["dataset", "setting", "method", "query_passes", "auc_map", "auc_top1",
                 "final_map", "final_top1", "rel_gain_map", "rel_gain_top1", "negative_flips_total"]
 #: The compatible-training baselines the paper's method is claimed to beat (Table 1).
 BASELINES = ("BCT", "FCT", "FastFill", "BiCT")
-#: The statement with two definitions (two rows of :func:`claims`, one ``group``).
-FLIPS = "joint CMCL flips less than separate CMCL (psi + rho: Ours vs CMCL-separate)"
 
 
 def _ordered(summary: pd.DataFrame, names: list[str]) -> pd.DataFrame:
@@ -136,76 +134,3 @@ def table2_ablation(summary: pd.DataFrame, cfg: dict, names=None) -> pd.DataFram
                      "AUC_mAP_sd": r["auc_map_sd"], "AUC_top1": r["auc_top1"], "AUC_top1_sd": r["auc_top1_sd"],
                      "gain_mAP_%": 100.0 * r["rel_gain_map"], "flips_total": r["negative_flips_total"]})
     return pd.DataFrame(rows)
-
-
-def _claim(rows: list, claim: str, value: float, relation: str, reference: float, methods: tuple,
-           group: str | None = None) -> None:
-    holds = {">": value > reference, ">=": value >= reference, "<": value < reference}[relation]
-    rows.append((claim, group, float(value), relation, float(reference), "|".join(methods), bool(holds)))
-
-
-def claims(curves: pd.DataFrame, summary: pd.DataFrame, *, tol_step: float = 0.5,
-           tol_final: float = 0.5) -> pd.DataFrame:
-    """The phenomena the paper shows, checked on one setting and one seed (``curves`` and
-    ``summary`` of that setting, :func:`backfill_utils.experiments.evaluate_setting`).
-
-    Rank merge rises and runs from old/old to new/new; each component of the
-    paper's method adds (RM+psi >= RM, CMCL > L_rev only, L_rev in the CMCL objective >
-    none, rho > no rho); the paper's
-    method beats rank merge and the compatible-training baselines (:data:`BASELINES`
-    that are in the summary) on both AUCs and ends near new/new; joint CMCL beats the
-    single-system and separate variants and flips less than separate.
-
-    The CMCL variants are compared like with like, with the same modules on both sides:
-    psi only (RM+psi+CMCL, joint, against CMCL-single) and psi + rho (Ours, joint,
-    against CMCL-separate). These are the two pairs the registry can form: a
-    single-system loss gives rho no gradient, and the separate loss with a frozen new
-    model gives psi exactly the gradient of the single-system one.
-
-    A statement with several definitions has one row per definition, all in one
-    ``group``: "joint flips less than separate" counts negative flips against old/old
-    (mean of ``negative_flips_vs_old`` over the ratios r > 0) and between consecutive
-    backfill steps (the summary's ``negative_flips_total``). Every other row is its own
-    group.
-
-    Returns one row per claim: ``claim``, ``checked`` (rows starting with
-    ``(reported)`` are context, not claims), ``group`` (the statement the row is a
-    definition of; the claim itself when it has one definition), ``value``,
-    ``relation`` (``>``, ``>=``, ``<``), ``reference``, ``methods`` (the methods it
-    compares, ``|``-separated) and ``holds`` (``value relation reference``).
-    :func:`backfill_utils.claims.over_seeds` turns the rows of several seeds into verdicts.
-    """
-    s = summary.set_index("method")
-    rm = curves[curves["method"] == "RM"].sort_values("ratio")
-    steps = np.diff(rm["mAP"].to_numpy())
-    old, new = s.loc["old"], s.loc["new"]
-    rows: list = []
-    _claim(rows, "RM rises: no step down by more than %.1f mAP" % tol_step, steps.min(), ">=", -tol_step, ("RM",))
-    gap = max(abs(rm["mAP"].iloc[0] - old["final_map"]), abs(rm["mAP"].iloc[-1] - new["final_map"]))
-    _claim(rows, "RM endpoints equal old/old and new/new (mAP, within 1e-6)", gap, "<", 1e-6, ("RM", "old", "new"))
-    for a, rel, b in (("RM+psi", ">=", "RM"), ("RM+psi+CMCL", ">", "RM+psi"), ("RM+psi+CMCL", ">", "CMCL w/o L_rev"),
-                      ("Ours", ">", "RM+psi+CMCL")):
-        if a in s.index and b in s.index:
-            _claim(rows, f"{a} {rel} {b} on AUC_mAP", s.loc[a, "auc_map"], rel, s.loc[b, "auc_map"], (a, b))
-    for b in [x for x in ("RM", *BASELINES) if x in s.index]:
-        for k in ("auc_map", "auc_top1"):
-            _claim(rows, f"Ours > {b} on {k}", s.loc["Ours", k], ">", s.loc[b, k], ("Ours", b))
-    _claim(rows, "Ours final mAP >= new/new - %.1f" % tol_final, s.loc["Ours", "final_map"], ">=",
-           new["final_map"] - tol_final, ("Ours", "new"))
-    for a, b, kind, modules in (("RM+psi+CMCL", "CMCL-single", "single-system", "psi only"),
-                                ("Ours", "CMCL-separate", "separate", "psi + rho")):
-        if a in s.index and b in s.index:
-            _claim(rows, f"joint CMCL > {kind} CMCL ({modules}: {a} vs {b}) on AUC_mAP", s.loc[a, "auc_map"], ">",
-                   s.loc[b, "auc_map"], (a, b))
-    if "Ours" in s.index and "CMCL-separate" in s.index:
-        pair = ("Ours", "CMCL-separate")
-        vs_old = lambda m: float(curves[(curves["method"] == m) & (curves["ratio"] > 0)]["negative_flips_vs_old"].mean())  # noqa: E731
-        _claim(rows, f"{FLIPS}: mean negative flips vs old/old over ratios > 0", vs_old("Ours"), "<",
-               vs_old("CMCL-separate"), pair, group=FLIPS)
-        _claim(rows, f"{FLIPS}: total negative flips between consecutive backfill steps",
-               s.loc["Ours", "negative_flips_total"], "<", s.loc["CMCL-separate", "negative_flips_total"], pair,
-               group=FLIPS)
-    out = pd.DataFrame(rows, columns=["claim", "group", "value", "relation", "reference", "methods", "holds"])
-    out["group"] = out["group"].fillna(out["claim"])
-    out.insert(1, "checked", ~out["claim"].str.startswith("(reported)"))
-    return out

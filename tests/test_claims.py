@@ -36,9 +36,10 @@ def test_verdict_boundary_is_strictly_two_sd():
 def test_over_seeds_pairs_the_seeds_and_orients_less_than():
     rows = []
     for seed, (a, b, fa, fb) in enumerate([(10.0, 9.0, 1.0, 2.0), (11.0, 9.5, 1.5, 2.0), (10.5, 9.2, 1.2, 2.2)]):
-        rows += [{"setting": "extended", "seed": seed, "claim": "Ours > FCT on auc_map", "checked": True,
+        rows += [{"setting": "extended", "seed": seed, "id": "ours_gt_fct_map", "claim": "Ours > FCT on auc_map",
+                  "checked": True,
                   "value": a, "relation": ">", "reference": b, "methods": "Ours|FCT", "holds": a > b},
-                 {"setting": "extended", "seed": seed, "claim": "flips", "checked": True,
+                 {"setting": "extended", "seed": seed, "id": "flips", "claim": "flips", "checked": True,
                   "value": fa, "relation": "<", "reference": fb, "methods": "Ours|CMCL-separate", "holds": fa < fb}]
     t = CL.over_seeds(pd.DataFrame(rows)).set_index("claim")
     d = np.array([1.0, 1.5, 1.3])
@@ -50,7 +51,7 @@ def test_over_seeds_pairs_the_seeds_and_orients_less_than():
 
 
 def test_claims_between_untrained_methods_have_no_noise():
-    rows = [{"setting": "open", "seed": 0, "claim": "RM rises", "checked": True, "value": -0.1,
+    rows = [{"setting": "open", "seed": 0, "id": "rm_rises", "claim": "RM rises", "checked": True, "value": -0.1,
              "relation": ">=", "reference": -0.5, "methods": "RM", "holds": True}]
     t = CL.over_seeds(pd.DataFrame(rows))
     assert t["diff_sd"].iloc[0] == 0.0 and t["verdict"].iloc[0] == CL.HOLDS
@@ -58,20 +59,60 @@ def test_claims_between_untrained_methods_have_no_noise():
     assert trained["verdict"].iloc[0] == CL.WITHIN_NOISE
 
 
-def test_asserted_claims_are_checked_ones_of_the_registry():
-    # every asserted claim is a row the claims table produces for the default profile's methods
+def _fake_run():
     from backfill_utils import methods as MM
     from test_tables import fake_summary
-    from backfill_utils import tables as T
     summary = fake_summary(("extended",))
     r = np.linspace(0, 1, 11)
     curves = pd.concat([pd.DataFrame({"method": m, "ratio": r, "mAP": 10.0 + 20 * r,
                                       "negative_flips_vs_old": 1.0}) for m in MM.names()])
-    table = T.claims(curves, summary)
-    assert {g for _, g in CL.ASSERTED} <= set(table.loc[table["checked"], "group"])
+    return curves, summary
+
+
+def test_asserted_ids_are_checked_claims_of_the_registry():
+    # every asserted id is a claim the table makes for the default profile's methods (or a group of them)
+    table = CL.seed_claims(*_fake_run())
+    assert list(table["id"]) == CL.ids() and len(set(CL.ids())) == len(CL.CLAIMS)
+    assert CL.ASSERTED <= set(table.loc[table["checked"], "id"]) | set(CL.GROUPS)
     # the flips statement is not asserted: one of its two definitions fails on the reference run
-    assert ("extended", T.FLIPS) not in CL.ASSERTED
-    assert not any(g.startswith("joint CMCL (Ours)") for _, g in CL.ASSERTED)
+    assert "joint_fewer_flips" not in CL.ASSERTED
+    assert not {c.id for c in CL.CLAIMS if c.group == "joint_fewer_flips"} & CL.ASSERTED
+    assert list(table.columns[:3]) == ["id", "claim", "checked"]
+
+
+def _over_seeds(curves, summary, settings=("extended", "open")):
+    parts = [CL.seed_claims(curves, summary).assign(setting=s, seed=seed) for s in settings for seed in (0, 1)]
+    return CL.over_seeds(pd.concat(parts, ignore_index=True)).set_index(["setting", "id"])
+
+
+def test_changing_a_claims_tolerance_keeps_it_asserted(monkeypatch):
+    """The text follows the tolerance; the claim stays asserted, found by its id."""
+    import dataclasses
+    curves, summary = _fake_run()
+    before = _over_seeds(curves, summary)
+    assert before.loc[("extended", "rm_rises"), "claim"] == "RM rises: no step down by more than 0.5 mAP"
+    looser = tuple(dataclasses.replace(c, tol=1.0) if c.id == "rm_rises" else c for c in CL.CLAIMS)
+    monkeypatch.setattr(CL, "CLAIMS", looser)
+    after = _over_seeds(curves, summary)
+    row = after.loc[("extended", "rm_rises")]
+    assert row["claim"] == "RM rises: no step down by more than 1.0 mAP" and row["reference"] == -1.0
+    assert row["asserted"] and not after.loc[("open", "rm_rises"), "asserted"]
+    assert list(after["asserted"]) == list(before["asserted"])
+    assert CL.claim("rm_endpoints").claim == "RM endpoints equal old/old and new/new (mAP, within 1e-6)"
+
+
+def test_an_unknown_id_in_asserted_is_an_error(monkeypatch):
+    with pytest.raises(ValueError, match=r"unknown claim id\(s\) \['ours_gt_fct'\]"):
+        CL.check_asserted({"ours_gt_fct", "ours_gt_fct_map"})
+    monkeypatch.setattr(CL, "ASSERTED", CL.ASSERTED | {"ours_gt_fct"})
+    with pytest.raises(ValueError, match="ours_gt_fct"):
+        _over_seeds(*_fake_run())
+    with pytest.raises(KeyError, match="no claim with id 'nope'"):
+        CL.claim("nope")
+
+
+#: ``a`` and ``b``: the two definitions of the group ``joint_fewer_flips``; ``c``: a claim of its own
+_IDS = {"a": "joint_fewer_flips_vs_old", "b": "joint_fewer_flips_steps", "c": "ours_gt_fct_map"}
 
 
 def _grouped_rows(a_diffs, b_diffs, c_diffs):
@@ -80,7 +121,7 @@ def _grouped_rows(a_diffs, b_diffs, c_diffs):
     rows = []
     for seed, diffs in enumerate(zip(a_diffs, b_diffs, c_diffs)):
         for claim, group, d in zip(("a", "b", "c"), ("G", "G", "c"), diffs):
-            rows.append({"setting": "extended", "seed": seed, "claim": claim, "group": group, "checked": True,
+            rows.append({"setting": "extended", "seed": seed, "id": _IDS[claim], "claim": claim, "group": group, "checked": True,
                          "value": 10.0 + d, "relation": ">", "reference": 10.0, "methods": "Ours|CMCL-separate",
                          "holds": d > 0})
     return pd.DataFrame(rows)
@@ -90,7 +131,7 @@ def test_a_group_holds_beyond_noise_only_where_every_definition_does(monkeypatch
     # a: d = [1, 1.2, 0.8] (mean 1, sd 0.2): holds; b: d = [1, -0.5, 2] (mean 0.83, sd 1.26): within noise;
     # c: d = [-1, -1, -1]: fails
     per_seed = _grouped_rows([1.0, 1.2, 0.8], [1.0, -0.5, 2.0], [-1.0, -1.0, -1.0])
-    monkeypatch.setattr(CL, "ASSERTED", frozenset({("extended", "G")}))
+    monkeypatch.setattr(CL, "ASSERTED", frozenset({"joint_fewer_flips"}))  # the group's id
     t = CL.over_seeds(per_seed).set_index("claim")
     assert list(t["group"]) == ["G", "G", "c"]
     assert list(t["verdict"]) == [CL.HOLDS, CL.WITHIN_NOISE, CL.FAILS]

@@ -186,3 +186,32 @@ def test_time_query_forward_is_positive():
     assert net.training  # modes restored
     with pytest.raises(ValueError, match="empty"):
         QC.time_query_forward([(net, [])], x[:0])
+
+
+def test_profile_data_and_own_embeddings_share_one_evaluation_loop(tiny_run, tmp_path):
+    """SettingData and OwnData are both EmbeddingSources; the profile's embeddings exported as
+    own files give, through evaluate_own, the very curves and summary numbers of evaluate_setting."""
+    from backfill_utils import evaluate as EV
+    from backfill_utils import own_models as OM
+
+    cfg, curves, summary, systems, refs = tiny_run
+    data = X.SettingData(cfg, "extended", progress=False)
+    paths = OM.export_profile_embeddings(cfg, "extended", tmp_path)
+    emb = OM.load_own_embeddings(paths, normalize=False)
+    own = OM.OwnData(emb)
+    assert isinstance(data, EV.EmbeddingSource) and isinstance(own, EV.EmbeddingSource)
+    assert isinstance(data.restricted(("old",)), EV.EmbeddingSource) and isinstance(own.restricted(("old",)), EV.EmbeddingSource)
+    with pytest.raises(ValueError, match="not among the backbones this method declared"):
+        own.restricted(("old",)).embeddings("new")
+    names = ["old", "new", "offline", "RM", "naive"]
+    c_own, s_own, _, skipped = OM.evaluate_own(emb, cfg, names, progress=False)
+    assert not skipped and list(s_own["method"]) == names
+    for n in names:
+        a = curves[curves.method == n].reset_index(drop=True)
+        b = c_own[c_own.method == n].reset_index(drop=True)
+        assert list(a.columns) == list(b.columns), n
+        for col in a.columns.drop("method"):
+            assert np.array_equal(a[col].to_numpy(float), b[col].to_numpy(float), equal_nan=True), (n, col)
+    s = summary.set_index("method").loc[names].reset_index()
+    for col in s_own.columns.drop("method"):
+        assert np.array_equal(s[col].to_numpy(float), s_own[col].to_numpy(float), equal_nan=True), col

@@ -1,5 +1,7 @@
 """The method registry (methods.py) without training: registrations, groups, query sides,
 ablation components, recipes from the profile, the generic system builder."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -184,7 +186,26 @@ def test_generic_system_is_each_methods_system():
           B.BackfillSystem.merge("Ours", K.apply(psi, new), old, K.apply(rho, new), K.apply(rho, new), order=order))
     _same(mk("FCT", old, new, h=h), B.BackfillSystem.mixed("FCT", new, K.apply(h, old), new, order=order))
     _same(mk("BiCT", old, bct, h=h), B.BackfillSystem.mixed("BiCT", bct, K.apply(h, old), bct, order=order))
-    ff_system = mk("FastFill", old, new, h=ff)
+    ff_order = B.method_order(MM.get("FastFill"), MM.Trained(h=ff), old, 1)
+    ff_system = X.make_system(MM.get("FastFill"), old, new, MM.Trained(h=ff), ff_order)
     _same(ff_system, B.BackfillSystem.mixed("FastFill", new, K.apply(ff, old), new,
                                             order=K.fastfill_order(ff, old)))
     assert not np.array_equal(ff_system.order, order)  # FastFill's own order, not the random one
+
+
+def test_a_methods_order_is_its_own_else_the_seeded_random_one():
+    """method_order: FastFill's sigma order from its trained h; every method without an order
+    gets random_order(n, seed); a method's order that is not a permutation is an error."""
+    rng = np.random.default_rng(0)
+    n, d = 30, 6
+    old = _unit(rng, n, d)
+    torch.manual_seed(0)
+    ff = K.FastFillTransform(d, d).eval()
+    got = B.method_order(MM.get("FastFill"), MM.Trained(h=ff), old, 5)
+    assert got.dtype == np.int64 and np.array_equal(got, K.fastfill_order(ff, old))
+    for name in ("RM", "Ours", "FCT", "offline"):
+        assert np.array_equal(B.method_order(MM.get(name), MM.Trained(), old, 5), B.random_order(n, 5)), name
+    assert not np.array_equal(B.method_order(MM.get("RM"), None, old, 6), B.random_order(n, 5))
+    bad = dataclasses.replace(MM.get("FastFill"), order=lambda trained, g: np.zeros(len(g), dtype=int))
+    with pytest.raises(ValueError, match="backfill order of 'FastFill' is not a permutation"):
+        B.method_order(bad, MM.Trained(h=ff), old, 5)

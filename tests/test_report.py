@@ -5,7 +5,9 @@ import pytest
 
 from backfill_utils import claims as CL
 from backfill_utils import report
-from backfill_utils import tables as T
+
+ID = {c.claim: c.id for c in CL.CLAIMS}  # the registry's claim texts and ids
+FLIPS = CL.FLIPS
 
 
 def _claims():
@@ -14,9 +16,9 @@ def _claims():
                             ("RM+psi >= RM on AUC_mAP", 0.1, 0.2, CL.WITHIN_NOISE),
                             ("Ours > FCT on auc_map", -1.5, 0.1, CL.FAILS),
                             ("Ours > BCT on auc_map", 9.0, 0.1, CL.HOLDS)):
-        rows.append({"setting": "extended", "claim": claim, "checked": True, "seeds": 3, "value": 1.0,
+        rows.append({"setting": "extended", "id": ID[claim], "claim": claim, "checked": True, "seeds": 3, "value": 1.0,
                      "reference": 1.0, "diff": d, "diff_sd": sd, "verdict": v})
-    rows.append({"setting": "open", "claim": "Ours > FCT on auc_map", "checked": True, "seeds": 1, "value": 1.0,
+    rows.append({"setting": "open", "id": "ours_gt_fct_map", "claim": "Ours > FCT on auc_map", "checked": True, "seeds": 1, "value": 1.0,
                  "reference": 2.0, "diff": -1.0, "diff_sd": float("nan"), "verdict": CL.FAILS})
     return pd.DataFrame(rows)
 
@@ -53,10 +55,10 @@ def test_section_follows_the_numbers(results):
 
 
 def test_section_quotes_the_like_with_like_cmcl_claims(results):
-    rows = [(T.FLIPS + ": mean negative flips vs old/old over ratios > 0", 1.11, 0.13, CL.HOLDS),
-            (T.FLIPS + ": total negative flips between consecutive backfill steps", -8.98, 0.86, CL.FAILS),
+    rows = [(FLIPS + ": mean negative flips vs old/old over ratios > 0", 1.11, 0.13, CL.HOLDS),
+            (FLIPS + ": total negative flips between consecutive backfill steps", -8.98, 0.86, CL.FAILS),
             ("joint CMCL > separate CMCL (psi + rho: Ours vs CMCL-separate) on AUC_mAP", 4.32, 0.1, CL.HOLDS)]
-    extra = pd.DataFrame([{"setting": "extended", "claim": c, "checked": True, "seeds": 3, "value": 1.0,
+    extra = pd.DataFrame([{"setting": "extended", "id": ID[c], "claim": c, "checked": True, "seeds": 3, "value": 1.0,
                            "reference": 1.0, "diff": d, "diff_sd": sd, "verdict": v} for c, d, sd, v in rows])
     pd.concat([_claims(), extra]).to_csv(results / "tables" / "claims.csv", index=False)
     text = report.section(results)
@@ -151,3 +153,12 @@ def test_section_states_baseline_strength_settings_and_normalisation(results):
     assert "extended: 10.00 -> 30.00; heterogeneous: 10.00 -> 40.00." in text
     assert ("L2-normalised (default): rank merge delivers 18.8 % of the gain, Ours 70.0 %, Ours minus FCT +1.50 "
             "and minus FastFill -0.25 AUC_mAP points; raw (raw): rank merge delivers 30.0 %") in text
+
+
+def test_claims_are_quoted_by_id_whatever_their_text(results):
+    """A claim whose text changed (e.g. another tolerance) is still found by its id."""
+    claims = _claims()
+    claims.loc[claims.id == "rm_rises", "claim"] = "RM rises: no step down by more than 1.0 mAP"
+    claims.loc[claims.id == "rm_rises", "diff"] = 0.123
+    claims.to_csv(results / "tables" / "claims.csv", index=False)
+    assert "+0.12" in report.section(results) and "+0.12" in report.short_section(results)

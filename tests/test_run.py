@@ -134,7 +134,8 @@ def _executed_notebook(folder, name, text):
 
 def _claims_csv(results):
     (results / "tables").mkdir(exist_ok=True)
-    pd.DataFrame({"claim": ["Ours > BCT on auc_map", "(reported) x", "Ours > RM on auc_map"],
+    pd.DataFrame({"id": ["ours_gt_bct_map", "x", "ours_gt_rm_map"],
+                  "claim": ["Ours > BCT on auc_map", "(reported) x", "Ours > RM on auc_map"],
                   "checked": [True, False, True], "value": [1.0, 0.0, 3.0], "reference": [2.0, 1.0, 2.0],
                   "holds": [False, False, True], "setting": ["open", "open", "open"]}
                  ).to_csv(results / "tables" / "claims.csv", index=False)
@@ -154,7 +155,7 @@ def test_summary_lists_the_claims_that_do_not_hold(tmp_path):
     text = R.summary(tmp_path, executed)
     assert R.checked_claims(executed) == 4
     assert "2 of 4 checked claim(s) of the paper do not hold on this run" in text
-    assert "claims.csv: open setting: Ours > BCT on auc_map (value 1.00, reference 2.00)" in text
+    assert "claims.csv: open setting: Ours > BCT on auc_map [ours_gt_bct_map] (value 1.00, reference 2.00)" in text
     assert "46_distance_distributions: CMCL raises the AUC (0.8 vs 0.9)" in text
     assert "(reported) x" not in text and "Ours > RM" not in text
     (tmp_path / "tables" / "claims.csv").unlink()

@@ -3,6 +3,7 @@ import matplotlib
 import pandas as pd
 import pytest
 
+from backfill_utils import claims as CL
 from backfill_utils import config as C
 from backfill_utils import io
 from backfill_utils import session
@@ -89,20 +90,27 @@ def test_setup_rejects_bad_input():
 
 
 def test_claims_are_asserted_on_the_reference_run_only(capsys):
-    claims = pd.DataFrame({"claim": ["a > b", "c > d", "(reported) e"], "checked": [True, True, False],
+    claims = pd.DataFrame({"id": ["ours_gt_rm_map", "ours_gt_bct_map", "rm_rises"],
+                           "claim": ["a > b", "c > d", "(reported) e"], "checked": [True, True, False],
                            "value": [1.0, 3.0, 0.0], "reference": [2.0, 1.0, 1.0],
                            "holds": [False, True, False], "setting": ["open", "extended", "extended"]})
     relaxed = session.Run(cfg={}, out=C.RESULTS_DIR / "x", strict=False, kind="compute")
     failed = relaxed.check_claims(claims)
     assert list(failed["claim"]) == ["a > b"]
     out = capsys.readouterr().out
-    assert f"{session.CLAIM_MARK} open setting: a > b (value 1.00, reference 2.00)" in out
+    assert f"{session.CLAIM_MARK} open setting: a > b [ours_gt_rm_map] (value 1.00, reference 2.00)" in out
     assert relaxed.expect(False, "x wins", "1 vs 2") is False
     assert f"{session.CLAIM_MARK} x wins (1 vs 2)" in capsys.readouterr().out
     strict = session.Run(cfg={}, out=C.RESULTS_DIR, strict=True, kind="compute")
-    strict.check_claims(claims, asserted=claims.setting == "extended")  # the failing one is not asserted
-    with pytest.raises(AssertionError, match="open setting: a > b"):
-        strict.check_claims(claims)
+    strict.check_claims(claims, asserted={"ours_gt_bct_map"})  # by id: the failing one is not asserted
+    strict.check_claims(claims, asserted={"ours_gt_rm_map"} | CL.ASSERTED)  # it is, but not in its (open) setting
+    strict.check_claims(claims.assign(asserted=[False, True, True]))  # the table's asserted column
+    with pytest.raises(AssertionError, match=r"open setting: a > b \[ours_gt_rm_map\]"):
+        strict.check_claims(claims)  # no asserted column: every row
+    with pytest.raises(AssertionError, match="ours_gt_rm_map"):
+        strict.check_claims(claims.assign(setting="extended"), asserted={"ours_gt_rm_map"})
+    with pytest.raises(ValueError, match=r"unknown claim id\(s\) \['ours_gt_rm'\]"):
+        strict.check_claims(claims, asserted={"ours_gt_rm"})
     with pytest.raises(AssertionError, match="x wins"):
         strict.expect(False, "x wins")
     assert strict.expect(True, "y")

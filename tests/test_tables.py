@@ -5,6 +5,7 @@ import pytest
 
 from backfill_utils import config as C
 from backfill_utils import methods as MM
+from backfill_utils import claims as CL
 from backfill_utils import tables as T
 
 
@@ -57,14 +58,14 @@ def test_claims_compare_the_named_methods():
                                       "negative_flips_vs_old": 1.0}) for m in MM.names()])
     s = summary.set_index("method")
     curves.loc[curves.method == "RM", "mAP"] = np.linspace(s.loc["old", "final_map"], s.loc["new", "final_map"], 11)
-    cl = T.claims(curves, summary).set_index("claim")
+    cl = CL.seed_claims(curves, summary).set_index("claim")
     # Ours is registered last, so it has the highest fake AUC: every "Ours > baseline" claim holds
     for b in T.BASELINES:
         assert cl.loc[f"Ours > {b} on auc_map", "holds"] and cl.loc[f"Ours > {b} on auc_top1", "holds"]
     assert cl.loc["RM endpoints equal old/old and new/new (mAP, within 1e-6)", "holds"]
     assert cl["checked"].all() and (cl.loc["Ours > FCT on auc_map", "group"] == "Ours > FCT on auc_map")
     # a baseline that is not in the summary is left out, not an error
-    cl2 = T.claims(curves[curves.method != "BiCT"], summary[summary.method != "BiCT"])
+    cl2 = CL.seed_claims(curves[curves.method != "BiCT"], summary[summary.method != "BiCT"])
     assert not cl2["claim"].str.contains("BiCT").any()
 
 
@@ -86,7 +87,7 @@ def test_cmcl_variants_are_compared_like_with_like():
     # psi only: joint 30 vs single 31 (fails); psi + rho: joint 34 vs separate 29 (holds)
     curves, summary = _variants({"RM+psi+CMCL": 30.0, "CMCL-single": 31.0, "Ours": 34.0, "CMCL-separate": 29.0},
                                 {"Ours": 36.0, "CMCL-separate": 27.0}, {"Ours": 2.0, "CMCL-separate": 3.0})
-    cl = T.claims(curves, summary).set_index("claim")
+    cl = CL.seed_claims(curves, summary).set_index("claim")
     single = cl.loc["joint CMCL > single-system CMCL (psi only: RM+psi+CMCL vs CMCL-single) on AUC_mAP"]
     assert (single["value"], single["reference"], single["methods"], single["holds"]) == (
         30.0, 31.0, "RM+psi+CMCL|CMCL-single", False)
@@ -100,18 +101,18 @@ def test_both_definitions_of_fewer_flips_are_checked_claims_of_one_group():
     # vs old/old: mean over r > 0 is 2 against 3 (the 99 at r = 0 is left out): holds;
     # between consecutive steps: 36 against 27: fails
     curves, summary = _variants({}, {"Ours": 36.0, "CMCL-separate": 27.0}, {"Ours": 2.0, "CMCL-separate": 3.0})
-    cl = T.claims(curves, summary)
-    flips = cl[cl["group"] == T.FLIPS].set_index("claim")
-    assert list(flips.index) == [f"{T.FLIPS}: mean negative flips vs old/old over ratios > 0",
-                                 f"{T.FLIPS}: total negative flips between consecutive backfill steps"]
+    cl = CL.seed_claims(curves, summary)
+    flips = cl[cl["group"] == CL.FLIPS].set_index("claim")
+    assert list(flips.index) == [f"{CL.FLIPS}: mean negative flips vs old/old over ratios > 0",
+                                 f"{CL.FLIPS}: total negative flips between consecutive backfill steps"]
     assert flips["checked"].all() and list(flips["relation"]) == ["<", "<"]
     assert list(flips["value"]) == [2.0, 36.0] and list(flips["reference"]) == [3.0, 27.0]
     assert list(flips["holds"]) == [True, False]
     # every other claim is its own group
-    rest = cl[cl["group"] != T.FLIPS]
+    rest = cl[cl["group"] != CL.FLIPS]
     assert (rest["group"] == rest["claim"]).all()
     # without CMCL-separate neither the flips nor the psi + rho comparison is made
-    kept = T.claims(curves[curves.method != "CMCL-separate"], summary[summary.method != "CMCL-separate"])
+    kept = CL.seed_claims(curves[curves.method != "CMCL-separate"], summary[summary.method != "CMCL-separate"])
     assert not kept["claim"].str.contains("CMCL-separate").any()
 
 
