@@ -37,14 +37,14 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 reproduce: install
-	BACKFILL_THREADS=$(THREADS) BACKFILL_WORKERS=$(WORKERS) $(PY) -m backfill_utils.run --profile $(PROFILE) $(if $(PIN),--pin) $(ARGS)
+	BACKFILL_THREADS=$(THREADS) BACKFILL_WORKERS=$(WORKERS) $(PY) -m backfill_utils.tools.run --profile $(PROFILE) $(if $(PIN),--pin) $(ARGS)
 
 # each at most 45 minutes on the 2-core reference machine (README, "What holds, and where")
 tune: install
-	$(if $(PIN),env $(PINNED_ENV)) BACKFILL_THREADS=$(THREADS) BACKFILL_WORKERS=$(WORKERS) $(PY) -m backfill_utils.tuning --profile $(PROFILE)
+	$(if $(PIN),env $(PINNED_ENV)) BACKFILL_THREADS=$(THREADS) BACKFILL_WORKERS=$(WORKERS) $(PY) -m backfill_utils.studies.tuning --profile $(PROFILE)
 
 regimes: install
-	$(if $(PIN),env $(PINNED_ENV)) BACKFILL_THREADS=$(THREADS) BACKFILL_WORKERS=$(WORKERS) $(PY) -m backfill_utils.regimes --profile $(PROFILE)
+	$(if $(PIN),env $(PINNED_ENV)) BACKFILL_THREADS=$(THREADS) BACKFILL_WORKERS=$(WORKERS) $(PY) -m backfill_utils.studies.regimes --profile $(PROFILE)
 
 # nbval runs every notebook of the series (smoke profile, selected through the environment
 # because nbval cannot inject papermill parameters); --nbval-lax: notebooks are stored
@@ -53,8 +53,8 @@ regimes: install
 # The smoke versions of make tune and make regimes run first (tiny budgets, about a minute each), so that nbval
 # renders 52_tuning and 53_regimes from real outputs.
 test: install
-	BACKFILL_THREADS=$(THREADS) BACKFILL_WORKERS=$(WORKERS) $(PY) -m backfill_utils.tuning --profile smoke --quiet
-	BACKFILL_THREADS=$(THREADS) BACKFILL_WORKERS=$(WORKERS) $(PY) -m backfill_utils.regimes --profile smoke --quiet
+	BACKFILL_THREADS=$(THREADS) BACKFILL_WORKERS=$(WORKERS) $(PY) -m backfill_utils.studies.tuning --profile smoke --quiet
+	BACKFILL_THREADS=$(THREADS) BACKFILL_WORKERS=$(WORKERS) $(PY) -m backfill_utils.studies.regimes --profile smoke --quiet
 	BACKFILL_PROFILE=smoke $(PY) -m pytest tests notebooks --doctest-modules backfill_utils --nbval-lax --nbval-sanitize-with notebooks/nbval_sanitize.cfg
 
 # --allow-root only when run as root (e.g. in a container), where JupyterLab refuses to start without it
@@ -65,11 +65,11 @@ lab: install
 # over the mixed gallery at 100k and 1M items against one faiss index (about 35 minutes;
 # results/bench/serve.json)
 bench: install
-	$(PY) -m backfill_utils.bench
-	$(PY) -m backfill_utils.bench_serve
+	$(PY) -m backfill_utils.tools.bench
+	$(PY) -m backfill_utils.tools.bench_serve
 
 bench-serve: install
-	$(PY) -m backfill_utils.bench_serve
+	$(PY) -m backfill_utils.tools.bench_serve
 
 # A few minutes on a machine with an NVIDIA GPU: the paper recipe's training throughput on
 # synthetic CIFAR-size data, and the engine on CUDA against the CPU (exit 1 if not identical).
@@ -77,14 +77,14 @@ bench-serve: install
 # make gpu-check GPU_ARGS="--epochs 1 --n-train 512 --width 8 --workers 0"
 GPU_ARGS ?=
 gpu-check: install
-	$(PY) -m backfill_utils.gpu_check --out results/gpu_check.json $(GPU_ARGS)
+	$(PY) -m backfill_utils.tools.gpu_check --out results/gpu_check.json $(GPU_ARGS)
 
 # About 2 minutes on 2 cores: what the paper profile would cost on CIFAR-100, Tiny-ImageNet, ImageNet-1K
 # and Places-365 (results/bench/scale.json and the README's SCALE block); after make gpu-check on a GPU
 # machine, make scale-cost SCALE_ARGS="--gpu-json results/gpu_check.json" fills the GPU column.
 SCALE_ARGS ?=
 scale-cost: install
-	BACKFILL_THREADS=1 $(PY) -m backfill_utils.scale_cost --readme $(SCALE_ARGS)
+	BACKFILL_THREADS=1 $(PY) -m backfill_utils.tools.scale_cost --readme $(SCALE_ARGS)
 
 # Removes executed notebooks only (of every run); never the cache of trained models or results.
 clean:

@@ -51,7 +51,7 @@ THREADS_ENV = "BACKFILL_THREADS"  # torch CPU threads (e.g. 1 on a machine share
 # that is the same on Intel and other vendors' CPUs), numpy's SIMD dispatch without
 # AVX-512. The libraries read
 # these when they load, so they must be in the environment before python starts
-# (``python -m backfill_utils.run --pin`` and ``make reproduce PIN=1`` set them).
+# (``python -m backfill_utils.tools.run --pin`` and ``make reproduce PIN=1`` set them).
 PINNED_ENV = {
     "ATEN_CPU_CAPABILITY": "avx2",
     "MKL_CBWR": "COMPATIBLE",

@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import config as C
-from . import data as D
-from . import train as T
+from .data import api as D
+from . import train as TR
 from .io import cache_path, cached_arrays  # noqa: F401  (re-exported; the cache lives in io)
 
 # Bump when a change of this module (extraction, the passes' seeding, the transforms it
@@ -30,7 +30,7 @@ def embedding_spec(cfg: dict, setting: str, role: str) -> dict:
     ``normalize_embeddings: false`` when the profile turns normalisation off. With the
     default (normalised) it is the training spec itself, so keys made before the profile
     key existed stay valid; either way a change of the key changes the spec."""
-    spec = T.model_spec(cfg, setting, role)
+    spec = TR.model_spec(cfg, setting, role)
     return spec if C.normalize_embeddings(cfg) else {**spec, "normalize_embeddings": False}
 
 
@@ -49,7 +49,7 @@ def extract(model: torch.nn.Module, dataset, *, batch_size: int = 512, device=No
 
 
 #: Splits that can be embedded: ``train`` (the fit part of the training split), ``val`` (the
-#: validation images held out of the training split, :mod:`backfill_utils.splits`), ``test``.
+#: validation images held out of the training split, :mod:`backfill_utils.data.splits`), ``test``.
 SPLITS = ("train", "val", "test")
 
 
@@ -57,7 +57,7 @@ def _split_dataset(cfg: dict, split: str, classes, augment: bool):
     """The items of ``split`` (:data:`SPLITS`) of the profile's dataset in ``classes``.
 
     ``train`` and ``val`` are the two parts of the dataset's training split
-    (:func:`backfill_utils.splits.training_part` with the profile's ``val_fraction``);
+    (:func:`backfill_utils.data.splits.training_part` with the profile's ``val_fraction``);
     ``test`` is the dataset's test split."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -73,16 +73,16 @@ def _split_dataset(cfg: dict, split: str, classes, augment: bool):
         # test classes of the open-class setting are not a prefix (no classifier reads them)
         return D.subset_by_classes(full, classes, require_prefix=False)
     part = "fit" if split == "train" else "val"
-    return D.training_part(full, classes, part, **T.holdout(cfg))
+    return D.training_part(full, classes, part, **TR.holdout(cfg))
 
 
 def _key(cfg: dict, setting: str, role: str, split: str, passes: int) -> tuple[list, int, dict]:
     """The classes, the number of passes and the cache key of :func:`get_embeddings`."""
-    classes = T.setting_classes(cfg, setting)
+    classes = TR.setting_classes(cfg, setting)
     cls = classes["test_classes"] if split == "test" else classes["new_classes"]
     n_pass = int(passes) if split == "train" else 1
     key = {"model": embedding_spec(cfg, setting, role), "split": split, "classes": list(map(int, cls)), "passes": n_pass,
-           "seed": int(cfg["seed"]), "holdout": T.holdout(cfg)}
+           "seed": int(cfg["seed"]), "holdout": TR.holdout(cfg)}
     return cls, n_pass, key
 
 
@@ -108,7 +108,7 @@ def prefetch(cfg: dict, wanted, *, progress: bool = True, n_workers: int | None 
         if path in seen or path.is_file():
             continue
         seen.add(path)
-        model = T.model_spec(cfg, setting, role)["model"]
+        model = TR.model_spec(cfg, setting, role)["model"]
         jobs.append((cfg, setting, role, split, int(passes)))
         costs.append(n_pass * (model.get("width", 64) / 16) ** 2 * (1.0 if split == "train" else 0.3))
         labels.append(f"{setting}/{role}/{split}")
@@ -137,12 +137,12 @@ def get_embeddings(cfg: dict, setting: str, role: str, split: str, *,
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if int(passes) < 1:
         raise ValueError(f"passes must be >= 1, got {passes!r}")
-    spec = T.model_spec(cfg, setting, role)
+    spec = TR.model_spec(cfg, setting, role)
     cls, n_pass, key = _key(cfg, setting, role, split, passes)
     normalize = C.normalize_embeddings(cfg)
 
     def compute():
-        model = T.train(spec, data_root=cfg.get("data_root"), device=device, progress=progress,
+        model = TR.train(spec, data_root=cfg.get("data_root"), device=device, progress=progress,
                         download=bool(cfg.get("download")))
         embs = []
         for p in range(n_pass):

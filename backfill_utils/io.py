@@ -62,14 +62,14 @@ KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "curves": ("31_backfill", ("train", "embed", "compat", "curves")),
     "experiments": ("32_experiments", ("train", "embed", "compat", "curves", "experiments")),
 }
-# version name -> (module of backfill_utils, constant); read when a key is built
+# version name -> (module below backfill_utils, dotted; constant); read when a key is built
 VERSION_SOURCES: dict[str, tuple[str, str]] = {
-    "synthetic": ("data", "SYNTHETIC_VERSION"),
+    "synthetic": ("data.synthetic", "SYNTHETIC_VERSION"),
     "train": ("train", "TRAIN_VERSION"),
     "embed": ("embed", "EMBED_VERSION"),
-    "compat": ("compat", "COMPAT_VERSION"),
-    "curves": ("experiments", "CURVES_VERSION"),
-    "experiments": ("experiments", "EXPERIMENTS_VERSION"),
+    "compat": ("compat.modules", "COMPAT_VERSION"),
+    "curves": ("backfill.experiments", "CURVES_VERSION"),
+    "experiments": ("backfill.experiments", "EXPERIMENTS_VERSION"),
 }
 MODES = ("compute", "render")
 
@@ -326,9 +326,9 @@ def compute_command(notebooks) -> str:
     the parameters of the current mode (:func:`set_mode`'s ``run_args``).
 
     >>> compute_command(["10_train", "31_backfill"])
-    'python -m backfill_utils.run --only 10 31'
+    'python -m backfill_utils.tools.run --only 10 31'
     """
-    return f"python -m backfill_utils.run{_STATE['run_args']} --only " + " ".join(n[:2] for n in notebooks)
+    return f"python -m backfill_utils.tools.run{_STATE['run_args']} --only " + " ".join(n[:2] for n in notebooks)
 
 
 def missing(kind: str, what: str, path: Path) -> MissingArtifactError:
@@ -340,7 +340,7 @@ def missing(kind: str, what: str, path: Path) -> MissingArtifactError:
     return MissingArtifactError(
         f"missing input: {what} (not in the artifact cache: {path}). This notebook only renders and never "
         f"trains or evaluates: run notebooks/{producer(kind)}.ipynb first{hint} (`{command}`), or the whole "
-        "series with `make reproduce` / `python -m backfill_utils.run`."
+        "series with `make reproduce` / `python -m backfill_utils.tools.run`."
     )
 
 

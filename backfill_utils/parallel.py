@@ -14,7 +14,7 @@ regimes`` pass ``WORKERS=2``. Workers are started with ``spawn`` (safe inside a
 Jupyter kernel and with torch's thread pools) and import the package afresh, so a
 job must be a module-level function of :mod:`backfill_utils` and its arguments
 plain data (a method registered in a notebook is trained in the calling process:
-see :func:`backfill_utils.experiments.train_many`).
+see :func:`backfill_utils.backfill.experiments.train_many`).
 """
 from __future__ import annotations
 

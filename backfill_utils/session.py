@@ -58,24 +58,24 @@ class Run:
         shown now as a JPEG and closed (photo-like grids whose PNG would make the
         executed notebook large; the files are unchanged).
         """
-        from . import plots
+        from .figures import plots as P
 
         if inline not in ("png", "jpeg"):
             raise ValueError(f"inline must be 'png' or 'jpeg', got {inline!r}")
-        self._saved(plots.save_figure(fig, self.out / "figures", name))
+        self._saved(P.save_figure(fig, self.out / "figures", name))
         if inline == "jpeg":
             from IPython.display import display
 
-            display(plots.jpeg_image(fig))
+            display(P.jpeg_image(fig))
             import matplotlib.pyplot as plt
 
             plt.close(fig)
 
     def table(self, df: pd.DataFrame, name: str, **kwargs) -> None:
         """Save ``df`` as ``<out>/tables/<name>.{csv,md,tex}`` (``plots.save_table``) and print where."""
-        from . import plots
+        from .figures import plots as P
 
-        self._saved(plots.save_table(df, self.out / "tables", name, **kwargs))
+        self._saved(P.save_table(df, self.out / "tables", name, **kwargs))
 
     def _saved(self, paths: list[Path]) -> None:
         first = paths[0]
@@ -126,7 +126,7 @@ class Run:
         of a table without one. With verdicts, an asserted claim must hold by more than two
         standard deviations (``claims.HOLDS``). Prints one :data:`CHECKED_MARK` line with the
         number of checked rows. Returns the failed rows."""
-        from .claims import ASSERTED_SETTING, CLAIMS, HOLDS, check_asserted
+        from .studies.claims import ASSERTED_SETTING, CLAIMS, HOLDS, check_asserted
 
         checked = claims["checked"].astype(bool)
         failed = claims[checked & ~claims["holds"].astype(bool)]
@@ -229,7 +229,7 @@ def setup(profile: str | None = None, dataset: str | None = None, data_root: str
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     cfg = C.load_profile(profile, dataset=dataset, data_root=data_root, seed=seed,
                          overrides=overrides, download=bool(download))
-    from .data import check_dataset_options
+    from .data.api import check_dataset_options
 
     check_dataset_options(cfg["dataset"], cfg.get("dataset_options"))
     out = C.output_dir(cfg)
@@ -250,9 +250,9 @@ def setup(profile: str | None = None, dataset: str | None = None, data_root: str
     if note:
         print(note)
     if style:
-        from . import plots
+        from .figures import plots as P
 
-        plots.style()
+        P.style()
     policy = "claims asserted" if strict else "claims reported, not asserted"
     line = describe(cfg, out, f"own:{own}" if own is not None else None)
     print(f"{line} ({kind} notebook; {policy}; CPU code path {C.code_path()})")

@@ -6,13 +6,13 @@
 * :func:`table2_ablation` -- Table 2 (a): each ``ablation`` method's components
   (from its registration and the profile's recipe) with its AUCs;
 
-The paper's claims (each defined once, by id) are in :mod:`backfill_utils.claims`.
+The paper's claims (each defined once, by id) are in :mod:`backfill_utils.studies.claims`.
 
 Summaries with a ``seed`` column (the compatibility stage trained over several seeds)
 give means, sample standard deviations (``*_sd``) and the number of ``seeds``.
 
 The rows of every table are the registry's methods in registration order
-(:func:`backfill_utils.methods.names`); a method registered in the ``main`` group is a
+(:func:`backfill_utils.backfill.registry.names`); a method registered in the ``main`` group is a
 row of Table 1 without any change here.
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from . import backfill as B
-from . import methods as MM
+from .backfill import systems as B
+from .backfill import registry as MM
 
 __all__ = ["MAIN_COLUMNS", "main_comparison", "table1", "table2_ablation", "BASELINES"]
 
@@ -53,9 +53,9 @@ def main_comparison(summary: pd.DataFrame, names=None) -> pd.DataFrame:
 
 def _over_seeds(summary: pd.DataFrame) -> pd.DataFrame:
     """``summary`` with one row per (dataset, setting, method): the mean over its ``seed``
-    column, ``<metric>_sd`` and ``seeds`` added (:func:`backfill_utils.seeds.seed_stats`);
+    column, ``<metric>_sd`` and ``seeds`` added (:func:`backfill_utils.studies.seeds.seed_stats`);
     a summary without ``seed`` gets ``seeds`` 1 and NaN standard deviations."""
-    from .seeds import SUMMARY_METRICS, seed_stats
+    from .studies.seeds import SUMMARY_METRICS, seed_stats
 
     if "seed" not in summary.columns:
         summary = summary.assign(seed=0)
@@ -73,7 +73,7 @@ def table1(summary: pd.DataFrame, names=None, *, layout: str = "long") -> pd.Dat
     (trained modules) and its setting's ``M_old`` / ``M_new`` (mAP of old/old and new/new,
     which the gains are relative to).
 
-    Over seeds: a ``summary`` with a ``seed`` column (:func:`backfill_utils.seeds.evaluate_seeds`)
+    Over seeds: a ``summary`` with a ``seed`` column (:func:`backfill_utils.studies.seeds.evaluate_seeds`)
     gives the mean over the seeds, the sample standard deviations ``AUC_mAP_sd``,
     ``AUC_top1_sd``, ``gain_mAP_%_sd``, ``gain_top1_%_sd`` and the number of ``seeds``
     (NaN standard deviations for one seed).
@@ -122,7 +122,7 @@ def table1(summary: pd.DataFrame, names=None, *, layout: str = "long") -> pd.Dat
 
 def table2_ablation(summary: pd.DataFrame, cfg: dict, names=None) -> pd.DataFrame:
     """Table 2 (ablation): the components each method uses ("yes"/"-": psi, CMCL,
-    L_rev, rho, from :func:`backfill_utils.methods.components` under the profile
+    L_rev, rho, from :func:`backfill_utils.backfill.registry.components` under the profile
     ``cfg``) and its AUCs, per setting; rows: ``names`` (default: the ``ablation`` group).
     Over seeds (a ``seed`` column): means, ``*_sd`` and ``seeds`` as in :func:`table1`."""
     names = list(names or MM.names("ablation"))

@@ -34,9 +34,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from . import config as C
-from . import data as D
+from .data import api as D
 from . import io
-from .losses import bct_influence_loss
+from .compat.losses import bct_influence_loss
 from .models import EmbeddingNet, build_model
 
 ROLES = ("old", "new", "bct")
@@ -75,7 +75,7 @@ def setting_classes(cfg: dict, setting: str) -> dict:
 
 def holdout(cfg: dict) -> dict:
     """The validation split of a profile: ``{"fraction": val_fraction, "seed": seed}``
-    (:func:`backfill_utils.splits.validation_mask`); part of every model spec."""
+    (:func:`backfill_utils.data.splits.validation_mask`); part of every model spec."""
     return {"fraction": float(cfg.get("val_fraction", 0.0)), "seed": int(cfg["seed"])}
 
 
@@ -198,7 +198,7 @@ def _default_device() -> torch.device:
 # --------------------------------------------------------------------------- training
 def build_train_dataset(spec: dict, data_root=None, download: bool = False):
     """The ``"fit"`` part of the training split of ``spec``'s dataset (its classes, the
-    validation images of ``spec["holdout"]`` left out; :func:`backfill_utils.splits.training_part`)
+    validation images of ``spec["holdout"]`` left out; :func:`backfill_utils.data.splits.training_part`)
     with the training augmentation; ``download``: torchvision datasets may be fetched into
     ``data_root``."""
     ds = spec["dataset"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from backfill_utils import bench, gpu_check
+from backfill_utils.tools import bench, gpu_check
 from backfill_utils import config as C
 
 

@@ -1,7 +1,7 @@
-"""The one writer of generated Markdown blocks (backfill_utils.blocks) and the CPU-model helper."""
+"""The one writer of generated Markdown blocks (backfill_utils.tools.blocks) and the CPU-model helper."""
 import pytest
 
-from backfill_utils import blocks
+from backfill_utils.tools import blocks
 from backfill_utils import config as C
 
 TEXT = "# Title\n\nprose before\n<!-- X:START -->\nold line\n<!-- X:END -->\nprose after, no newline at end"
@@ -43,6 +43,6 @@ def test_block_names_are_checked():
 
 def test_cpu_model_is_one_public_function():
     assert isinstance(C.cpu_model(), str) and C.cpu_model()
-    from backfill_utils import bench, scale_cost
+    from backfill_utils.tools import bench, scale_cost as SC
 
-    assert not hasattr(bench, "_cpu_model") and not hasattr(scale_cost, "_cpu_model")
+    assert not hasattr(bench, "_cpu_model") and not hasattr(SC, "_cpu_model")

@@ -3,7 +3,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from backfill_utils import claims as CL
+from backfill_utils.studies import claims as CL
 
 
 @pytest.mark.parametrize("diffs, relation, expected", [
@@ -60,7 +60,7 @@ def test_claims_between_untrained_methods_have_no_noise():
 
 
 def _fake_run():
-    from backfill_utils import methods as MM
+    from backfill_utils.backfill import registry as MM
     from test_tables import fake_summary
     summary = fake_summary(("extended",))
     r = np.linspace(0, 1, 11)

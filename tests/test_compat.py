@@ -1,4 +1,4 @@
-"""Tests of backfill_utils.compat: the modules (width, depth), checkpoints, apply and
+"""Tests of backfill_utils.compat.modules: the modules (width, depth), checkpoints, apply and
 FastFill's order. Training: tests/test_compat_train.py and tests/test_recipes.py."""
 
 import numpy as np
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from compat_problems import single_thread, synthetic  # noqa: F401 (fixture)
 
-from backfill_utils.compat import (
+from backfill_utils.compat.modules import (
     COMPAT_VERSION,
     FastFillTransform,
     ForwardTransform,
@@ -19,8 +19,8 @@ from backfill_utils.compat import (
     load_module,
     save_module,
 )
-from backfill_utils.compat_train import fit_fastfill, fit_reverse
-from backfill_utils.recipes import CMCLPsiRhoRecipe, FastFillRecipe
+from backfill_utils.compat.fit import fit_fastfill, fit_reverse
+from backfill_utils.compat.recipes import CMCLPsiRhoRecipe, FastFillRecipe
 
 
 @pytest.fixture(scope="module")

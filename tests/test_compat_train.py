@@ -1,4 +1,4 @@
-"""Tests of backfill_utils.compat_train (and compat_inputs): batches, augmented passes,
+"""Tests of backfill_utils.compat.fit (and compat_inputs): batches, augmented passes,
 training psi/rho, FCT, FastFill and BiCT on small synthetic problems with known answers,
 and the error paths."""
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from compat_problems import accuracy, center_classifier, single_thread, synthetic, unit  # noqa: F401
 
-from backfill_utils.compat import (
+from backfill_utils.compat.modules import (
     FastFillSideProjection,
     FastFillTransform,
     ForwardTransform,
@@ -19,9 +19,9 @@ from backfill_utils.compat import (
     apply,
     fastfill_order,
 )
-from backfill_utils.compat_inputs import class_balanced_batches, draw_passes, gather, random_batches
-from backfill_utils.compat_train import fit_bict, fit_fastfill, fit_fct, fit_reverse
-from backfill_utils.recipes import (
+from backfill_utils.compat.inputs import class_balanced_batches, draw_passes, gather, random_batches
+from backfill_utils.compat.fit import fit_bict, fit_fastfill, fit_fct, fit_reverse
+from backfill_utils.compat.recipes import (
     BiCTRecipe,
     CMCLPsiRecipe,
     CMCLPsiRhoRecipe,

@@ -1,4 +1,4 @@
-"""Tests of backfill_utils.data: the synthetic set, the dataset registry, transforms, class splits."""
+"""Tests of backfill_utils.data.api: the synthetic set, the dataset registry, transforms, class splits."""
 from __future__ import annotations
 
 import pickle
@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from backfill_utils import data, synthetic, synthetic_objects, transforms
-from backfill_utils.data import (
+from backfill_utils.data import api as D, synthetic, synthetic_objects, transforms
+from backfill_utils.data.api import (
     DatasetError,
     class_splits,
     dataset_info,
@@ -22,7 +22,7 @@ from backfill_utils.data import (
     tile_grid,
     train_transform,
 )
-from backfill_utils.data import test_transform as eval_transform  # 'test_*' would be collected
+from backfill_utils.data.api import test_transform as eval_transform  # 'test_*' would be collected
 
 SMALL = dict(num_classes=10, per_class=6, seed=3)
 
@@ -43,13 +43,13 @@ def test_synthetic_shapes_dtypes_balance():
 
 
 def test_synthetic_default_sizes():
-    d = data.synthetic_defaults()
+    d = D.synthetic_defaults()
     assert d["num_classes"] == 100 and d["image_size"] == 32 and d["per_class"] is None
     assert synthetic._DEFAULT_PER_CLASS == {"train": 100, "test": 50}
 
 
 def test_synthetic_deterministic_and_seeded():
-    knobs = {**data.synthetic_defaults()}
+    knobs = {**D.synthetic_defaults()}
     for key in ("seed", "num_classes", "per_class", "image_size"):
         knobs.pop(key)
     # bypass the memo: two fresh generations must agree byte for byte
@@ -114,7 +114,7 @@ def test_synthetic_classes_distinguishable_but_not_trivially():
 
 def test_get_dataset_synthetic_items_and_info():
     ds = get_dataset("synthetic", "train", **SMALL)
-    assert isinstance(ds, data.SyntheticDataset) and len(ds) == 60
+    assert isinstance(ds, D.SyntheticDataset) and len(ds) == 60
     assert ds.targets.dtype == np.int64 and len(ds.classes) == 10
     img, label = ds[0]
     assert img.dtype == torch.uint8 and img.shape == (3, 32, 32) and isinstance(label, int)
@@ -274,7 +274,7 @@ def test_transforms_normalise_tensors_and_pil():
     for make in (train_transform, eval_transform):
         out = make("imagenet", 224)(pil)
         assert out.shape == (3, 224, 224) and out.dtype == torch.float32
-        expected = (np.array([10, 120, 250]) / 255 - np.array(data.IMAGENET_MEAN)) / np.array(data.IMAGENET_STD)
+        expected = (np.array([10, 120, 250]) / 255 - np.array(D.IMAGENET_MEAN)) / np.array(D.IMAGENET_STD)
         assert np.allclose(out.mean((1, 2)).numpy(), expected, atol=1e-4)
     assert train_transform("cifar100")(np.zeros((32, 32, 3), np.uint8)).shape == (3, 32, 32)
     with pytest.raises(ValueError, match="image_size"):
@@ -388,7 +388,7 @@ def test_sample_grid(tmp_path):
 def test_synthetic_batched_augmentation_path():
     """The synthetic fast path (TensorAugment + __getitems__) matches per-image semantics."""
     train_tf = train_transform("synthetic", **SMALL)
-    assert isinstance(train_tf, data.TensorAugment) and train_tf.padding == 4
+    assert isinstance(train_tf, D.TensorAugment) and train_tf.padding == 4
     test = get_dataset("synthetic", "test", transform=eval_transform("synthetic", **SMALL), **SMALL)
     info = dataset_info("synthetic", **SMALL)
     mean = torch.tensor(info["mean"]).view(3, 1, 1)
@@ -417,7 +417,7 @@ def test_synthetic_batched_augmentation_path():
         train_tf.batch(torch.zeros(2, 3, 32, 32))
     # another size: resized first, still batched
     up = train_transform("synthetic", 48, **SMALL)
-    assert isinstance(up, data.TensorAugment) and up.batch(train.images[:5]).shape == (5, 3, 48, 48)
+    assert isinstance(up, D.TensorAugment) and up.batch(train.images[:5]).shape == (5, 3, 48, 48)
     # explicit mean/std: nothing is generated (train.py passes them)
     transforms._synthetic_stats.cache_clear()
     eval_transform("synthetic", 32, mean=(0.5,) * 3, std=(0.25,) * 3)
@@ -425,8 +425,8 @@ def test_synthetic_batched_augmentation_path():
 
 
 def test_misspelt_dataset_option_is_an_error_before_any_notebook_runs(tmp_path):
-    from backfill_utils import run as R
-    from backfill_utils.data import check_dataset_options
+    from backfill_utils.tools import run as R
+    from backfill_utils.data.api import check_dataset_options
 
     with pytest.raises(DatasetError, match=r"unknown dataset_options key\(s\) \['test_per_clas'\].*test_per_class"):
         R.prepare("smoke", {"overrides": "{dataset_options: {test_per_clas: 5}}"})

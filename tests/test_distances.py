@@ -1,10 +1,10 @@
-"""backfill_utils.distances: the one definition of the distances, against float64 brute force."""
+"""backfill_utils.retrieval.distances: the one definition of the distances, against float64 brute force."""
 import numpy as np
 import pytest
 import torch
 
-from backfill_utils import distances as DS
-from backfill_utils import metrics as MT
+from backfill_utils.retrieval import distances as DS
+from backfill_utils.retrieval import metrics as MT
 
 U32 = 2.0 ** -24  # unit roundoff of float32
 

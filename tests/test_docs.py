@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from backfill_utils import bench, blocks, report, run, scale_cost
+from backfill_utils.tools import bench, blocks, report, run as R, scale_cost as SC
 from backfill_utils import config as C
 
 ROOT = C.REPO_ROOT
@@ -41,8 +41,8 @@ def test_the_link_check_sees_links(tmp_path):
 
 
 @pytest.mark.parametrize("path, name", [
-    (blocks.README, run.README_BLOCK), (run.DOC, run.DOC_BLOCK), (blocks.README, report.README_BLOCK),
-    (report.DOC, report.DOC_BLOCK), (bench.DOC, bench.BLOCK), (scale_cost.DOC, scale_cost.BLOCK)])
+    (blocks.README, R.README_BLOCK), (R.DOC, R.DOC_BLOCK), (blocks.README, report.README_BLOCK),
+    (report.DOC, report.DOC_BLOCK), (bench.DOC, bench.BLOCK), (SC.DOC, SC.BLOCK)])
 def test_every_generated_block_is_in_its_file_once(path, name):
     assert blocks.read_block(path, name).strip(), f"{path} block {name} is empty: regenerate it"
 

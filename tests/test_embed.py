@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from backfill_utils import embed as E
-from backfill_utils import train as T
+from backfill_utils import train as TR
 from conftest import tiny_profile
 
 
@@ -18,7 +18,7 @@ def test_embeddings_are_cached_and_invalidated(tmp_cache, monkeypatch):
     assert train["emb"].shape == (2, 44, 8)
     assert not np.allclose(train["emb"][0], train["emb"][1]), "pass 1 is augmented"
 
-    monkeypatch.setattr(T, "train", lambda *a, **k: pytest.fail("recomputed on a hit"))
+    monkeypatch.setattr(TR, "train", lambda *a, **k: pytest.fail("recomputed on a hit"))
     again = E.get_embeddings(cfg, "extended", "new", "test", progress=False)
     np.testing.assert_array_equal(again["emb"], test["emb"])
     monkeypatch.undo()

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from backfill_utils import backfill as bf
-from backfill_utils import bench, counting, engine, phases
-from backfill_utils import metrics as mt
+from backfill_utils.backfill import systems as B
+from backfill_utils.tools import bench
+from backfill_utils.retrieval import counting, engine, phases
+from backfill_utils.retrieval import metrics as MT
 from test_backfill import brute_curve, int_emb
 from test_metrics import brute_force, int_embeddings
 
@@ -228,11 +229,11 @@ def test_missing_numba_falls_back_to_torch_with_a_warning(monkeypatch):
     rng = np.random.default_rng(4)
     g = int_embeddings(rng, 30)
     gl = rng.integers(0, 3, 30)
-    ref = mt.evaluate_retrieval(g, gl, g, gl, exclude_self=True, return_per_query=True)
+    ref = MT.evaluate_retrieval(g, gl, g, gl, exclude_self=True, return_per_query=True)
     monkeypatch.setattr(counting, "numba_available", lambda: False)
     monkeypatch.setattr(counting, "_NUMBA_MISSING_WARNED", False)
     with pytest.warns(RuntimeWarning, match="numba is not installed"):
-        alt = mt.evaluate_retrieval(g, gl, g, gl, exclude_self=True, return_per_query=True)
+        alt = MT.evaluate_retrieval(g, gl, g, gl, exclude_self=True, return_per_query=True)
     np.testing.assert_allclose(alt["ap"], ref["ap"], rtol=0, atol=1e-13)  # summation order only
     np.testing.assert_array_equal(alt["first_rank"], ref["first_rank"])
 
@@ -246,7 +247,7 @@ def test_evaluate_retrieval_brute_force_on_each_path(cpu_method, exclude_self):
     q, ql = (g, gl) if exclude_self else (int_embeddings(rng, 30), rng.integers(0, 4, 30))
     ap, rank = brute_force(q, ql, g, gl, exclude_self)
     for chunk in (None, 7):
-        out = mt.evaluate_retrieval(q, ql, g, gl, exclude_self=exclude_self, chunk_size=chunk,
+        out = MT.evaluate_retrieval(q, ql, g, gl, exclude_self=exclude_self, chunk_size=chunk,
                                     return_per_query=True, on_no_relevant="skip")
         ok = ~np.isnan(ap)
         np.testing.assert_allclose(out["ap"][ok], ap[ok], rtol=0, atol=1e-12)
@@ -263,8 +264,8 @@ def test_backfill_curve_brute_force_on_each_path(cpu_method, exclude_self):
                                                     rng.integers(0, 4, 20))
     ratios = np.linspace(0, 1, 6)
     order = rng.permutation(n)
-    system = bf.BackfillSystem.merge("rm", qo, go, qn, gn, order=order)
-    _, pq = bf.backfill_curve(system, ql, gl, ratios=ratios, exclude_self=exclude_self, chunk_size=5,
+    system = B.BackfillSystem.merge("rm", qo, go, qn, gn, order=order)
+    _, pq = B.backfill_curve(system, ql, gl, ratios=ratios, exclude_self=exclude_self, chunk_size=5,
                               return_per_query=True, on_no_relevant="skip")
     aps, ranks = brute_curve(qo, go, qn, gn, ql, gl, ratios, order, exclude_self)
     ok = ~np.isnan(aps[0])
@@ -277,11 +278,11 @@ def test_paths_agree_on_float_data(monkeypatch):
     go = data.normal(size=(300, 16)).astype(np.float32)
     gn = data.normal(size=(300, 24))  # float64 side: mixed precision
     gl = data.integers(0, 10, 300)
-    system = bf.BackfillSystem.merge("rm", go, go, gn, gn)
+    system = B.BackfillSystem.merge("rm", go, go, gn, gn)
     res = {}
     for method in METHODS:
         monkeypatch.setattr(engine, "CPU_METHOD", method)
-        res[method] = bf.backfill_curve(system, gl, gl, exclude_self=True, chunk_size=64,
+        res[method] = B.backfill_curve(system, gl, gl, exclude_self=True, chunk_size=64,
                                         return_per_query=True)[1]
     for method in METHODS[1:]:
         # the counts are identical; AP sums its P terms in another order (|error| < P * 2**-53)
@@ -294,10 +295,10 @@ def test_scatter_fallback_and_float64_give_the_same_numbers(monkeypatch):
     g = int_embeddings(rng, 40)
     gl = rng.integers(0, 4, 40)
     ap, rank = brute_force(g, gl, g, gl, exclude_self=True)
-    ref = mt.evaluate_retrieval(g, gl, g, gl, exclude_self=True, return_per_query=True)
+    ref = MT.evaluate_retrieval(g, gl, g, gl, exclude_self=True, return_per_query=True)
     monkeypatch.setattr(engine, "CPU_METHOD", "torch")
     monkeypatch.setattr(counting, "_FLAT_LIMIT", 0)  # histogram via scatter_add with int64 slots
-    alt = mt.evaluate_retrieval(g.astype(np.float64), gl, g.astype(np.float64), gl,
+    alt = MT.evaluate_retrieval(g.astype(np.float64), gl, g.astype(np.float64), gl,
                                 exclude_self=True, return_per_query=True)
     np.testing.assert_array_equal(alt["first_rank"], rank)
     np.testing.assert_allclose(alt["ap"], ap, rtol=0, atol=1e-12)
@@ -309,7 +310,7 @@ def test_relevant_items_all_at_one_distance(cpu_method):
     q = np.zeros((1, 2), dtype=np.float32)
     g = np.array([[1, 0], [0, 1], [-1, 0], [0, -1], [2, 0], [0, 0.5]], dtype=np.float32)
     gl = np.array([0, 1, 0, 0, 1, 1])
-    out = mt.evaluate_retrieval(q, [0], g, gl, return_per_query=True)
+    out = MT.evaluate_retrieval(q, [0], g, gl, return_per_query=True)
     ap, rank = brute_force(q, np.array([0]), g, gl)
     assert out["ap"][0] == pytest.approx(ap[0], abs=1e-12) and out["first_rank"][0] == rank[0] == 1
 
@@ -320,7 +321,7 @@ def test_huge_but_safe_embeddings_are_exact(cpu_method):
     g = int_embeddings(rng, 40) * np.float32(2.0 ** 40)  # exact: a power of two, distances ~2^84
     gl = rng.integers(0, 4, 40)
     ap, rank = brute_force(g, gl, g, gl, exclude_self=True)
-    out = mt.evaluate_retrieval(g, gl, g, gl, exclude_self=True, return_per_query=True)
+    out = MT.evaluate_retrieval(g, gl, g, gl, exclude_self=True, return_per_query=True)
     np.testing.assert_allclose(out["ap"], ap, rtol=0, atol=1e-12)
     assert (out["first_rank"] == rank).all()
 
@@ -328,23 +329,23 @@ def test_huge_but_safe_embeddings_are_exact(cpu_method):
 def test_overflowing_distances_are_an_error():
     g = np.ones((4, 3), dtype=np.float32) * np.float32(1e19)
     with pytest.raises(ValueError, match=r"query_embeddings and gallery_embeddings.*overflow.*float64"):
-        mt.evaluate_retrieval(g, [0, 0, 1, 1], g, [0, 0, 1, 1])
+        MT.evaluate_retrieval(g, [0, 0, 1, 1], g, [0, 0, 1, 1])
     # the same values in float64 are fine
-    mt.evaluate_retrieval(g.astype(np.float64), [0, 0, 1, 1], g.astype(np.float64), [0, 0, 1, 1])
-    system = bf.BackfillSystem.merge("rm", g[:, :2] * 0, g[:, :2] * 0, g, g)
+    MT.evaluate_retrieval(g.astype(np.float64), [0, 0, 1, 1], g.astype(np.float64), [0, 0, 1, 1])
+    system = B.BackfillSystem.merge("rm", g[:, :2] * 0, g[:, :2] * 0, g, g)
     with pytest.raises(ValueError, match="query_new and gallery_new"):
-        bf.backfill_curve(system, [0, 0, 1, 1], [0, 0, 1, 1])
+        B.backfill_curve(system, [0, 0, 1, 1], [0, 0, 1, 1])
 
 
 # ---------------------------------------------------------------- chunk sizes, GPU budget
 def test_auto_chunk_size_respects_budget():
-    c = mt.auto_chunk_size(50000, 50000, 500, 11, memory_budget=1 << 30)
+    c = MT.auto_chunk_size(50000, 50000, 500, 11, memory_budget=1 << 30)
     assert 1 <= c < 50000
     per_row = engine._row_bytes(50000, 1000, 12, 11, 500, engine._dense_bytes_per_item(torch.device("cpu")))
     assert c * per_row <= 1 << 30
-    assert mt.auto_chunk_size(10, 10, 2) == 10
+    assert MT.auto_chunk_size(10, 10, 2) == 10
     with pytest.raises(ValueError, match="memory_budget"):
-        mt.auto_chunk_size(10, 10, 2, memory_budget=0)
+        MT.auto_chunk_size(10, 10, 2, memory_budget=0)
 
 
 def test_cuda_budget_from_free_memory(monkeypatch):
@@ -367,8 +368,8 @@ def test_cuda_engine_equals_cpu_on_exact_distances():
     rng = np.random.default_rng(11)
     go, gn = int_emb(rng, 500, 8), int_emb(rng, 500, 12)  # integer distances: exact on every device
     gl = rng.integers(0, 7, 500)
-    system = bf.BackfillSystem.merge("rm", go, go, gn, gn)
-    cpu = bf.backfill_curve(system, gl, gl, exclude_self=True, return_per_query=True)[1]
-    gpu = bf.backfill_curve(system, gl, gl, exclude_self=True, device="cuda", return_per_query=True)[1]
+    system = B.BackfillSystem.merge("rm", go, go, gn, gn)
+    cpu = B.backfill_curve(system, gl, gl, exclude_self=True, return_per_query=True)[1]
+    gpu = B.backfill_curve(system, gl, gl, exclude_self=True, device="cuda", return_per_query=True)[1]
     np.testing.assert_array_equal(cpu["ap"], gpu["ap"])
     np.testing.assert_array_equal(cpu["first_rank"], gpu["first_rank"])

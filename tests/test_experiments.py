@@ -4,15 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from backfill_utils import backfill as B
-from backfill_utils import compat as K
-from backfill_utils import experiments as X
-from backfill_utils import methods as MM
-from backfill_utils import metrics as MT
-from backfill_utils import order_study as OS
-from backfill_utils import query_cost as QC
-from backfill_utils import tables as T
-from backfill_utils.recipes import CMCLPsiRhoRecipe
+from backfill_utils.backfill import systems as B
+from backfill_utils.compat import modules as K
+from backfill_utils.backfill import experiments as X
+from backfill_utils.backfill import registry as MM
+from backfill_utils.retrieval import metrics as MT
+from backfill_utils.studies import order_study as OS
+from backfill_utils.studies import query_cost as QC
+from backfill_utils import tables as TB
+from backfill_utils.compat.recipes import CMCLPsiRhoRecipe
 from conftest import tiny_profile
 
 
@@ -136,7 +136,7 @@ def test_a_users_method_needs_one_registration(tiny_run, monkeypatch):
         assert evaluated == ["LS psi"]  # every other curve came from the cache
         assert list(s2.method) == MM.names() and s2.method.iloc[-1] == "LS psi"
         assert c2[c2.method != "LS psi"].reset_index(drop=True).equals(curves.reset_index(drop=True))
-        t1 = T.table1(s2.assign(dataset="synthetic", setting="extended"))
+        t1 = TB.table1(s2.assign(dataset="synthetic", setting="extended"))
         assert "LS psi" in set(t1.method)
         assert MM.query_side("LS psi") == [("new", ["psi"])] and MM.ends_at_new("LS psi")
         assert s2.set_index("method").loc["LS psi", "extra_params"] == cfg["embedding_dim"] ** 2
@@ -191,8 +191,8 @@ def test_time_query_forward_is_positive():
 def test_profile_data_and_own_embeddings_share_one_evaluation_loop(tiny_run, tmp_path):
     """SettingData and OwnData are both EmbeddingSources; the profile's embeddings exported as
     own files give, through evaluate_own, the very curves and summary numbers of evaluate_setting."""
-    from backfill_utils import evaluate as EV
-    from backfill_utils import own_models as OM
+    from backfill_utils.backfill import evaluate as EV
+    from backfill_utils.studies import own_models as OM
 
     cfg, curves, summary, systems, refs = tiny_run
     data = X.SettingData(cfg, "extended", progress=False)

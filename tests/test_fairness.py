@@ -12,49 +12,49 @@ import torch
 from backfill_utils import config as C
 from backfill_utils import embed as E
 from backfill_utils import io
-from backfill_utils import methods as MM
-from backfill_utils import parallel as PL
-from backfill_utils import query_cost as QC
-from backfill_utils import regimes as RG
-from backfill_utils import run as R
-from backfill_utils import sensitivity as SE
+from backfill_utils.backfill import registry as MM
+from backfill_utils import parallel
+from backfill_utils.studies import query_cost as QC
+from backfill_utils.studies import regimes as RG
+from backfill_utils.tools import run as R
+from backfill_utils.studies import sensitivity as SE
 from backfill_utils import session
-from backfill_utils import train as T
-from backfill_utils import tuning as TU
+from backfill_utils import train as TR
+from backfill_utils.studies import tuning as TU
 from conftest import tiny_profile
 
 
 # --------------------------------------------------------------------------- parallel
 def test_run_jobs_returns_results_in_job_order_with_workers():
     jobs = [(2, k) for k in range(6)]
-    assert PL.run_jobs(operator.pow, jobs, n_workers=2, progress=False) == [2 ** k for k in range(6)]
+    assert parallel.run_jobs(operator.pow, jobs, n_workers=2, progress=False) == [2 ** k for k in range(6)]
 
 
 def test_start_order_puts_dependencies_and_unblockers_first():
     # job 2 depends on 0; job 0 unblocks a job, so it starts before the costlier job 1
-    assert PL._order(3, {2: {0}}, [1.0, 5.0, 1.0]) == [0, 1, 2]
-    assert PL._order(3, {}, [1.0, 5.0, 2.0]) == [1, 2, 0]
+    assert parallel._order(3, {2: {0}}, [1.0, 5.0, 1.0]) == [0, 1, 2]
+    assert parallel._order(3, {}, [1.0, 5.0, 2.0]) == [1, 2, 0]
     with pytest.raises(ValueError, match="cycle"):
-        PL._order(2, {0: {1}, 1: {0}}, [1.0, 1.0])
+        parallel._order(2, {0: {1}, 1: {0}}, [1.0, 1.0])
 
 
 def test_workers_from_the_environment(monkeypatch):
-    monkeypatch.setenv(PL.WORKERS_ENV, "3")
-    assert PL.workers() == 3 and PL.workers(1) == 1
-    monkeypatch.setenv(PL.WORKERS_ENV, "two")
+    monkeypatch.setenv(parallel.WORKERS_ENV, "3")
+    assert parallel.workers() == 3 and parallel.workers(1) == 1
+    monkeypatch.setenv(parallel.WORKERS_ENV, "two")
     with pytest.raises(ValueError, match="BACKFILL_WORKERS"):
-        PL.workers()
+        parallel.workers()
 
 
 def test_parallel_backbones_equal_serial_ones(tmp_path, monkeypatch):
     """Two worker processes train the same weights, bit for bit, as one process after the other."""
     cfg = tiny_profile(train={"epochs": 1, "batch_size": 16}, settings=["extended"])
-    specs = [T.model_spec(cfg, "extended", r) for r in T.ROLES]
+    specs = [TR.model_spec(cfg, "extended", r) for r in TR.ROLES]
     weights = {}
     for n in (1, 2):
         monkeypatch.setenv(C.CACHE_ENV, str(tmp_path / f"cache{n}"))
-        T.train_many(specs, progress=False, n_workers=n)
-        weights[n] = [torch.load(T.model_dir(s) / "model.pt") for s in specs]
+        TR.train_many(specs, progress=False, n_workers=n)
+        weights[n] = [torch.load(TR.model_dir(s) / "model.pt") for s in specs]
     for a, b in zip(weights[1], weights[2]):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -62,9 +62,9 @@ def test_parallel_backbones_equal_serial_ones(tmp_path, monkeypatch):
 def test_prefetched_embeddings_curves_and_convergence_equal_serial_ones(tmp_path, monkeypatch):
     """Embeddings, curves and FCT's convergence history computed in two worker processes
     equal those computed in this process, bit for bit, and a second prefetch finds them cached."""
-    from backfill_utils import convergence as CV
-    from backfill_utils import experiments as X
-    from backfill_utils import seeds as SD
+    from backfill_utils.studies import convergence as CV
+    from backfill_utils.backfill import experiments as X
+    from backfill_utils.studies import seeds as SD
 
     cfg = tiny_profile(train={"epochs": 1, "batch_size": 16}, settings=["extended"], compat_seeds=2,
                        val_fraction=0.25, compat={"epochs": 2, "batch_size": 16})
@@ -77,7 +77,7 @@ def test_prefetched_embeddings_curves_and_convergence_equal_serial_ones(tmp_path
     try:
         for n in (1, 2):
             monkeypatch.setenv(C.CACHE_ENV, str(tmp_path / f"cache{n}"))
-            T.train_many([T.model_spec(cfg, "extended", r) for r in T.ROLES], progress=False)
+            TR.train_many([TR.model_spec(cfg, "extended", r) for r in TR.ROLES], progress=False)
             if n == 2:
                 assert X.prefetch_embeddings(cfg, progress=False) == 3 + len(X.train_roles())
                 assert X.prefetch_embeddings(cfg, progress=False) == 0
@@ -87,7 +87,7 @@ def test_prefetched_embeddings_curves_and_convergence_equal_serial_ones(tmp_path
                 # one curve per method without training, one per seed of each trained method
                 assert SD.prefetch_curves(cfg, names, progress=False, n_workers=2) == 2 + 2 * 2
                 assert SD.prefetch_curves(cfg, names, progress=False, n_workers=2) == 0
-            emb = [E.get_embeddings(cfg, "extended", r, "test", progress=False)["emb"] for r in T.ROLES]
+            emb = [E.get_embeddings(cfg, "extended", r, "test", progress=False)["emb"] for r in TR.ROLES]
             _, summary = SD.evaluate_seeds(cfg, names, progress=False)
             out[n] = emb, summary, CV.fct_convergence(cfg, "extended", progress=False)
     finally:
@@ -189,7 +189,7 @@ def test_variants_change_only_the_old_model_or_a_family():
         assert len(news) == 1 and len(olds) == len(members)
     assert len(families) == 3 and "normalize_embeddings: false" in families
     assert all(c["settings"] == ["extended"] for c in cfgs.values())
-    assert T.model_spec(cfgs["50% of classes (default)"], "extended", "old") == T.model_spec(cfg, "extended", "old")
+    assert TR.model_spec(cfgs["50% of classes (default)"], "extended", "old") == TR.model_spec(cfg, "extended", "old")
     cfg["regimes"]["variants"]["bigger new"] = {"new_backbone": {"width": 64}}
     with pytest.raises(ValueError, match="only the old model"):
         RG.regime_config(cfg)
@@ -290,4 +290,4 @@ def test_variants_are_replaced_whole_by_an_override_and_checked():
     fam = C.load_profile("default", overrides={"regimes": {"variants": {
         "a": {}, "b": {"dataset_options": {"num_classes": 10}}}}})
     cfgs = RG.variant_cfgs(fam)
-    assert T.model_spec(cfgs["a"], "extended", "new") != T.model_spec(cfgs["b"], "extended", "new")
+    assert TR.model_spec(cfgs["a"], "extended", "new") != TR.model_spec(cfgs["b"], "extended", "new")

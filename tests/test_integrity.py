@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from backfill_utils import io
-from backfill_utils import train as T
+from backfill_utils import train as TR
 from conftest import tiny_profile
 
 
@@ -68,9 +68,9 @@ def test_an_entry_without_checksum_is_checked_by_reading_and_then_recorded(tmp_c
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
 def test_a_damaged_cached_backbone_is_named_and_retrained(tmp_cache, damage):
-    spec = T.model_spec(tiny_profile(train={"epochs": 1, "batch_size": 16}), "extended", "old")
-    first = _state(T.train(spec, progress=False))
-    pt = T.model_dir(spec) / "model.pt"
+    spec = TR.model_spec(tiny_profile(train={"epochs": 1, "batch_size": 16}), "extended", "old")
+    first = _state(TR.train(spec, progress=False))
+    pt = TR.model_dir(spec) / "model.pt"
     assert io.checksum_path(pt).is_file()
     if damage == "flip":  # one exponent bit of the head's weights (the attack)
         sd = torch.load(pt, weights_only=True)
@@ -85,14 +85,14 @@ def test_a_damaged_cached_backbone_is_named_and_retrained(tmp_cache, damage):
     else:
         _truncate(pt)
     with io.mode("render"), pytest.raises(io.CorruptArtifactError, match=r"model.pt.*10_train"):
-        T.load_model(spec)
+        TR.load_model(spec)
     if damage == "truncate":  # found before any training starts: the model is to be trained again
         with pytest.warns(io.CorruptArtifactWarning, match="model.pt"):
-            assert not T.is_trained(spec)
+            assert not TR.is_trained(spec)
         assert not pt.exists()
         return
     with pytest.warns(io.CorruptArtifactWarning, match="model.pt"):
-        again = _state(T.train(spec, progress=False))
+        again = _state(TR.train(spec, progress=False))
     assert all(torch.equal(first[k], again[k]) for k in first), "the retrained model equals the first"
     assert io.verify_entry("models", "x", pt) == "ok"
 

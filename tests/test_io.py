@@ -4,15 +4,15 @@ import time
 import numpy as np
 import pytest
 
-from backfill_utils import compat as K
-from backfill_utils import data as D
+from backfill_utils.compat import modules as K
+from backfill_utils.data import api as D
 from backfill_utils import embed as E
-from backfill_utils import experiments as X
+from backfill_utils.backfill import experiments as X
 from backfill_utils import io
-from backfill_utils import order_study as OS
-from backfill_utils import query_cost as QC
+from backfill_utils.studies import order_study as OS
+from backfill_utils.studies import query_cost as QC
 from backfill_utils import session
-from backfill_utils import train as T
+from backfill_utils import train as TR
 from conftest import tiny_profile
 
 
@@ -51,7 +51,7 @@ def test_cache_hit_and_miss(tmp_cache):
 
 
 @pytest.mark.parametrize("kind, module, constant", [
-    ("embeddings", T, "TRAIN_VERSION"), ("embeddings", E, "EMBED_VERSION"),
+    ("embeddings", TR, "TRAIN_VERSION"), ("embeddings", E, "EMBED_VERSION"),
     ("compat", K, "COMPAT_VERSION"), ("curves", X, "CURVES_VERSION"),
     ("experiments", X, "EXPERIMENTS_VERSION"), ("experiments", E, "EMBED_VERSION"),
 ])
@@ -69,14 +69,14 @@ def test_a_version_bump_is_a_cache_miss(tmp_cache, monkeypatch, kind, module, co
 
 def test_model_folders_carry_the_training_and_generator_versions(monkeypatch):
     cfg = tiny_profile()
-    spec = T.model_spec(cfg, "extended", "new")
-    folder = T.model_dir(spec)
-    monkeypatch.setattr(T, "TRAIN_VERSION", T.TRAIN_VERSION + 1)
-    assert T.model_dir(spec) != folder
+    spec = TR.model_spec(cfg, "extended", "new")
+    folder = TR.model_dir(spec)
+    monkeypatch.setattr(TR, "TRAIN_VERSION", TR.TRAIN_VERSION + 1)
+    assert TR.model_dir(spec) != folder
     monkeypatch.undo()
     monkeypatch.setattr(D, "SYNTHETIC_VERSION", D.SYNTHETIC_VERSION + 1)
-    assert T.model_spec(cfg, "extended", "new") != spec
-    assert T.model_dir(T.model_spec(cfg, "extended", "new")) != folder
+    assert TR.model_spec(cfg, "extended", "new") != spec
+    assert TR.model_dir(TR.model_spec(cfg, "extended", "new")) != folder
 
 
 def test_interrupted_write_leaves_nothing(tmp_cache, monkeypatch):
@@ -105,9 +105,9 @@ def test_render_mode_names_the_producer_and_computes_nothing(tmp_cache):
     with io.mode("render", hint="with the same parameters (profile='smoke')"):
         with pytest.raises(io.MissingArtifactError, match=r"notebooks/30_compat\.ipynb first with the same"):
             io.cached_arrays("compat", {"k": 3}, lambda: pytest.fail("computed in render mode"))
-        spec = T.model_spec(tiny_profile(), "extended", "old")
+        spec = TR.model_spec(tiny_profile(), "extended", "old")
         with pytest.raises(io.MissingArtifactError, match=r"10_train") as err:
-            T.train(spec, progress=False)
+            TR.train(spec, progress=False)
         assert isinstance(err.value, FileNotFoundError)
         assert "make reproduce" in str(err.value)
     assert io.get_mode() == "compute"
@@ -119,7 +119,7 @@ def test_render_mode_names_the_producer_and_computes_nothing(tmp_cache):
 def test_render_notebook_on_an_empty_cache_stops_at_once(tmp_cache, monkeypatch, capsys):
     """What notebooks 40-51 do first: evaluate_all / build_systems / trained modules / the cached studies."""
     for name in ("build_train_dataset", "load_model"):
-        monkeypatch.setattr(T, name, lambda *a, **k: pytest.fail("a render notebook trained or loaded a model"))
+        monkeypatch.setattr(TR, name, lambda *a, **k: pytest.fail("a render notebook trained or loaded a model"))
     monkeypatch.setattr(E, "extract", lambda *a, **k: pytest.fail("a render notebook embedded"))
     run = session.setup("smoke", kind="render", style=False)
     try:

@@ -14,8 +14,8 @@ import torch
 import torchvision.datasets as tvd
 from PIL import Image
 
-from backfill_utils import data
-from backfill_utils.data import DatasetError, EmptyClassFolderWarning, dataset_info, get_dataset
+from backfill_utils.data import api as D
+from backfill_utils.data.api import DatasetError, EmptyClassFolderWarning, dataset_info, get_dataset
 from layouts import (make_image, save_image, write_cifar100, write_imagefolder, write_imagenet,
                      write_places365, write_tinyimagenet)
 
@@ -36,7 +36,7 @@ def _check(w, split, size=None, **kwargs):
     info = dataset_info(w.name, root=w.root)
     assert info["num_classes"] == len(w.classes)
     size = size or info["image_size"]
-    for make in (data.train_transform, data.test_transform):
+    for make in (D.train_transform, D.test_transform):
         ds.transform = make(w.name, size)
         x, y = next(iter(torch.utils.data.DataLoader(ds, batch_size=len(ds))))
         assert x.shape == (len(ds), 3, size, size) and x.dtype == torch.float32
@@ -156,7 +156,7 @@ def test_grey_palette_cmyk_and_alpha_images_become_rgb(tmp_path):
             assert img.mode == "RGB"
             arr = np.asarray(img).astype(int)
             assert np.abs(arr - np.array(expected[name])).max() <= 2, name  # JPEG: +-2 levels
-    ds.transform = data.test_transform("imagefolder", 16)
+    ds.transform = D.test_transform("imagefolder", 16)
     x, _ = next(iter(torch.utils.data.DataLoader(ds, batch_size=len(ds))))
     assert x.shape == (len(ds), 3, 16, 16)
 
@@ -221,7 +221,7 @@ def test_unreadable_image_is_an_error_naming_the_file(tmp_path):
     gone.unlink()
     with pytest.raises(DatasetError, match=f"image {gone} does not exist"):
         ds[[p for p, _ in ds.samples].index(str(gone))]
-    ds.transform = data.train_transform("imagefolder", 16)
+    ds.transform = D.train_transform("imagefolder", 16)
     with pytest.raises(DatasetError, match="cannot read image"):
         list(torch.utils.data.DataLoader(ds, batch_size=2))
 
@@ -317,7 +317,7 @@ def test_writers_are_deterministic(tmp_path, writer):
 def test_two_copies_of_a_dataset_never_share_trained_models(tmp_path):
     """The model spec (and so every cache key downstream) tells two folders of one dataset
     name apart, and a copy with other classes; the same folder gives the same spec."""
-    from backfill_utils import config as C, train as T
+    from backfill_utils import config as C, train as TR
 
     a = write_cifar100(tmp_path / "a", classes=4, per_class=6)
     b = write_cifar100(tmp_path / "b", classes=4, per_class=6)
@@ -325,9 +325,9 @@ def test_two_copies_of_a_dataset_never_share_trained_models(tmp_path):
 
     def spec(w):
         cfg = C.load_profile("smoke", dataset="cifar100", data_root=str(w.root), dataset_options={})
-        return T.model_spec(cfg, "extended", "new")
+        return TR.model_spec(cfg, "extended", "new")
 
     assert spec(a) == spec(a)
     assert C.config_hash(spec(a)) != C.config_hash(spec(b))
     assert spec(c)["dataset"]["identity"]["num_classes"] == 6
-    assert data.dataset_identity("synthetic") == {}
+    assert D.dataset_identity("synthetic") == {}

@@ -7,7 +7,7 @@ and an empty class folder) -- the data notebook runs under papermill with
 ``dataset``, ``data_root`` and ``overrides`` as a user passes them, then one
 training epoch of a tiny backbone, the test embeddings and one backfilling
 curve run through the package's functions. For CIFAR-100's python archive the
-whole series runs through the runner (``backfill_utils.run.run_series``) under
+whole series runs through the runner (``backfill_utils.tools.run.run_series``) under
 the ``paper`` profile shrunk by ``overrides``. The ImageNet layout without
 ``meta.bin`` is the same reader as with it (only the class names differ) and is
 covered by tests/test_layouts.py.
@@ -39,11 +39,11 @@ import pytest
 
 from backfill_utils import config as C
 from backfill_utils import embed as E
-from backfill_utils import experiments as X
-from backfill_utils import illustrate as IL
-from backfill_utils import metrics as MT
-from backfill_utils import run as R
-from backfill_utils import train as T
+from backfill_utils.backfill import experiments as X
+from backfill_utils.figures import illustrate as IL
+from backfill_utils.retrieval import metrics as MT
+from backfill_utils.tools import run as R
+from backfill_utils import train as TR
 from layouts import (class_colours, make_image, save_image, write_cifar100, write_imagefolder, write_imagenet,
                      write_places365, write_tinyimagenet)
 
@@ -205,7 +205,7 @@ def test_data_notebook_reads_every_layout(layout, kernel, untouched_results, tmp
     assert results_snapshot() == untouched_results
 
 
-@pytest.mark.filterwarnings("ignore::backfill_utils.layouts.EmptyClassFolderWarning")  # asserted above
+@pytest.mark.filterwarnings("ignore::backfill_utils.data.layouts.EmptyClassFolderWarning")  # asserted above
 def test_one_epoch_embeddings_and_a_backfilling_curve(layout, tmp_path_factory, monkeypatch):
     """Train the old and new backbones one epoch on the layout, embed its train split (every
     image decoded: greyscale, CMYK, any size) and its test split, and compute RM's backfilling
@@ -219,8 +219,8 @@ def test_one_epoch_embeddings_and_a_backfilling_curve(layout, tmp_path_factory, 
     curve, row = X.method_curve(cfg, "extended", "RM", progress=False)
     embs = {}
     for role, classes in (("old", CLASSES // 2), ("new", CLASSES)):
-        spec = T.model_spec(cfg, "extended", role)
-        assert spec["num_classes"] == classes and len(T.load_history(spec)) == 1  # one epoch
+        spec = TR.model_spec(cfg, "extended", role)
+        assert spec["num_classes"] == classes and len(TR.load_history(spec)) == 1  # one epoch
         embs[role] = E.get_embeddings(cfg, "extended", role, "test", progress=False)
         emb, labels = embs[role]["emb"], embs[role]["labels"]
         assert emb.shape == (sum(w.test_counts), cfg["embedding_dim"]) and np.isfinite(emb).all()
@@ -274,10 +274,10 @@ def test_whole_series_on_the_cifar100_archive(cifar_series, untouched_results):
     assert (info["classes"], info["train_images"]) == (CLASSES, sum(w.train_counts))
     # the paper's backbones, shrunk: ResNet-18 -> ResNet-50 (heterogeneous), one epoch each
     for setting in cfg["settings"]:
-        for role in T.ROLES:
-            spec = T.model_spec(cfg, setting, role)
+        for role in TR.ROLES:
+            spec = TR.model_spec(cfg, setting, role)
             assert spec["model"]["arch"] == ("resnet50" if setting == "heterogeneous" and role != "old" else "resnet18")
-            assert len(T.load_history(spec)) == 1
+            assert len(TR.load_history(spec)) == 1
     summary = pd.read_csv(out / "tables" / "summary_all_methods.csv")
     assert set(summary["setting"]) == set(cfg["settings"])
     for name in ("figures/backfill_animation.gif", "tables/table1.csv", "tables/table2_ablation.csv",

@@ -1,4 +1,4 @@
-"""Tests of backfill_utils.losses against direct loop implementations of the formulas."""
+"""Tests of backfill_utils.compat.losses against direct loop implementations of the formulas."""
 
 import math
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backfill_utils.losses import (
+from backfill_utils.compat.losses import (
     CMCLLoss,
     bct_influence_loss,
     bict_loss,

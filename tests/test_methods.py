@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from backfill_utils import backfill as B
-from backfill_utils import compat as K
+from backfill_utils.backfill import systems as B
+from backfill_utils.compat import modules as K
 from backfill_utils import config as C
-from backfill_utils import experiments as X
-from backfill_utils import methods as MM
-from backfill_utils.recipes import CMCLPsiRhoRecipe, FastFillRecipe, FCTRecipe, RevPsiRecipe
+from backfill_utils.backfill import experiments as X
+from backfill_utils.backfill import registry as MM
+from backfill_utils.compat.recipes import CMCLPsiRhoRecipe, FastFillRecipe, FCTRecipe, RevPsiRecipe
 
 PAPER = ["old", "new", "offline", "naive", "BCT", "FCT", "FastFill", "FCT-small", "FastFill-small", "BiCT", "RM", "RM+psi", "RM+psi+CMCL",
          "CMCL-single", "CMCL-separate", "CMCL w/o L_rev", "Ours"]

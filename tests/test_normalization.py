@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from backfill_utils import compat as K
-from backfill_utils import compat_train as CT
+from backfill_utils.compat import modules as K
+from backfill_utils.compat import fit as FIT
 from backfill_utils import config as C
 from backfill_utils import embed as E
-from backfill_utils import methods as MM
-from backfill_utils import metrics as MT
+from backfill_utils.backfill import registry as MM
+from backfill_utils.retrieval import metrics as MT
 from backfill_utils import models as M
-from backfill_utils import train as T
-from backfill_utils.recipes import FastFillRecipe, FCTRecipe
-from backfill_utils.serve import OnlineBackfillIndex
+from backfill_utils import train as TR
+from backfill_utils.compat.recipes import FastFillRecipe, FCTRecipe
+from backfill_utils.serve.index import OnlineBackfillIndex
 
 MODULES = [
     K.ReverseTransform(d_new=8, d_old=6),
@@ -69,8 +69,8 @@ def test_profile_key_is_checked_and_reaches_recipes_and_cache_keys():
     with pytest.raises(ValueError, match="normalize_embeddings must be true or false"):
         C.load_profile("smoke", overrides={"normalize_embeddings": "no"})
     # the backbones are the same; what is computed from their embeddings is keyed apart
-    assert T.model_spec(cfg, "extended", "old") == T.model_spec(raw, "extended", "old")
-    assert E.embedding_spec(cfg, "extended", "old") == T.model_spec(cfg, "extended", "old")
+    assert TR.model_spec(cfg, "extended", "old") == TR.model_spec(raw, "extended", "old")
+    assert E.embedding_spec(cfg, "extended", "old") == TR.model_spec(cfg, "extended", "old")
     assert E.embedding_spec(raw, "extended", "old") != E.embedding_spec(cfg, "extended", "old")
     for name in ("FCT", "Ours"):
         assert MM.get(name).default_recipe(cfg).normalize is True
@@ -83,7 +83,7 @@ def test_get_embeddings_key_differs_by_the_flag(tmp_cache, monkeypatch):
     for flag in (True, False):
         cfg = C.load_profile("smoke", overrides={"normalize_embeddings": flag})
         E.get_embeddings(cfg, "extended", "new", "test", progress=False)
-    assert keys[0] != keys[1] and keys[0]["model"] == T.model_spec(cfg, "extended", "new")
+    assert keys[0] != keys[1] and keys[0]["model"] == TR.model_spec(cfg, "extended", "new")
 
 
 @pytest.mark.parametrize("normalize", [True, False])
@@ -91,9 +91,9 @@ def test_recipes_build_modules_with_their_normalisation(normalize):
     g = torch.Generator().manual_seed(0)
     old, new = 5 * torch.randn(64, 6, generator=g), 5 * torch.randn(64, 8, generator=g)
     short = dict(epochs=2, warmup_epochs=1, batch_size=16, hidden=24, normalize=normalize)
-    h, _ = CT.fit_fct(FCTRecipe(**short), old, new, disable=True)
-    ff, _ = CT.fit_fastfill(FastFillRecipe(mu=0.0, **short), old, new, disable=True)
-    small, _ = CT.fit_fct(FCTRecipe(**short, arch="mlp"), old, new, disable=True)
+    h, _ = FIT.fit_fct(FCTRecipe(**short), old, new, disable=True)
+    ff, _ = FIT.fit_fastfill(FastFillRecipe(mu=0.0, **short), old, new, disable=True)
+    small, _ = FIT.fit_fct(FCTRecipe(**short, arch="mlp"), old, new, disable=True)
     for m in (h, ff, small):
         assert m.normalize_input is normalize and m.normalize_output is normalize
         assert bool(np.abs(_norms(m) - 1.0).max() < 1e-4) == normalize

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from backfill_utils import outside as O
+from backfill_utils.studies import outside as O
 
 
 def test_sourced_relative_gains():

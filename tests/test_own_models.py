@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from backfill_utils import config as C
-from backfill_utils import methods as MM
-from backfill_utils import metrics as MT
-from backfill_utils import own_models as OM
+from backfill_utils.backfill import registry as MM
+from backfill_utils.retrieval import metrics as MT
+from backfill_utils.studies import own_models as OM
 
 
 def make_arrays(n_train=160, n_test=40, d_old=6, d_new=8, classes=4, seed=0):

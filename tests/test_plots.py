@@ -7,11 +7,11 @@ import pytest
 from matplotlib.animation import FuncAnimation
 from matplotlib.figure import Figure
 
-from backfill_utils import animation as A
-from backfill_utils import backfill as B
-from backfill_utils import methods as MM
-from backfill_utils import plots as P
-from backfill_utils import thumbnails as TH
+from backfill_utils.figures import animation as A
+from backfill_utils.backfill import systems as B
+from backfill_utils.backfill import registry as MM
+from backfill_utils.figures import plots as P
+from backfill_utils.figures import thumbnails as TH
 
 METHODS = ["old", "new", "offline", "RM", "Ours", "CMCL-separate"]
 
@@ -66,7 +66,7 @@ def test_curve_grid_rows_panels_and_auc_legend():
 
 
 def test_curve_grid_legend_over_seeds_is_mean_and_sd():
-    from backfill_utils import seeds as SD
+    from backfill_utils.studies import seeds as SD
 
     curves, summary = fake_results(settings=("extended",), methods=["old", "RM", "Ours"])
     by_seed = pd.concat([summary.assign(seed=0), summary.assign(seed=1, auc_map=summary.auc_map + 2)])
@@ -232,7 +232,7 @@ def test_label_strip_puts_overlapping_labels_on_other_rows():
 
 
 def test_study_figures_legends_are_readable():
-    from backfill_utils import study_plots as SP
+    from backfill_utils.figures import study_plots as SP
 
     fams = ["profile's", '{"num_classes": 10, "test_per_class": 100, "train_per_class": 1000}']
     rows = []

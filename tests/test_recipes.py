@@ -1,4 +1,4 @@
-"""Tests of backfill_utils.recipes: validation and the JSON round trip.
+"""Tests of backfill_utils.compat.recipes: validation and the JSON round trip.
 
 (That the recipes equal to the COMPAT_VERSION 1 defaults trained bit-identical modules to
 the old flag interface was checked against a frozen copy of the old code in commit 8a7b616;
@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from backfill_utils.recipes import (
+from backfill_utils.compat.recipes import (
     RECIPES,
     BiCTRecipe,
     CMCLPsiRecipe,
@@ -39,7 +39,7 @@ def test_recipes_round_trip_through_json(name):
 
 
 def test_base_recipe_is_not_a_recipe():
-    from backfill_utils.recipes import Recipe
+    from backfill_utils.compat.recipes import Recipe
 
     with pytest.raises(TypeError, match="use one of"):
         Recipe()

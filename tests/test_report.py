@@ -3,8 +3,8 @@ in full in docs/fairness.md."""
 import pandas as pd
 import pytest
 
-from backfill_utils import claims as CL
-from backfill_utils import report
+from backfill_utils.studies import claims as CL
+from backfill_utils.tools import report
 
 ID = {c.claim: c.id for c in CL.CLAIMS}  # the registry's claim texts and ids
 FLIPS = CL.FLIPS

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from backfill_utils import config as C
-from backfill_utils import run as R
+from backfill_utils.tools import run as R
 from backfill_utils import session
 
 

@@ -1,4 +1,4 @@
-"""The arithmetic of backfill_utils.scale_cost against hand computations (the measurement is faked)."""
+"""The arithmetic of backfill_utils.tools.scale_cost against hand computations (the measurement is faked)."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,8 @@ import tempfile
 
 import pytest
 
-from backfill_utils import methods as MM
-from backfill_utils import scale_cost as S
+from backfill_utils.backfill import registry as MM
+from backfill_utils.tools import scale_cost as SC
 
 # fake per-image CPU costs: (training step, embedding pass) by architecture; per-item costs of the methods
 COST = {"resnet18": (0.01, 0.002), "resnet50": (0.03, 0.005)}
@@ -31,7 +31,7 @@ def fake_measure(plans, cfg):
 @pytest.fixture(scope="module")
 def cifar_plan():
     with tempfile.TemporaryDirectory() as empty:
-        return S.plan(S.profile_for("CIFAR-100", empty), 50_000, 10_000)
+        return SC.plan(SC.profile_for("CIFAR-100", empty), 50_000, 10_000)
 
 
 def test_plan_counts_the_paper_profiles_jobs(cifar_plan):
@@ -59,14 +59,14 @@ def test_plan_counts_the_paper_profiles_jobs(cifar_plan):
 
 
 def test_fit_images_matches_the_validation_split_count():
-    assert S.fit_images(50_000, 100, 100, 0.1) == 45_000
-    assert S.fit_images(1_281_167, 1000, 500, 0.1) == pytest.approx(500 * (1281.167 - 128))
-    assert S.fit_images(1000, 10, 10, 0.0) == 1000
+    assert SC.fit_images(50_000, 100, 100, 0.1) == 45_000
+    assert SC.fit_images(1_281_167, 1000, 500, 0.1) == pytest.approx(500 * (1281.167 - 128))
+    assert SC.fit_images(1000, 10, 10, 0.0) == 1000
 
 
 def test_estimate_against_a_hand_computation(cifar_plan):
     meas = fake_measure({"c": cifar_plan}, None)
-    est = S.estimate(cifar_plan, meas, BENCH, GPU)
+    est = SC.estimate(cifar_plan, meas, BENCH, GPU)
     r18, r50 = 450.0 * (50 + 100 + 100 + 40 + 80 + 80), 450.0 * 200  # images of each architecture
     train_cpu = (r18 * 0.01 + r50 * 0.03) * 200
     assert est["backbones"]["cpu_s"] == pytest.approx(train_cpu / 2)
@@ -83,18 +83,18 @@ def test_estimate_against_a_hand_computation(cifar_plan):
     assert est["evaluation"]["bench_case"] == "B"
     assert est["evaluation"]["cpu_s"] == pytest.approx(36 * 40.0 * (0.2 ** 2 * 2 + 0.04 ** 2) / 2)
     assert est["evaluation"]["gpu_s"] == pytest.approx(36 * 4.0 * (0.2 ** 2 * 2 + 0.04 ** 2))
-    assert S.estimate(cifar_plan, meas, BENCH)["backbones"]["gpu_s"] is None
+    assert SC.estimate(cifar_plan, meas, BENCH)["backbones"]["gpu_s"] is None
 
 
 @pytest.fixture
 def page(tmp_path, monkeypatch):
     path = tmp_path / "reproducibility.md"
-    shutil.copy(S.DOC, path)
-    monkeypatch.setattr(S, "DOC", path)
-    monkeypatch.setattr(S, "measure", fake_measure)
+    shutil.copy(SC.DOC, path)
+    monkeypatch.setattr(SC, "DOC", path)
+    monkeypatch.setattr(SC, "measure", fake_measure)
     bench = tmp_path / "bench.json"
     bench.write_text(json.dumps(BENCH))
-    monkeypatch.setattr(S, "BENCH_JSON", bench)
+    monkeypatch.setattr(SC, "BENCH_JSON", bench)
     return path
 
 
@@ -106,21 +106,21 @@ def _outside(text):
 def test_doc_block_rewrite_is_idempotent_and_touches_only_the_block(page, tmp_path):
     before = page.read_text()
     out = tmp_path / "scale.json"
-    result = S.main(["--docs", "--out", str(out)])
+    result = SC.main(["--docs", "--out", str(out)])
     once = page.read_text()
-    S.write_doc_block(result, page)
+    SC.write_doc_block(result, page)
     assert page.read_text() == once  # the same result renders the same block
     assert _outside(once) == _outside(before)  # the rest of the page byte for byte
     block = once.split("<!-- SCALE:START -->", 1)[1].split("<!-- SCALE:END -->", 1)[0]
     assert "run `make gpu-check`" in block and "no GPU was available here" in block
-    assert json.loads(out.read_text())["datasets"].keys() == S.DATASETS.keys()
+    assert json.loads(out.read_text())["datasets"].keys() == SC.DATASETS.keys()
     assert not list(tmp_path.glob(".*.tmp*"))
 
 
 def test_gpu_json_fills_the_gpu_column(page, tmp_path):
     gpu = tmp_path / "gpu_check.json"
     gpu.write_text(json.dumps(GPU))
-    result = S.main(["--readme", "--gpu-json", str(gpu), "--out", str(tmp_path / "scale.json")])
+    result = SC.main(["--readme", "--gpu-json", str(gpu), "--out", str(tmp_path / "scale.json")])
     block = page.read_text().split("<!-- SCALE:START -->", 1)[1].split("<!-- SCALE:END -->", 1)[0]
     assert "run `make gpu-check`" not in block and "Fake GPU" in block
     for d in result["datasets"].values():
@@ -133,17 +133,17 @@ def test_bad_inputs_name_the_file(tmp_path, page):
     cpu = tmp_path / "cpu.json"
     cpu.write_text(json.dumps({**GPU, "environment": {"device": "cpu"}}))
     with pytest.raises(ValueError, match="cpu.json was measured on 'cpu', not a GPU"):
-        S.load_gpu(cpu)
+        SC.load_gpu(cpu)
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"environment": {"device": "cuda"}}))
     with pytest.raises(ValueError, match="other.json is not a gpu_check JSON"):
-        S.load_gpu(other)
+        SC.load_gpu(other)
     narrow = tmp_path / "narrow.json"
     narrow.write_text(json.dumps({**GPU, "config": {"width": 8}}))
     with pytest.raises(ValueError, match="narrow.json was measured with --width 8"):
-        S.load_gpu(narrow)
+        SC.load_gpu(narrow)
     no_markers = tmp_path / "plain.md"
     no_markers.write_text("# nothing here\n")
     with pytest.raises(ValueError, match="plain.md needs exactly one <!-- SCALE:START -->"):
-        S.write_doc_block({}, no_markers)
+        SC.write_doc_block({}, no_markers)
     assert no_markers.read_text() == "# nothing here\n"

@@ -28,9 +28,11 @@ import pytest
 import torch
 from torch import nn
 
-from backfill_utils import backfill as bf
-from backfill_utils import compat, metrics, serve, serve_parts, serve_side
-from backfill_utils.serve import OnlineBackfillIndex
+from backfill_utils.backfill import systems as B
+from backfill_utils.compat import modules as K
+from backfill_utils.retrieval import metrics as MT
+from backfill_utils.serve import index as SI, parts as SPARTS, side as SS
+from backfill_utils.serve.index import OnlineBackfillIndex
 
 U = 2.0 ** -24
 
@@ -127,17 +129,17 @@ def test_search_matches_engine_ranking_at_every_ratio(name):
     qo = q_old if two_pass else run(kw.get("query_transform"), q_new)
     go = run(kw.get("gallery_transform"), old)
     qn, gn = run(kw.get("new_transform"), q_new), run(kw.get("new_transform"), new)
-    d_old = metrics.pairwise_distances(qo.astype(np.float64), go.astype(np.float64)).numpy()
-    d_new = metrics.pairwise_distances(qn.astype(np.float64), gn.astype(np.float64)).numpy()
+    d_old = MT.pairwise_distances(qo.astype(np.float64), go.astype(np.float64)).numpy()
+    d_new = MT.pairwise_distances(qn.astype(np.float64), gn.astype(np.float64)).numpy()
     dim = max(qo.shape[1], qn.shape[1])
     scale = np.maximum((qo ** 2).sum(1) + (go ** 2).sum(1).max(), (qn ** 2).sum(1) + (gn ** 2).sum(1).max())
     tol = 2 * gamma(dim + 3) * scale
-    ratios = bf.DEFAULT_RATIOS
-    order = bf.random_order(n, seed=7)
-    seg = bf.backfill_segments(order, ratios)
+    ratios = B.DEFAULT_RATIOS
+    order = B.random_order(n, seed=7)
+    seg = B.backfill_segments(order, ratios)
     done, compared, total = 0, 0, 0
     for i, r in enumerate(ratios):
-        m = bf.backfilled_count(r, n)
+        m = B.backfilled_count(r, n)
         batch = order[done:m]
         index.backfill(ids[batch], new[batch])
         done = m
@@ -190,7 +192,7 @@ def test_concurrent_searches_during_backfill_see_every_id_exactly_once():
     for th in threads:
         th.start()
     writing.set()
-    for batch in np.array_split(bf.random_order(n, seed=3), 80):
+    for batch in np.array_split(B.random_order(n, seed=3), 80):
         index.backfill(ids[batch], new[batch])
         time.sleep(0.002)
     writing.clear()
@@ -203,7 +205,7 @@ def test_concurrent_searches_during_backfill_see_every_id_exactly_once():
 
 
 def test_rwlock_excludes_writer_while_reading():
-    lock, entered = serve_parts.RWLock(), threading.Event()
+    lock, entered = SPARTS.RWLock(), threading.Event()
 
     def write():
         with lock.write():
@@ -322,7 +324,7 @@ def test_ivf_with_every_list_probed_equals_flat():
     flat = OnlineBackfillIndex(8, 8)
     ivf = OnlineBackfillIndex(8, 8, factory="IVF8,Flat", search_params={"nprobe": 8})
     ivf.train(old=old, new=new)
-    order = bf.random_order(400, seed=1)
+    order = B.random_order(400, seed=1)
     for index in (flat, ivf):
         index.add_old(np.arange(400), old)
         index.backfill(order[:150], new[order[:150]])
@@ -340,7 +342,7 @@ def test_hnsw_tombstones_and_rebuild_keep_every_live_id():
     flat = OnlineBackfillIndex(8, 8)
     for i in (index, flat):
         i.add_old(np.arange(n), old)
-    order = bf.random_order(n, seed=2)
+    order = B.random_order(n, seed=2)
     hits = total = 0
     for start, stop in ((0, 60), (60, 140), (140, 200), (200, 300)):  # the old side is rebuilt once
         batch = order[start:stop]  # tombstones outnumber live items (200 of 300), and when it empties
@@ -360,7 +362,7 @@ def test_hnsw_tombstones_and_rebuild_keep_every_live_id():
 
 def _saved_index(factory="Flat", **kw):
     old, new, _, q = class_data(120, 6, 8, 8, seed=9)
-    psi, rho = compat.ReverseTransform(8, 8), compat.LearnableEmbedding(8)
+    psi, rho = K.ReverseTransform(8, 8), K.LearnableEmbedding(8)
     params = {"efSearch": 64} if factory.startswith("HNSW") else {"nprobe": 4} if factory.startswith("IVF") else None
     index = OnlineBackfillIndex(8, 8, query_transform=psi, new_transform=rho, factory=factory,
                                 search_params=params, **kw)
@@ -432,13 +434,13 @@ def test_corrupt_truncated_or_foreign_files_are_clear_errors(tmp_path):
 
 
 def test_doctests():
-    for module in (serve, serve_parts, serve_side):
+    for module in (SI, SPARTS, SS):
         res = doctest.testmod(module)
         assert res.failed == 0 and res.attempted > 0
 
 
 def test_bench_serve_runs_and_writes_json(tmp_path):
-    from backfill_utils import bench_serve
+    from backfill_utils.tools import bench_serve
 
     out = tmp_path / "serve.json"
     res = bench_serve.main(["--sizes", "1500", "--psi-train", "300", "--psi-epochs", "1", "--min-queries", "2",
@@ -465,14 +467,14 @@ def test_searches_go_on_while_an_hnsw_graph_is_rebuilt(monkeypatch):
     index = OnlineBackfillIndex(8, 8, factory="HNSW8", search_params={"efSearch": 2 * n})
     index.add_old(np.arange(n), old)
     started, release = threading.Event(), threading.Event()
-    live_graph = serve_side.FaissSide._live_graph
+    live_graph = SS.FaissSide._live_graph
 
     def slow_live_graph(self, *args, **kwargs):
         started.set()
         release.wait(10)
         return live_graph(self, *args, **kwargs)
 
-    monkeypatch.setattr(serve_side.FaissSide, "_live_graph", slow_live_graph)
+    monkeypatch.setattr(SS.FaissSide, "_live_graph", slow_live_graph)
     worker = threading.Thread(target=index.backfill, args=(np.arange(120), new[:120]))
     worker.start()  # 120 tombstones > 80 live items: the old side's graph is rebuilt
     assert started.wait(10)

@@ -19,14 +19,14 @@ import numpy as np
 import pytest
 import torch
 
-from backfill_utils import backfill as bf
+from backfill_utils.backfill import systems as B
 from backfill_utils import config as C
-from backfill_utils import experiments as X
-from backfill_utils import methods as MM
-from backfill_utils import metrics
-from backfill_utils.serve import OnlineBackfillIndex
-from backfill_utils.serve_parts import Transform
-from backfill_utils.serve_registry import index_arguments, served_method
+from backfill_utils.backfill import experiments as X
+from backfill_utils.backfill import registry as MM
+from backfill_utils.retrieval import metrics as MT
+from backfill_utils.serve.index import OnlineBackfillIndex
+from backfill_utils.serve.parts import Transform
+from backfill_utils.serve.from_method import index_arguments, served_method
 from test_serve import check_topk, gamma
 
 SETTING = "extended"
@@ -70,8 +70,8 @@ def test_from_method_search_is_the_engines_ranking(tiny_cfg, name):
     qn = gn = _computed(kw["new_transform"], served.new)
     sys = [_as_np(a).astype(np.float64) for a in (system.query_old, system.gallery_old,
                                                    system.query_new, system.gallery_new)]
-    d_old = metrics.pairwise_distances(sys[0], sys[1]).numpy()
-    d_new = metrics.pairwise_distances(sys[2], sys[3]).numpy()
+    d_old = MT.pairwise_distances(sys[0], sys[1]).numpy()
+    d_new = MT.pairwise_distances(sys[2], sys[3]).numpy()
     diff = lambda a, b: np.linalg.norm(a.astype(np.float64) - b, axis=1)  # noqa: E731
     a = np.maximum(diff(qo, sys[0]), diff(qn, sys[2]))
     b = max(diff(go, sys[1]).max(), diff(gn, sys[3]).max())
@@ -82,7 +82,7 @@ def test_from_method_search_is_the_engines_ranking(tiny_cfg, name):
     tol = 2 * gamma(dim + 3) * 2 * (qq + gg) + 2 * reach * (a + b) + (a + b) ** 2
     compared = total = 0
     for r in (0.0, 0.3, 0.7, 1.0):
-        m = bf.backfilled_count(r, n)
+        m = B.backfilled_count(r, n)
         served.backfill_to(m)
         mask = system.backfilled(r)
         assert np.array_equal(np.sort(index.new_ids()), np.flatnonzero(mask)) and index.n_new == m
@@ -124,9 +124,9 @@ def test_backfill_to_moves_forward_only(tiny_cfg):
 
 def test_simulate_all_serves_the_registry_under_load(tiny_cfg):
     """Rank merge at ratio 0 is old/old and at ratio 1 new/new: the offline service's numbers."""
-    from backfill_utils import serve_sim as S
+    from backfill_utils.serve import simulate as SIM
 
-    q, lat, plan = S.simulate_all(tiny_cfg, SETTING, ["offline", "RM", "Ours"], {"queries_per_tick": 40, "ticks": 4},
+    q, lat, plan = SIM.simulate_all(tiny_cfg, SETTING, ["offline", "RM", "Ours"], {"queries_per_tick": 40, "ticks": 4},
                                   backbone_ms={"old": 1.0, "new": 2.0}, progress=False)
     assert plan.throughput == 50 and list(dict.fromkeys(q.method)) == ["offline", "RM", "Ours"]
     by = {m: q[q.method == m].reset_index(drop=True) for m in ("offline", "RM", "Ours")}
@@ -136,13 +136,13 @@ def test_simulate_all_serves_the_registry_under_load(tiny_cfg):
     fwd = lat.groupby("method")["forward_ms"].agg(["min", "max"])
     assert tuple(fwd.loc["RM"]) == (3.0, 3.0) and tuple(fwd.loc["Ours"]) == (2.0, 2.0)
     assert tuple(fwd.loc["offline"]) == (1.0, 2.0)
-    again, _, _ = S.simulate_all(tiny_cfg, SETTING, ["Ours"], {"queries_per_tick": 40, "ticks": 4}, progress=False)
+    again, _, _ = SIM.simulate_all(tiny_cfg, SETTING, ["Ours"], {"queries_per_tick": 40, "ticks": 4}, progress=False)
     assert again.equals(by["Ours"])
 
 
 def test_profile_embeddings_exported_for_own_models(tiny_cfg, tmp_path):
     """notebooks/61's default: the profile's cached embeddings as the six .npy files."""
-    from backfill_utils import own_models as OM
+    from backfill_utils.studies import own_models as OM
 
     paths = OM.export_profile_embeddings(tiny_cfg, SETTING, tmp_path)
     assert sorted(paths) == sorted(OM.FILES) and all(p.parent == tmp_path for p in paths.values())

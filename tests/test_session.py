@@ -3,7 +3,7 @@ import matplotlib
 import pandas as pd
 import pytest
 
-from backfill_utils import claims as CL
+from backfill_utils.studies import claims as CL
 from backfill_utils import config as C
 from backfill_utils import io
 from backfill_utils import session
@@ -119,18 +119,18 @@ def test_claims_are_asserted_on_the_reference_run_only(capsys):
 def test_no_backend_is_forced_at_import():
     import importlib
 
-    from backfill_utils import plots
+    from backfill_utils.figures import plots as P
 
     before = matplotlib.get_backend()
-    importlib.reload(plots)
+    importlib.reload(P)
     assert matplotlib.get_backend() == before
     assert "matplotlib.use(" not in (C.REPO_ROOT / "backfill_utils" / "plots.py").read_text()
 
 
 def test_download_reaches_every_dataset_loader(monkeypatch):
-    from backfill_utils import data as D
+    from backfill_utils.data import api as D
     from backfill_utils import embed as E
-    from backfill_utils import train as T
+    from backfill_utils import train as TR
 
     seen = []
     real = D.get_dataset
@@ -145,7 +145,7 @@ def test_download_reaches_every_dataset_loader(monkeypatch):
     assert cfg["download"] is True
     assert C.load_profile("smoke", download=True)["run_name"] == "smoke"  # where data comes from: no new run
     E._split_dataset(cfg, "test", [0, 1], augment=False)
-    T.build_train_dataset(T.model_spec(cfg, "extended", "old"), None, cfg["download"])
+    TR.build_train_dataset(TR.model_spec(cfg, "extended", "old"), None, cfg["download"])
     assert seen == [True, True]
     assert C.load_profile("smoke")["download"] is False
 
@@ -155,14 +155,14 @@ def test_render_notebook_on_a_fresh_clone_first_says_what_to_run(tmp_cache, tmp_
     command that computes its inputs, with its own parameters; the runner accepts it."""
     import shlex
 
-    from backfill_utils import run as R
+    from backfill_utils.tools import run as R
 
     monkeypatch.setenv(C.RESULTS_ENV, str(tmp_path / "results"))
     monkeypatch.delenv(C.PROFILE_ENV, raising=False)
     session.setup("smoke", seed=3, kind="render", style=False)
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("INPUTS NOT COMPUTED YET") and "no models, embeddings, compat" in lines[0]
-    command = "python -m backfill_utils.run --profile smoke -p seed 3 --only 10 20 30 31 32"
+    command = "python -m backfill_utils.tools.run --profile smoke -p seed 3 --only 10 20 30 31 32"
     assert lines[1].strip() == command and lines[2] == "then run this notebook again."
     assert lines[3].startswith("profile=smoke") and len(lines) == 4
     args = shlex.split(command)[3:]
@@ -177,7 +177,7 @@ def test_render_notebook_on_a_fresh_clone_first_says_what_to_run(tmp_cache, tmp_
     (tmp_cache / "models" / "0123abcd").mkdir(parents=True)
     (tmp_cache / "models" / "0123abcd" / "model.pt").write_bytes(b"")
     session.setup("default", kind="render", style=False)
-    assert "    python -m backfill_utils.run --only 20 30 31 32\n" in capsys.readouterr().out
+    assert "    python -m backfill_utils.tools.run --only 20 30 31 32\n" in capsys.readouterr().out
     # no note for a notebook that reads no cache, nor for a compute notebook
     for kw in ({"kind": "render", "reads": ()}, {"kind": "compute"}):
         session.setup("smoke", style=False, **kw)
@@ -190,4 +190,4 @@ def test_render_notebook_on_a_fresh_clone_first_says_what_to_run(tmp_cache, tmp_
     assert session.missing_inputs_note() is None
     with io.mode("render", run_args=" --profile smoke"), pytest.raises(io.MissingArtifactError) as err:
         io.cached_arrays("curves", {"k": 1}, lambda: pytest.fail("computed in render mode"))
-    assert "(`python -m backfill_utils.run --profile smoke --only 31`)" in str(err.value)
+    assert "(`python -m backfill_utils.tools.run --profile smoke --only 31`)" in str(err.value)

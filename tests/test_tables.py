@@ -4,9 +4,9 @@ import pandas as pd
 import pytest
 
 from backfill_utils import config as C
-from backfill_utils import methods as MM
-from backfill_utils import claims as CL
-from backfill_utils import tables as T
+from backfill_utils.backfill import registry as MM
+from backfill_utils.studies import claims as CL
+from backfill_utils import tables as TB
 
 
 def fake_summary(settings=("extended", "open")):
@@ -22,7 +22,7 @@ def fake_summary(settings=("extended", "open")):
 
 def test_table1_rows_are_the_main_group():
     summary = fake_summary()
-    t1 = T.table1(summary)
+    t1 = TB.table1(summary)
     assert len(t1) == 2 * len(MM.names("main"))
     assert list(t1.method[:len(MM.names("main"))]) == MM.names("main")
     assert list(t1.setting.unique()) == ["extended", "open"]
@@ -30,19 +30,19 @@ def test_table1_rows_are_the_main_group():
     # every row names its setting's old/old and new/new mAP (the registry's old and new rows)
     names = MM.names()
     assert (t1["M_old"] == 10.0 + names.index("old")).all() and (t1["M_new"] == 10.0 + names.index("new")).all()
-    with_params = T.table1(summary.assign(extra_params=7))
+    with_params = TB.table1(summary.assign(extra_params=7))
     assert (with_params["extra_params"] == 7).all()
-    wide = T.table1(summary, layout="wide")
+    wide = TB.table1(summary, layout="wide")
     assert list(wide.method) == MM.names("main") and "open AUC_mAP" in wide.columns
     with pytest.raises(ValueError, match="layout"):
-        T.table1(summary, layout="tall")
-    main = T.main_comparison(summary)
-    assert list(main.columns) == T.MAIN_COLUMNS and set(main.method) == set(MM.names("main"))
+        TB.table1(summary, layout="tall")
+    main = TB.main_comparison(summary)
+    assert list(main.columns) == TB.MAIN_COLUMNS and set(main.method) == set(MM.names("main"))
 
 
 def test_table2_marks_the_components():
     cfg = C.load_profile("smoke")
-    t2 = T.table2_ablation(fake_summary(), cfg)
+    t2 = TB.table2_ablation(fake_summary(), cfg)
     assert list(t2.method[:5]) == MM.names("ablation") and set(t2["rho"]) == {"yes", "-"}
     marks = t2.set_index("method").iloc[:5]
     assert marks.loc["RM", ["psi", "CMCL", "L_rev", "rho"]].tolist() == ["-"] * 4
@@ -60,7 +60,7 @@ def test_claims_compare_the_named_methods():
     curves.loc[curves.method == "RM", "mAP"] = np.linspace(s.loc["old", "final_map"], s.loc["new", "final_map"], 11)
     cl = CL.seed_claims(curves, summary).set_index("claim")
     # Ours is registered last, so it has the highest fake AUC: every "Ours > baseline" claim holds
-    for b in T.BASELINES:
+    for b in TB.BASELINES:
         assert cl.loc[f"Ours > {b} on auc_map", "holds"] and cl.loc[f"Ours > {b} on auc_top1", "holds"]
     assert cl.loc["RM endpoints equal old/old and new/new (mAP, within 1e-6)", "holds"]
     assert cl["checked"].all() and (cl.loc["Ours > FCT on auc_map", "group"] == "Ours > FCT on auc_map")
@@ -120,12 +120,12 @@ def test_table1_over_seeds_gives_mean_and_sample_sd():
     a, b = fake_summary(("extended",)), fake_summary(("extended",))
     b["auc_map"] = b["auc_map"] + 2.0  # seed 1: every AUC_mAP 2 points higher
     b.loc[b.method.isin(["old", "new", "offline"]), "auc_map"] -= 2.0  # references do not depend on the seed
-    t1 = T.table1(pd.concat([a.assign(seed=0), b.assign(seed=1)])).set_index("method")
+    t1 = TB.table1(pd.concat([a.assign(seed=0), b.assign(seed=1)])).set_index("method")
     assert (t1["seeds"] == 2).all()
     assert t1.loc["Ours", "AUC_mAP"] == pytest.approx(a.set_index("method").loc["Ours", "auc_map"] + 1.0)
     assert t1.loc["Ours", "AUC_mAP_sd"] == pytest.approx(np.std([0.0, 2.0], ddof=1))
     assert t1.loc["old", "AUC_mAP_sd"] == 0.0
-    single = T.table1(a)  # no seed column: one seed, sd undefined
+    single = TB.table1(a)  # no seed column: one seed, sd undefined
     assert (single["seeds"] == 1).all() and single["AUC_mAP_sd"].isna().all()
-    t2 = T.table2_ablation(pd.concat([a.assign(seed=0), b.assign(seed=1)]), C.load_profile("smoke"))
+    t2 = TB.table2_ablation(pd.concat([a.assign(seed=0), b.assign(seed=1)]), C.load_profile("smoke"))
     assert t2.set_index("method").loc["Ours", "AUC_mAP_sd"] == pytest.approx(np.sqrt(2.0))

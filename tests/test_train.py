@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from backfill_utils import models as M
-from backfill_utils import train as T
+from backfill_utils import train as TR
 from conftest import tiny_profile
 
 
@@ -22,9 +22,9 @@ def _state(model):
 
 
 def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
-    spec = T.model_spec(tiny_profile(), "extended", "new")
+    spec = TR.model_spec(tiny_profile(), "extended", "new")
     monkeypatch.setenv("BACKFILL_CACHE", str(tmp_path / "a"))
-    reference = _state(T.train(spec, progress=False))
+    reference = _state(TR.train(spec, progress=False))
 
     monkeypatch.setenv("BACKFILL_CACHE", str(tmp_path / "b"))
     seen = []
@@ -35,71 +35,71 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
             raise Interrupted
 
     with pytest.raises(Interrupted):
-        T.train(spec, progress=False, callback=stop_after_first_epoch)
-    folder = T.model_dir(spec)
+        TR.train(spec, progress=False, callback=stop_after_first_epoch)
+    folder = TR.model_dir(spec)
     assert (folder / "checkpoint.pt").is_file() and not (folder / "model.pt").exists()
     assert not list(folder.glob("*.tmp*")), "a temporary file was left behind"
 
-    resumed = _state(T.train(spec, progress=False, callback=stop_after_first_epoch))
+    resumed = _state(TR.train(spec, progress=False, callback=stop_after_first_epoch))
     assert seen == [0, 1, 2], "the re-run must start at epoch 1, not from scratch"
     assert not (folder / "checkpoint.pt").exists()
     assert reference.keys() == resumed.keys()
     for k in reference:
         assert torch.equal(reference[k], resumed[k]), k
-    hist = T.load_history(spec)
+    hist = TR.load_history(spec)
     assert list(hist["epoch"]) == [1, 2, 3]
 
 
 def test_same_seed_same_weights_other_seed_differs(tmp_path, monkeypatch):
     cfg = tiny_profile(train={"epochs": 1, "batch_size": 16})
-    spec = T.model_spec(cfg, "extended", "old")
+    spec = TR.model_spec(cfg, "extended", "old")
     monkeypatch.setenv("BACKFILL_CACHE", str(tmp_path / "a"))
-    a = _state(T.train(spec, progress=False))
+    a = _state(TR.train(spec, progress=False))
     monkeypatch.setenv("BACKFILL_CACHE", str(tmp_path / "b"))
-    b = _state(T.train(spec, progress=False))
-    c = _state(T.train(dict(spec, seed=spec["seed"] + 10), progress=False))
+    b = _state(TR.train(spec, progress=False))
+    c = _state(TR.train(dict(spec, seed=spec["seed"] + 10), progress=False))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_finished_model_is_loaded_not_retrained(tmp_cache, monkeypatch):
-    spec = T.model_spec(tiny_profile(train={"epochs": 1, "batch_size": 16}), "extended", "old")
-    first = _state(T.train(spec, progress=False))
-    monkeypatch.setattr(T, "build_train_dataset", lambda *a, **k: pytest.fail("retrained"))
-    second = _state(T.train(spec, progress=False))
+    spec = TR.model_spec(tiny_profile(train={"epochs": 1, "batch_size": 16}), "extended", "old")
+    first = _state(TR.train(spec, progress=False))
+    monkeypatch.setattr(TR, "build_train_dataset", lambda *a, **k: pytest.fail("retrained"))
+    second = _state(TR.train(spec, progress=False))
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_specs_follow_the_protocol():
     cfg = tiny_profile()
-    old = T.model_spec(cfg, "extended", "old")
-    new = T.model_spec(cfg, "extended", "new")
-    het = T.model_spec(cfg, "heterogeneous", "new")
-    bct = T.model_spec(cfg, "extended", "bct")
+    old = TR.model_spec(cfg, "extended", "old")
+    new = TR.model_spec(cfg, "extended", "new")
+    het = TR.model_spec(cfg, "heterogeneous", "new")
+    bct = TR.model_spec(cfg, "extended", "bct")
     assert old["num_classes"] == 2 and new["num_classes"] == 4
     assert het["model"]["width"] == 8 and new["model"]["width"] == 4
-    assert T.model_spec(cfg, "heterogeneous", "old") == old
+    assert TR.model_spec(cfg, "heterogeneous", "old") == old
     assert bct["bct"]["old"] == old
-    opn = T.model_spec(tiny_profile(open_fraction=0.25), "open", "new")
+    opn = TR.model_spec(tiny_profile(open_fraction=0.25), "open", "new")
     assert opn["num_classes"] < new["num_classes"]
     with pytest.raises(ValueError, match="role"):
-        T.model_spec(cfg, "extended", "newest")
+        TR.model_spec(cfg, "extended", "newest")
     with pytest.raises(ValueError, match="setting"):
-        T.model_spec(cfg, "closed", "new")
+        TR.model_spec(cfg, "closed", "new")
 
 
 def test_bct_trains_through_the_frozen_old_classifier(tmp_cache):
     cfg = tiny_profile(train={"epochs": 1, "batch_size": 16})
-    old = T.train(T.model_spec(cfg, "extended", "old"), progress=False)
+    old = TR.train(TR.model_spec(cfg, "extended", "old"), progress=False)
     before = _state(old)
-    bct = T.train(T.model_spec(cfg, "extended", "bct"), progress=False)
-    after = _state(T.load_model(T.model_spec(cfg, "extended", "old")))
+    bct = TR.train(TR.model_spec(cfg, "extended", "bct"), progress=False)
+    after = _state(TR.load_model(TR.model_spec(cfg, "extended", "old")))
     assert all(torch.equal(before[k], after[k]) for k in before), "old model must stay frozen"
     assert isinstance(bct, M.EmbeddingNet)
 
 
 def test_two_process_ddp_training_on_cpu(tmp_path):
-    spec = T.model_spec(tiny_profile(train={"epochs": 2, "batch_size": 16}), "extended", "new")
+    spec = TR.model_spec(tiny_profile(train={"epochs": 2, "batch_size": 16}), "extended", "new")
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(json.dumps(spec))
     env = dict(os.environ, BACKFILL_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
@@ -109,7 +109,7 @@ def test_two_process_ddp_training_on_cpu(tmp_path):
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    folder = tmp_path / "cache" / "models" / os.path.basename(str(T.model_dir(spec)))
+    folder = tmp_path / "cache" / "models" / os.path.basename(str(TR.model_dir(spec)))
     assert (folder / "model.pt").is_file()
     hist = pd.read_csv(folder / "history.csv")
     assert list(hist["epoch"]) == [1, 2]

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backfill_utils import layouts as L
-from backfill_utils.data import get_dataset
-from backfill_utils.dataset_registry import DatasetError
+from backfill_utils.data import layouts as L
+from backfill_utils.data.api import get_dataset
+from backfill_utils.data.registry import DatasetError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from layouts import write_cifar100  # noqa: E402
@@ -63,7 +63,7 @@ def test_safe_unpickler_reads_plain_data_and_numpy_arrays():
 import time  # noqa: E402
 
 from backfill_utils import config as C  # noqa: E402
-from backfill_utils import run as R  # noqa: E402
+from backfill_utils.tools import run as R  # noqa: E402
 from backfill_utils import session  # noqa: E402
 
 
@@ -183,8 +183,8 @@ def test_runner_prints_a_missing_input_without_traceback(monkeypatch, tmp_path):
 import json  # noqa: E402
 import zipfile  # noqa: E402
 
-from backfill_utils import compat as K  # noqa: E402
-from backfill_utils.serve import MAX_K, OnlineBackfillIndex  # noqa: E402
+from backfill_utils.compat import modules as K  # noqa: E402
+from backfill_utils.serve.index import MAX_K, OnlineBackfillIndex  # noqa: E402
 
 
 def _small_index(n=10, d=4):
@@ -287,7 +287,7 @@ def test_load_of_a_plain_npy_or_a_malformed_header_is_a_value_error(tmp_path):
 
 
 # ----------------------------------------------------------------------------- own embeddings
-from backfill_utils import own_models as OM  # noqa: E402
+from backfill_utils.studies import own_models as OM  # noqa: E402
 
 
 def test_own_labels_beyond_exact_integers_are_refused():
@@ -318,9 +318,9 @@ def test_own_embeddings_bound_dimension_and_rows_from_the_header(tmp_path):
 # ----------------------------------------------------------------------------- relative gain
 import pandas as pd  # noqa: E402
 
-from backfill_utils import backfill as bf  # noqa: E402
-from backfill_utils import report  # noqa: E402
-from backfill_utils import tables  # noqa: E402
+from backfill_utils.backfill import systems as B  # noqa: E402
+from backfill_utils.tools import report  # noqa: E402
+from backfill_utils import tables as TB  # noqa: E402
 
 
 def _curve(lo, hi):
@@ -336,19 +336,19 @@ def _curve(lo, hi):
 def test_relative_gain_is_nan_with_a_reason_when_new_is_not_better(m_old, m_new, match):
     refs = ({k: m_old for k in ("mAP", "top1", "top5")}, {k: m_new for k in ("mAP", "top1", "top5")})
     with pytest.warns(RuntimeWarning, match=match):
-        s = bf.summarize_curve(_curve(29.0, 31.0), *refs)
+        s = B.summarize_curve(_curve(29.0, 31.0), *refs)
     assert np.isnan(s["rel_gain_map"]) and np.isnan(s["rel_gain_top1"])
     summary = pd.DataFrame([{"dataset": "d", "setting": "open", "method": m, "query_passes": 1, "auc_map": a,
                              "auc_top1": a, "mean_map": a, "mean_top1": a, "final_map": a, "final_top1": a,
                              "rel_gain_map": np.nan, "rel_gain_top1": np.nan, "negative_flips_total": 0.0}
                             for m, a in (("old", m_old), ("new", m_new), ("Ours", 29.89))])
-    t1 = tables.table1(summary, ["old", "new", "Ours"])
+    t1 = TB.table1(summary, ["old", "new", "Ours"])
     assert t1["gain_mAP_%"].isna().all() and t1["gain_note"].str.contains(match).all()
     assert report._gain(t1, "open", "Ours").startswith("not applicable")
 
 
 def test_relative_gain_unchanged_where_the_new_model_is_better():
-    s = bf.summarize_curve(_curve(10.0, 20.0), {"mAP": 10.0, "top1": 10.0, "top5": 10.0},
+    s = B.summarize_curve(_curve(10.0, 20.0), {"mAP": 10.0, "top1": 10.0, "top5": 10.0},
                            {"mAP": 20.0, "top1": 20.0, "top5": 20.0})
     assert s["rel_gain_map"] == pytest.approx(0.5)
-    assert bf.gain_not_applicable(17.12, 38.62) == ""
+    assert B.gain_not_applicable(17.12, 38.62) == ""

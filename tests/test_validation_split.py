@@ -3,10 +3,10 @@ training split, used by backbone training, train-split embeddings and the valida
 import numpy as np
 import pytest
 
-from backfill_utils import data as D
+from backfill_utils.data import api as D
 from backfill_utils import embed as E
-from backfill_utils import train as T
-from backfill_utils.splits import training_part, validation_mask
+from backfill_utils import train as TR
+from backfill_utils.data.splits import training_part, validation_mask
 from conftest import tiny_profile
 
 
@@ -59,15 +59,15 @@ def test_parts_partition_the_training_classes():
 def test_backbones_never_see_the_validation_images():
     cfg = tiny_profile(val_fraction=0.25)
     for role in ("old", "new"):
-        spec = T.model_spec(cfg, "extended", role)
+        spec = TR.model_spec(cfg, "extended", role)
         assert spec["holdout"] == {"fraction": 0.25, "seed": cfg["seed"]}
-        train_ds = T.build_train_dataset(spec)
+        train_ds = TR.build_train_dataset(spec)
         val_ds = E._split_dataset(cfg, "val", list(range(spec["num_classes"])), augment=False)
         assert set(train_ds.indices).isdisjoint(val_ds.indices)
         assert len(train_ds) + len(val_ds) == 12 * spec["num_classes"]
     # the split is in every model's spec: another fraction is another model
-    assert T.model_dir(T.model_spec(cfg, "extended", "new")) != \
-        T.model_dir(T.model_spec(tiny_profile(val_fraction=0.5), "extended", "new"))
+    assert TR.model_dir(TR.model_spec(cfg, "extended", "new")) != \
+        TR.model_dir(TR.model_spec(tiny_profile(val_fraction=0.5), "extended", "new"))
 
 
 def test_validation_embeddings_are_the_held_out_images(tmp_cache):
@@ -82,9 +82,9 @@ def test_validation_embeddings_are_the_held_out_images(tmp_cache):
 
 def test_old_backbone_and_old_train_keys():
     cfg = tiny_profile(old_backbone={"width": 2}, old_train={"epochs": 1})
-    old, new = T.model_spec(cfg, "extended", "old"), T.model_spec(cfg, "extended", "new")
+    old, new = TR.model_spec(cfg, "extended", "old"), TR.model_spec(cfg, "extended", "new")
     assert old["model"]["width"] == 2 and old["recipe"]["epochs"] == 1
     assert new["model"]["width"] == cfg["backbone"]["width"] and new["recipe"] == cfg["train"]
-    assert T.model_spec(cfg, "extended", "bct")["bct"]["old"] == old
+    assert TR.model_spec(cfg, "extended", "bct")["bct"]["old"] == old
     with pytest.raises(ValueError, match="widht"):
-        T.model_spec(tiny_profile(old_backbone={"widht": 2}), "extended", "old")
+        TR.model_spec(tiny_profile(old_backbone={"widht": 2}), "extended", "old")

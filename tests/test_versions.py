@@ -3,7 +3,7 @@ import hashlib
 
 import numpy as np
 
-from backfill_utils import data as D
+from backfill_utils.data import api as D
 from backfill_utils import io
 
 # sha256 of a small sample of make_synthetic (both splits, images then int64 targets).

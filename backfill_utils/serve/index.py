@@ -1,0 +1,488 @@
+"""The faiss index over the mixed gallery: serving queries during an online backfill.
+
+:class:`OnlineBackfillIndex` holds the two sides of the mixed gallery of
+:mod:`backfill_utils.backfill.systems` as two faiss indexes and serves a query the way
+the service would while a backfill worker re-extracts the gallery:
+
+* the **old side** holds the items not yet backfilled: their old embeddings
+  (``add_old``), or ``h(phi_old)`` for a method that transforms the stored
+  gallery (FCT, FastFill: ``gallery_transform=h``);
+* the **new side** holds the backfilled items (``backfill``: an item leaves the
+  old side and enters the new one in the same step) and the items that arrive
+  during the backfill (``add``), through the new-side transform ``rho`` if any;
+* ``search(query_new, k)`` takes the query's **new-model** embedding, applies
+  the old-side query transform (psi for the paper's method, the identity for a
+  compatible model) and the new-side transform (rho or the identity), searches
+  both sides and merges the two lists by distance: one forward pass of the new
+  model serves a query. Rank merge (two forward passes) passes the old model's
+  embedding too: ``search(query_new, k, query_old=...)``.
+
+The metric is the project's: squared Euclidean distance (faiss ``METRIC_L2``,
+:func:`backfill_utils.retrieval.metrics.pairwise_distances`). The index does **not**
+normalise anything: give embeddings as the models produce them (the project's
+are L2-normalised unless the profile key ``normalize_embeddings`` is false; the
+modules of :mod:`backfill_utils.compat.modules` then leave their outputs raw as well). Results follow faiss's convention: ``D`` float32 distances ascending,
+``I`` int64 ids, ``inf`` / ``-1`` where fewer than ``k`` items exist. Equal
+distances are ordered by id (the engine orders them by gallery index); which of
+several items tied at the ``k``-th place *within one side* is returned is
+faiss's choice.
+
+How each method of the paper is served (the constructor's arguments):
+
+==================  ==================  ================  ==================  ========
+method              query_transform     new_transform     gallery_transform   two_pass
+==================  ==================  ================  ==================  ========
+RM                  --                  --                --                  True
+RM+psi (+CMCL)      psi                 --                --                  False
+Ours, CMCL-sep.     psi                 rho               --                  False
+naive, BCT          -- (identity)       --                --                  False
+FCT, FastFill,      -- (identity)       --                h (first output)    False
+BiCT (BCT query)
+==================  ==================  ================  ==================  ========
+
+A registered method builds the index in one call, :meth:`OnlineBackfillIndex.from_method`
+(:mod:`backfill_utils.serve.from_method`; FastFill's backfill order comes with
+``serve_registry.served_method``: backfill in that order). Thread safety: searches share a
+readers-writer lock, mutations hold it alone, so a query never sees an item on
+both sides or on neither; faiss releases the GIL while it searches.
+
+>>> import numpy as np
+>>> index = OnlineBackfillIndex(2, 2)
+>>> index.add_old([10, 11, 12], np.array([[0, 0], [0, 2], [0, 1]], dtype="float32"))
+>>> index.backfill([11], np.array([[1, 0]], dtype="float32"))
+>>> D, I = index.search(np.array([[0.5, 0]], dtype="float32"), k=4)
+>>> D.tolist(), I.tolist()  # 10 and 11 tie at 0.25: the lower id first
+([[0.25, 0.25, 1.25, inf]], [[10, 11, 12, -1]])
+>>> len(index), round(index.backfilled_fraction, 3)
+(3, 0.333)
+"""
+from __future__ import annotations
+
+import json
+import operator
+import os
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import faiss
+import numpy as np
+
+from .. import __version__, io
+from .parts import (
+    RWLock, Transform, as_ids, as_matrix, contains_sorted, merge_topk, open_index_file, transform_from_state,
+    transform_state)
+from .side import FaissSide
+
+__all__ = ["OnlineBackfillIndex", "FORMAT", "FORMAT_VERSION"]
+
+#: ``format`` field of a saved index and the version this code reads and writes.
+FORMAT = "backfill_utils.serve.index.OnlineBackfillIndex"
+FORMAT_VERSION = 1
+_UNSET: Any = object()
+_SLOTS = ("query", "new", "gallery")
+
+
+MAX_K = 4096  # k beyond the index's size is padded (faiss's convention) up to this many columns
+MAX_SAVED_DIM = 1 << 20  # an embedding dimension in a saved index file
+
+
+def _positive_int(x: Any, name: str) -> int:
+    try:
+        v = operator.index(x)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {x!r}") from None
+    if v < 1:
+        raise ValueError(f"{name} must be >= 1, got {v}")
+    return int(v)
+
+
+class OnlineBackfillIndex:
+    """A faiss index of the mixed gallery (see the module docstring).
+
+    Parameters
+    ----------
+    d_old, d_new
+        Dimensions of the old model's embeddings (``add_old``, ``query_old``)
+        and of the new model's (``backfill``, ``add``, ``search``).
+    query_transform
+        psi: new-model query embedding -> old side's space (``d_new`` in).
+        ``None``: the identity (a compatible model), so the old side's
+        dimension must equal ``d_new``.
+    new_transform
+        rho: applied to new embeddings stored on the new side and to the query
+        searched there (``d_new`` in). ``None``: the identity.
+    gallery_transform
+        h: applied to old embeddings stored on the old side (``d_old`` in).
+    factory
+        faiss ``index_factory`` string of both sides: ``"Flat"`` (exact,
+        default), ``"IVF<nlist>,Flat"`` (trained on the first batch added to a
+        side, or by :meth:`train`), ``"HNSW<M>"``, ...
+    search_params
+        ``{"nprobe": n}`` (IVF) or ``{"efSearch": n}`` (HNSW); faiss defaults
+        otherwise.
+    two_pass
+        Rank merge: every search must give ``query_old`` (the old model's query
+        embedding); no query or gallery transform.
+    batch_size
+        Rows per forward pass of a torch-module transform.
+
+    A transform is a ``torch.nn.Module`` (put in eval mode, run without
+    gradients, batched) or a callable on float32 numpy arrays; see
+    :class:`~backfill_utils.serve.parts.Transform`.
+
+    A registered method builds its index in one call: :meth:`from_method`.
+    """
+
+    def __init__(self, d_old: int, d_new: int, *, query_transform: Callable | None = None,
+                 new_transform: Callable | None = None, gallery_transform: Callable | None = None,
+                 factory: str = "Flat", search_params: dict | None = None, two_pass: bool = False,
+                 batch_size: int = 4096) -> None:
+        self.d_old, self.d_new = _positive_int(d_old, "d_old"), _positive_int(d_new, "d_new")
+        self.factory, self.two_pass = str(factory), bool(two_pass)
+        if self.two_pass and (query_transform is not None or gallery_transform is not None):
+            raise ValueError("two_pass=True (rank merge) searches the old side with the old model's query "
+                             "embedding against old embeddings: give no query_transform or gallery_transform")
+        tf = lambda fn, name, d: None if fn is None else Transform(fn, name, d, batch_size)  # noqa: E731
+        self._transforms = {"query": tf(query_transform, "query_transform", self.d_new),
+                            "new": tf(new_transform, "new_transform", self.d_new),
+                            "gallery": tf(gallery_transform, "gallery_transform", self.d_old)}
+        g, n, q = (self._transforms[s] for s in ("gallery", "new", "query"))
+        d_old_side = g.d_out if g else self.d_old
+        d_query = q.d_out if q else self.d_new
+        if not self.two_pass and d_query != d_old_side:
+            what = (f"query_transform outputs dimension {d_query}" if q
+                    else f"d_new is {self.d_new} (no query_transform)")
+            raise ValueError(
+                f"the old side holds vectors of dimension {d_old_side} but {what}: the query searched on the "
+                "old side must have the old side's dimension (give a query_transform psi: new -> old, a "
+                "gallery_transform h: old -> new, or two_pass=True for rank merge)")
+        self._old = FaissSide(d_old_side, self.factory, "old", search_params)
+        self._new = FaissSide(n.d_out if n else self.d_new, self.factory, "new", search_params)
+        self._lock = RWLock()  # searches share it; visible state changes hold it alone
+        self._mutate = threading.Lock()  # one writer at a time (see the mutations section)
+
+    # ------------------------------------------------------------------ builders
+    @classmethod
+    def for_reverse_transform(cls, d_old: int, d_new: int, psi: Callable, rho: Callable | None = None,
+                              **kwargs: Any) -> "OnlineBackfillIndex":
+        """The paper's method: psi on the query for the old side, rho (optional) on the new side."""
+        return cls(d_old, d_new, query_transform=psi, new_transform=rho, **kwargs)
+
+    @classmethod
+    def for_gallery_transform(cls, d_old: int, d_new: int, h: Callable, **kwargs: Any) -> "OnlineBackfillIndex":
+        """FCT / FastFill: old items are stored as ``h(phi_old)``; the new query searches both sides."""
+        return cls(d_old, d_new, gallery_transform=h, **kwargs)
+
+    @classmethod
+    def from_method(cls, cfg: dict, setting: str, name: str, **kwargs: Any) -> "OnlineBackfillIndex":
+        """The index of registered method ``name`` in ``setting``, its modules trained or
+        loaded from the cache, filled with the old gallery of the test split (ids = rows).
+
+        The slots map as in the module docstring (psi, rho, h, two passes); the
+        references old/new/offline are an error. ``kwargs``: those of
+        :func:`backfill_utils.serve.from_method.served_method` (``recipe``, ``seed``,
+        ``split``, ``fill``, ``factory``, ``search_params``, ...), which also returns
+        the gallery's new embeddings and the method's backfill order.
+        """
+        from .from_method import served_method
+
+        return served_method(cfg, setting, name, **kwargs).index
+
+    @classmethod
+    def rank_merge(cls, d_old: int, d_new: int, **kwargs: Any) -> "OnlineBackfillIndex":
+        """Distance rank merge: two forward passes, ``search(query_new, k, query_old=...)``."""
+        return cls(d_old, d_new, two_pass=True, **kwargs)
+
+    # ------------------------------------------------------------------- state
+    def __len__(self) -> int:
+        with self._lock.read():
+            return len(self._old) + len(self._new)
+
+    @property
+    def n_old(self) -> int:
+        """Items on the old side (not yet backfilled)."""
+        return len(self._old)
+
+    @property
+    def n_new(self) -> int:
+        """Items on the new side (backfilled or added during the backfill)."""
+        return len(self._new)
+
+    @property
+    def backfilled_fraction(self) -> float:
+        """``n_new / len(index)``: the fraction of items served from the new side (0 when empty)."""
+        with self._lock.read():
+            total = len(self._old) + len(self._new)
+            return len(self._new) / total if total else 0.0
+
+    def ids(self) -> np.ndarray:
+        """Every id in the index, sorted."""
+        with self._lock.read():
+            return np.sort(np.concatenate([self._old.ids, self._new.ids]))
+
+    def old_ids(self) -> np.ndarray:
+        """Ids on the old side, sorted."""
+        return self._old.ids.copy()
+
+    def new_ids(self) -> np.ndarray:
+        """Ids on the new side, sorted."""
+        return self._new.ids.copy()
+
+    def contains(self, ids: Any) -> np.ndarray:
+        """Boolean array: which of ``ids`` are in the index (either side)."""
+        a = as_ids(ids, "ids") if np.ndim(ids) else as_ids([ids], "ids")
+        with self._lock.read():
+            return contains_sorted(self._old.ids, a) | contains_sorted(self._new.ids, a)
+
+    def __repr__(self) -> str:
+        return (f"OnlineBackfillIndex(d_old={self.d_old}, d_new={self.d_new}, factory={self.factory!r}, "
+                f"n_old={self.n_old}, n_new={self.n_new})")
+
+    # --------------------------------------------------------------- mutations
+    # Writers are serialised by ``_mutate``; the readers-writer lock is held for
+    # writing only while the visible state changes. Slow preparation -- training
+    # a side, rebuilding an HNSW graph, copying a shrunk side -- runs between the
+    # two, so searches go on meanwhile. The faiss ``add`` itself needs the write
+    # lock (faiss cannot add while searching): keep backfill batches small where
+    # search latency matters.
+    def _prepare(self, ids: Any, emb: Any, name: str, d: int, slot: str) -> tuple[np.ndarray, np.ndarray]:
+        x = as_matrix(emb, name, d)
+        a = as_ids(ids, "ids", len(x))
+        t = self._transforms[slot]
+        return a, (t(x) if t is not None and len(x) else x)
+
+    def _check_absent(self, ids: np.ndarray, method: str) -> None:
+        present = contains_sorted(self._old.ids, ids) | contains_sorted(self._new.ids, ids)
+        if present.any():
+            raise ValueError(
+                f"{method}: {int(present.sum())} ids are already in the index (e.g. {ids[present][:5].tolist()}); "
+                "remove them first, or use backfill() to replace an old item by its new embedding")
+
+    def _ensure_trained(self, side: FaissSide, x: np.ndarray) -> None:
+        """Train an untrained (hence empty) side on its first batch; ``_mutate`` held."""
+        if len(x) and not side.is_trained:
+            index = side.trained_index(x)
+            with self._lock.write():
+                side.install(index)
+
+    def _maintain(self, *sides: FaissSide, force: bool = False) -> None:
+        """Compact sides that need it (see ``FaissSide.maintenance``); ``_mutate`` held."""
+        for side in sides:
+            index = side.maintenance(force)
+            if index is not None:
+                with self._lock.write():
+                    side.install(index)
+
+    def _insert(self, side: FaissSide, ids: Any, emb: Any, name: str, d: int, slot: str, method: str) -> None:
+        a, x = self._prepare(ids, emb, name, d, slot)
+        with self._mutate:
+            self._check_absent(a, method)
+            self._ensure_trained(side, x)
+            with self._lock.write():
+                side.add(a, x)
+
+    def add_old(self, ids: Any, old_embeddings: Any) -> None:
+        """Add items of the gallery before the upgrade (old-model embeddings, ``d_old``)."""
+        self._insert(self._old, ids, old_embeddings, "old_embeddings", self.d_old, "gallery", "add_old")
+
+    def add(self, ids: Any, new_embeddings: Any) -> None:
+        """Add items that arrive during the backfill: straight to the new side (``d_new``)."""
+        self._insert(self._new, ids, new_embeddings, "new_embeddings", self.d_new, "new", "add")
+
+    def backfill(self, ids: Any, new_embeddings: Any) -> None:
+        """Re-extracted items: each leaves the old side and enters the new side, in one step."""
+        a, x = self._prepare(ids, new_embeddings, "new_embeddings", self.d_new, "new")
+        with self._mutate:
+            on_old = contains_sorted(self._old.ids, a)
+            if not on_old.all():
+                bad = a[~on_old]
+                n_new = int(contains_sorted(self._new.ids, bad).sum())
+                raise ValueError(
+                    f"backfill: {len(bad)} ids are not on the old side (e.g. {bad[:5].tolist()}; {n_new} of them "
+                    f"are already on the new side, {len(bad) - n_new} unknown); only items added with add_old "
+                    "can be backfilled, new items go through add()")
+            self._ensure_trained(self._new, x)
+            with self._lock.write():
+                self._new.add(a, x)
+                try:
+                    self._old.remove(a)
+                except BaseException:
+                    self._new.remove(a)
+                    raise
+            self._maintain(self._old)
+
+    def remove(self, ids: Any) -> None:
+        """Remove items from whichever side holds them."""
+        a = as_ids(ids, "ids")
+        with self._mutate:
+            on_old, on_new = contains_sorted(self._old.ids, a), contains_sorted(self._new.ids, a)
+            unknown = ~(on_old | on_new)
+            if unknown.any():
+                raise ValueError(f"remove: {int(unknown.sum())} ids are not in the index "
+                                 f"(e.g. {a[unknown][:5].tolist()}); nothing was removed")
+            with self._lock.write():
+                self._old.remove(a[on_old])
+                self._new.remove(a[on_new])
+            self._maintain(self._old, self._new)
+
+    def train(self, *, old: Any = None, new: Any = None) -> None:
+        """Train the empty sides of a trained factory (IVF, PQ) on samples.
+
+        ``old``: old-model embeddings (``d_old``; the gallery transform is
+        applied); ``new``: new-model embeddings (``d_new``; rho is applied).
+        Without it a side is trained on the first batch added to it.
+        """
+        xs = {}
+        if old is not None:
+            x = as_matrix(old, "old", self.d_old)
+            xs[self._old] = self._transforms["gallery"](x) if self._transforms["gallery"] else x
+        if new is not None:
+            x = as_matrix(new, "new", self.d_new)
+            xs[self._new] = self._transforms["new"](x) if self._transforms["new"] else x
+        if not xs:
+            raise ValueError("train: give old=... and/or new=... (sample embeddings)")
+        with self._mutate:
+            trained = [(side, side.trained_index(x)) for side, x in xs.items()]
+            with self._lock.write():
+                for side, index in trained:
+                    side.install(index)
+
+    def set_search_params(self, **params: int) -> None:
+        """Change ``nprobe`` (IVF) or ``efSearch`` (HNSW) of both sides."""
+        with self._mutate, self._lock.write():
+            for side in (self._old, self._new):
+                side.set_search_params(params)
+
+    def compact(self) -> None:
+        """Rebuild HNSW graphs without their removed items, copy shrunk Flat / IVF sides (done by
+        itself when removed items outnumber live ones, or a side has halved)."""
+        with self._mutate:
+            self._maintain(self._old, self._new, force=True)
+
+    # ------------------------------------------------------------------ search
+    def search(self, query_new: Any, k: int, *, query_old: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` of the mixed gallery: ``(D, I)``, each ``(n_queries, k)``.
+
+        ``query_new``: the queries' new-model embeddings (``d_new``).
+        ``query_old``: the old model's embeddings of the same queries (rank
+        merge, required with ``two_pass``); given, they are searched on the old
+        side as they are, instead of ``query_transform(query_new)`` (they must
+        have the old side's dimension). Both sides are searched under one read
+        lock, so the result is that of one state of the index.
+
+        ``k``: a positive integer. Beyond the index's size the result is padded
+        with ``inf`` / ``-1`` (faiss's convention) up to :data:`MAX_K` columns; a
+        larger ``k`` than both is an error (it would only allocate padding).
+        """
+        k = _positive_int(k, "k")
+        q = as_matrix(query_new, "query_new", self.d_new)
+        if k > MAX_K and k > len(self):
+            raise ValueError(f"k = {k} is larger than the index ({len(self)} items) and than {MAX_K}: the result "
+                             f"would be padded with {k - len(self)} empty columns; pass k <= {max(len(self), MAX_K)}")
+        qo = None
+        if query_old is not None:
+            qo = as_matrix(query_old, "query_old", self._old.d)
+            if len(qo) != len(q):
+                raise ValueError(f"query_old has {len(qo)} rows but query_new has {len(q)}; "
+                                 "both embed the same queries")
+        elif self.two_pass:
+            raise ValueError("this index serves rank merge (two_pass=True): pass query_old=, the old model's "
+                             "embeddings of the queries")
+        psi, rho = self._transforms["query"], self._transforms["new"]
+        parts = []
+        with self._lock.read():
+            if len(self._old) and len(q):
+                if qo is None:
+                    qo = psi(q) if psi is not None else q
+                parts.append(self._old.search(qo, k))
+            if len(self._new) and len(q):
+                parts.append(self._new.search(rho(q) if rho is not None else q, k))
+        return merge_topk(parts, len(q), k)
+
+    # ------------------------------------------------------------- persistence
+    def save(self, path: str | os.PathLike, *, skip_transforms: bool = False) -> Path:
+        """Write the index to one file, atomically (temporary name, then ``os.replace``).
+
+        The file (a numpy ``.npz`` archive, read without pickle) holds both faiss
+        indexes (``faiss.serialize_index``), the ids of each side, the settings and
+        the transforms: a torch module with a ``.config`` that
+        :func:`backfill_utils.compat.modules.build_module` rebuilds (the compat modules)
+        as its ``state_dict`` plus that config. Any other transform cannot be
+        saved: an error, unless ``skip_transforms=True``, which records the slot
+        as unsaved; :meth:`load` then needs it passed again.
+        """
+        path = Path(path)
+        arrays: dict[str, np.ndarray] = {}
+        transforms = {slot: transform_state(self._transforms[slot], slot, skip_transforms, arrays)
+                      for slot in _SLOTS}
+        with self._lock.read():
+            sides = {name: side.state() for name, side in (("old", self._old), ("new", self._new))}
+            meta = {"format": FORMAT, "version": FORMAT_VERSION, "backfill_utils": __version__,
+                    "faiss": faiss.__version__, "d_old": self.d_old, "d_new": self.d_new,
+                    "factory": self.factory, "two_pass": self.two_pass, "transforms": transforms,
+                    "search_params": self._old.search_params,
+                    "sides": {n: {"d": s.d, "mode": s.mode, "n": len(s), "n_dead": s.n_dead}
+                              for n, s in (("old", self._old), ("new", self._new))}}
+        for name, st in sides.items():
+            arrays.update({f"{name}.{key}": value for key, value in st.items()})
+        arrays["meta"] = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:  # a file object: np.savez adds no ".npz" to the name
+                np.savez(fh, **arrays)
+                fh.flush()
+                os.fsync(fh.fileno())
+
+        return io.atomic_write(path, write)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, query_transform: Any = _UNSET, new_transform: Any = _UNSET,
+             gallery_transform: Any = _UNSET, batch_size: int = 4096) -> "OnlineBackfillIndex":
+        """Read an index written by :meth:`save`.
+
+        A transform passed here replaces the saved one (it must keep the saved
+        dimensions); one saved as unsaved (``skip_transforms``) must be passed.
+        A missing, corrupt, truncated or mismatched file is a ``ValueError``
+        (``FileNotFoundError`` if absent) naming the file. Only the members the
+        index needs are read, each after its header is checked against its size; a
+        transform's saved config is checked against its saved weights before the
+        module is built, so a crafted file cannot make this allocate more than it holds.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such index file")
+        with open_index_file(path, FORMAT, FORMAT_VERSION) as (data, meta):
+            return cls._from_file(path, data, meta, batch_size, {
+                "query": query_transform, "new": new_transform, "gallery": gallery_transform})
+
+    @classmethod
+    def _from_file(cls, path: Path, data, meta: dict, batch_size: int, given: dict) -> "OnlineBackfillIndex":
+        try:
+            for name in ("old", "new"):
+                saved = meta["sides"][name]
+                ids = data[f"{name}.ids"]
+                if ids.ndim != 1 or len(ids) != saved["n"] or not 1 <= int(saved["d"]) <= MAX_SAVED_DIM:
+                    raise ValueError(f"{path}: the {name} side's metadata (n = {saved['n']}, d = {saved['d']}) does "
+                                     f"not match its {ids.shape} saved ids; the file is inconsistent")
+            for side_dim in ("d_old", "d_new"):
+                if not 1 <= int(meta[side_dim]) <= MAX_SAVED_DIM:
+                    raise ValueError(f"{path}: {side_dim} = {meta[side_dim]} is outside 1..{MAX_SAVED_DIM}; the file "
+                                     "is crafted or corrupt")
+            fns = {slot: given[slot] if given[slot] is not _UNSET
+                   else transform_from_state(meta["transforms"][slot], slot, data, path) for slot in _SLOTS}
+            index = cls(meta["d_old"], meta["d_new"], query_transform=fns["query"], new_transform=fns["new"],
+                        gallery_transform=fns["gallery"], factory=meta["factory"],
+                        search_params=meta["search_params"], two_pass=meta["two_pass"], batch_size=batch_size)
+            for name, side in (("old", index._old), ("new", index._new)):
+                saved = meta["sides"][name]
+                if saved["d"] != side.d or saved["mode"] != side.mode:
+                    raise ValueError(
+                        f"{path}: the {name} side was saved with dimension {saved['d']} ({saved['mode']}) but the "
+                        f"transforms now give {side.d} ({side.mode}); pass transforms with the saved dimensions")
+                side.restore({key: data[f"{name}.{key}"] for key in ("index", "ids", "labels", "live")}, str(path))
+        except (KeyError, TypeError, RuntimeError, AttributeError) as exc:
+            raise ValueError(f"{path}: not a consistent OnlineBackfillIndex file "
+                             f"({type(exc).__name__}: {exc})") from None
+        if contains_sorted(index._old.ids, index._new.ids).any():
+            raise ValueError(f"{path}: some ids are on both sides; the file is inconsistent")
+        return index

@@ -1,0 +1,470 @@
+"""Benchmark of the faiss index over the mixed gallery against one faiss index.
+
+    python -m backfill_utils.tools.bench_serve [--sizes 100000 1000000] [--ratios 0 0.5 1]
+        [--factories Flat IVF HNSW] [--threads 2] [--out PATH] [--no-progress] ...
+
+For each gallery size ``N`` (a child process per size, so that each size has its
+own peak memory):
+
+1. 128-d class-structured embeddings of an old and a new model
+   (:func:`backfill_utils.tools.bench.make_data`) for the ``N`` gallery items, the
+   queries and a training split, generated on the fly;
+2. psi: a :class:`~backfill_utils.compat.modules.ReverseTransform` trained with L_rev
+   for a few epochs on the training split; rho: a
+   :class:`~backfill_utils.compat.modules.LearnableEmbedding` as initialised (the
+   identity, at the cost of its forward pass);
+3. per factory (``Flat`` exact, ``IVF``, ``HNSW``): **single** = one faiss
+   index of that type holding the new embeddings of all ``N`` items (queried
+   with the new embedding); **merged** = an
+   :class:`~backfill_utils.serve.index.OnlineBackfillIndex` with psi and rho, filled
+   with ``add_old`` and then backfilled in a random order up to each ratio;
+   for ``Flat`` also **merged_plain**, the same index without psi and rho (a
+   compatible model's), in a pass of its own against the single index, which
+   measures the index apart from the transforms;
+4. at each ratio, merged and single interleaved query by query (so that a
+   change of machine load hits both): queries/s at batch 1 and batch 256,
+   p50 / p99 latency at batch 1; recall@10 of the approximate factories
+   against the exact results of the same queries (merged: the exact merged
+   ranking, i.e. the ``Flat`` merged index; single: the ``Flat`` single index),
+   at the chosen search parameter and over a sweep;
+5. memory: the size of each index (``faiss.serialize_index``: vectors, ids,
+   graph or lists; for merged both sides, HNSW tombstones included), the growth
+   of resident memory while it is built, and the child's peak resident memory
+   (``VmHWM``: data, both indexes and the search buffers together).
+
+The time ratio merged / single is the ratio of the *median* times (batch 1 and
+batch 256): a loaded machine stalls single calls, and medians keep those stalls
+from deciding the comparison. faiss uses ``--threads`` OpenMP threads (default
+2); torch (psi, rho) ``--torch-threads`` (default 1): the transforms are too
+small to gain from threads, and two thread pools on two cores spin against each
+other. HNSW uses faiss's default ``efConstruction`` (40). The table is printed
+and ``results/bench/serve.json`` written atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import faiss
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from .. import io
+from ..backfill import systems as B
+from ..compat import modules as K
+from ..compat.fit import fit_reverse
+from ..compat.recipes import RevPsiRecipe
+from .bench import make_data
+from ..serve.index import OnlineBackfillIndex
+
+DEFAULT_OUT = Path(__file__).resolve().parents[2] / "results" / "bench" / "serve.json"
+TOP_K = 10
+SPEED_COLUMNS = ["N", "factory", "ratio", "qps_b1_merged", "qps_b1_single", "p50_ms_merged", "p50_ms_single",
+                 "p99_ms_merged", "p99_ms_single", "qps_b256_merged", "qps_b256_single", "time_ratio_b1",
+                 "time_ratio_b256", "index_ratio_b1", "index_ratio_b256"]
+MEMORY_COLUMNS = ["N", "factory", "ratio", "params", "recall_at_10_merged", "recall_at_10_single",
+                  "index_mb_merged", "index_mb_single", "index_rss_mb_merged", "index_rss_mb_single"]
+
+
+def _status_mb(field: str) -> float:
+    """``VmRSS`` / ``VmHWM`` of this process in MiB (Linux), else ``nan``.
+
+    Before reading ``VmRSS`` freed heap memory is handed back to the system
+    (glibc ``malloc_trim``), so that growth measures what an index holds.
+    """
+    if field == "VmRSS":
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("nan")
+
+
+def nlist_for(n: int) -> int:
+    """IVF lists: the power of two nearest to ``4 sqrt(n)`` (faiss's guideline 4-16 sqrt(n))."""
+    return int(2 ** round(np.log2(4 * np.sqrt(n))))
+
+
+def factory_spec(family: str, n: int, args: argparse.Namespace) -> tuple[str, dict, str, list[int]]:
+    """``(factory string, search params, swept parameter, sweep values)`` of a family."""
+    if family == "Flat":
+        return "Flat", {}, "", []
+    if family == "IVF":
+        nlist = nlist_for(n)
+        sweep = sorted({max(1, nlist // f) for f in args.nprobe_sweep})
+        return f"IVF{nlist},Flat", {"nprobe": max(1, nlist // args.nprobe)}, "nprobe", sweep
+    if family == "HNSW":
+        return f"HNSW{args.hnsw_m}", {"efSearch": args.ef_search}, "efSearch", args.ef_sweep
+    raise ValueError(f"unknown factory family {family!r}; use Flat, IVF or HNSW")
+
+
+def _single_index(factory: str, x: np.ndarray, train: np.ndarray, args, progress: bool):
+    index = faiss.index_factory(x.shape[1], factory, faiss.METRIC_L2)
+    if not index.is_trained:
+        index.train(train)
+    for s in tqdm(range(0, len(x), args.chunk), desc=f"single {factory}", disable=not progress, leave=False):
+        index.add(x[s:s + args.chunk])
+    return index
+
+
+def _search_single(index, params: dict) -> Callable:
+    if isinstance(index, faiss.IndexIVF):
+        return lambda q, k: index.search(q, k, params=faiss.SearchParametersIVF(**params))
+    if isinstance(index, faiss.IndexHNSW):
+        return lambda q, k: index.search(q, k, params=faiss.SearchParametersHNSW(**params))
+    return lambda q, k: index.search(q, k)
+
+
+def interleaved(fns: dict[str, Callable], inputs: list, min_n: int, max_seconds: float) -> dict[str, list]:
+    """Time each function on each input, alternating their order; stop after
+    ``max_seconds`` once ``min_n`` inputs are done. Three untimed warm-up calls."""
+    for fn in fns.values():
+        for x in inputs[:3]:
+            fn(x)
+    times: dict[str, list] = {name: [] for name in fns}
+    names, start = list(fns), time.perf_counter()
+    for i, x in enumerate(inputs):
+        if i >= min_n and time.perf_counter() - start > max_seconds:
+            break
+        for name in names if i % 2 == 0 else names[::-1]:
+            t0 = time.perf_counter()
+            fns[name](x)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def recall_at(I: np.ndarray, I_exact: np.ndarray) -> float:
+    """Mean over queries of ``|top-k  intersect  exact top-k| / k``."""
+    return float(np.mean([len(set(a) & set(b)) / I.shape[1] for a, b in zip(I.tolist(), I_exact.tolist())]))
+
+
+def _measure(fns: dict[str, Callable], q: np.ndarray, args) -> dict[str, dict]:
+    """Batch-1 latency and batch-256 throughput of each search function (interleaved)."""
+    b1 = interleaved({n: (lambda x, f=f: f(x, TOP_K)) for n, f in fns.items()},
+                     [q[i:i + 1] for i in range(args.max_queries)], args.min_queries, args.max_seconds)
+    bs = args.batch_size
+    bb = interleaved({n: (lambda x, f=f: f(x, TOP_K)) for n, f in fns.items()},
+                     [q[i:i + bs] for i in range(0, args.max_batches * bs, bs)], args.min_batches, args.max_seconds)
+    out = {}
+    for name in fns:
+        t1, tb = np.asarray(b1[name]), np.asarray(bb[name])
+        out[name] = {"qps_b1": len(t1) / t1.sum(), "p50_ms": 1e3 * float(np.percentile(t1, 50)),
+                     "p99_ms": 1e3 * float(np.percentile(t1, 99)), "n_b1": len(t1),
+                     "qps_b256": bs * len(tb) / tb.sum(), "p50_b256_ms": 1e3 * float(np.median(tb)),
+                     "n_b256": bs * len(tb)}
+    return out
+
+
+def _build_merged(data: dict, factory: str, params: dict, psi, rho, args, progress: bool) -> OnlineBackfillIndex:
+    """The merged index with every item on the old side (ratio 0)."""
+    n = len(data["old"])
+    merged = OnlineBackfillIndex(data["old"].shape[1], data["new"].shape[1], query_transform=psi,
+                                 new_transform=rho, factory=factory, search_params=params or None)
+    if factory.startswith("IVF"):
+        merged.train(old=data["old"][:args.train_size], new=data["new"][:args.train_size])
+    for s in tqdm(range(0, n, args.chunk), desc=f"add_old {factory}", disable=not progress, leave=False):
+        merged.add_old(np.arange(s, min(s + args.chunk, n)), data["old"][s:s + args.chunk])
+    return merged
+
+
+def _sweep(merged, single, params: dict, key: str, values: list, q: np.ndarray, exact_m, exact_s) -> list[dict]:
+    """Recall@10 and throughput (one batch of ``q``) of merged and single at each swept value."""
+    rows = []
+    for value in values:
+        merged.set_search_params(**{key: value})
+        entry = {key: value}
+        for kind, fn, exact in (("merged", merged.search, exact_m),
+                                ("single", _search_single(single, {**params, key: value}), exact_s)):
+            t = time.perf_counter()
+            found = fn(q, TOP_K)[1]
+            entry[kind] = {"recall_at_10": recall_at(found, exact), "qps": len(q) / (time.perf_counter() - t)}
+        rows.append(entry)
+    if values:
+        merged.set_search_params(**params)
+    return rows
+
+
+def _run_family(family: str, data: dict, psi, rho, truth: dict, args, progress: bool) -> list[dict]:
+    """Single and merged index of one family at every ratio (see the module docstring).
+
+    For ``Flat`` a third index, ``merged_plain``, holds the same items without
+    psi and rho (a compatible model's index): it measures the index alone, apart
+    from the transforms' forward passes.
+    """
+    n = len(data["old"])
+    factory, params, sweep_key, sweep = factory_spec(family, n, args)
+    order = B.random_order(n, seed=args.seed)
+    q_rec = data["q_new"][:args.min_batches * args.batch_size]
+    rows: list[dict] = []
+    rss0, t0 = _status_mb("VmRSS"), time.perf_counter()
+    single = _single_index(factory, data["new"], data["new"][:args.train_size], args, progress)
+    single_build = {"build_s": time.perf_counter() - t0, "index_rss_mb": _status_mb("VmRSS") - rss0,
+                    "index_mb": faiss.serialize_index(single).nbytes / 2**20}
+    search_single = _search_single(single, params)
+    rss0, t0 = _status_mb("VmRSS"), time.perf_counter()
+    merged = _build_merged(data, factory, params, psi, rho, args, progress)
+    merged_build = {"build_s": time.perf_counter() - t0}
+    done = 0
+    for ratio in args.ratios:
+        m = B.backfilled_count(ratio, n)
+        t0 = time.perf_counter()
+        for s in tqdm(range(done, m, args.chunk), desc=f"backfill to {ratio}", disable=not progress, leave=False):
+            batch = order[s:min(s + args.chunk, m)]
+            merged.backfill(batch, data["new"][batch])
+        backfill_s, done = time.perf_counter() - t0, m
+        merged_build["index_rss_mb"] = _status_mb("VmRSS") - rss0
+        merged_build["index_mb"] = sum(faiss.serialize_index(side.index).nbytes  # both sides, tombstones included
+                                       for side in (merged._old, merged._new)) / 2**20
+        res = _measure({"merged": merged.search, "single": search_single}, data["q_new"], args)
+        exact_m = truth.setdefault(("merged", ratio), merged.search(q_rec, TOP_K)[1] if family == "Flat" else None)
+        exact_s = truth.setdefault(("single", ratio), search_single(q_rec, TOP_K)[1] if family == "Flat" else None)
+        sweep_rows = _sweep(merged, single, params, sweep_key, sweep, q_rec, exact_m, exact_s)
+        for kind, fn, exact in (("merged", merged.search, exact_m), ("single", search_single, exact_s)):
+            rows.append({"size": n, "family": family, "factory": factory, "params": params, "ratio": float(ratio),
+                         "kind": kind, **res[kind], **(single_build if kind == "single" else merged_build),
+                         "recall_at_10": None if family == "Flat" else recall_at(fn(q_rec, TOP_K)[1], exact),
+                         **({"backfill_s": backfill_s, "n_new": merged.n_new} if kind == "merged" else {}),
+                         **({"sweep": sweep_rows} if kind == "merged" and sweep else {})})
+        if progress:
+            tqdm.write(f"{n} {factory} r={ratio}: merged {res['merged']['qps_b1']:.0f} q/s (b1), "
+                       f"single {res['single']['qps_b1']:.0f} q/s (b1)", file=sys.stderr)
+    del merged
+    if family == "Flat" and data["old"].shape[1] == data["new"].shape[1]:
+        rows += _plain_pass(data, factory, search_single, order, args, progress)
+    del single
+    gc.collect()
+    return rows
+
+
+def _plain_pass(data: dict, factory: str, search_single: Callable, order: np.ndarray, args,
+                progress: bool) -> list[dict]:
+    """The merged index without psi and rho against the single index, interleaved, at every ratio."""
+    n, rows, done = len(data["old"]), [], 0
+    plain = _build_merged(data, factory, {}, None, None, args, progress)
+    for ratio in args.ratios:
+        m = B.backfilled_count(ratio, n)
+        for s in range(done, m, args.chunk):
+            batch = order[s:min(s + args.chunk, m)]
+            plain.backfill(batch, data["new"][batch])
+        done = m
+        res = _measure({"merged_plain": plain.search, "single": search_single}, data["q_new"], args)
+        rows.append({"size": n, "family": "Flat", "factory": factory, "params": {}, "ratio": float(ratio),
+                     "kind": "merged_plain", **res["merged_plain"],
+                     "single_p50_ms": res["single"]["p50_ms"], "single_p50_b256_ms": res["single"]["p50_b256_ms"]})
+    return rows
+
+
+def _worker(args: argparse.Namespace) -> dict:
+    """One gallery size: data, psi, every family; returns the rows and the peak RSS."""
+    n, progress = args.size, not args.no_progress
+    torch.manual_seed(args.seed)
+    n_q = max(args.max_queries, args.max_batches * args.batch_size)
+    raw = make_data(n + n_q + args.psi_train, args.dim, args.classes, args.seed)
+    data = {"old": raw["old"][:n], "new": raw["new"][:n], "q_new": raw["new"][n:n + n_q]}
+    tr = slice(n + n_q, None)
+    t0 = time.perf_counter()
+    recipe = RevPsiRecipe(epochs=args.psi_epochs, seed=args.seed)
+    psi, _, hist = fit_reverse(recipe, raw["new"][tr], raw["old"][tr], disable=not progress)
+    psi_s = time.perf_counter() - t0
+    rho = K.LearnableEmbedding(args.dim).eval()
+    del raw
+    gc.collect()
+    truth: dict = {}
+    rows = []
+    for family in args.factories:
+        rows += _run_family(family, data, psi, rho, truth, args, progress)
+    return {"size": n, "rows": rows, "peak_rss_mb": _status_mb("VmHWM"), "psi_train_s": psi_s,
+            "psi_final_loss": float(hist["loss"].iloc[-1]), "load_after": os.getloadavg()}
+
+
+def _environment(threads: int, torch_threads: int) -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return {"machine": platform.machine(), "cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(),
+            "faiss": faiss.__version__, "torch": torch.__version__, "numpy": np.__version__,
+            "faiss_threads": threads, "torch_threads": torch_threads, "platform": platform.platform(),
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}
+
+
+def _git_state() -> str | None:
+    """Commit of the code that ran (``+dirty`` with uncommitted changes), if in a git checkout."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "backfill_utils"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
+def summarize(rows: list[dict]) -> pd.DataFrame:
+    """One line per (size, factory, ratio): merged and single side by side."""
+    df = pd.DataFrame(rows)
+    keys = ["size", "factory", "ratio"]
+    cols = ["qps_b1", "p50_ms", "p99_ms", "qps_b256", "p50_b256_ms", "recall_at_10", "index_mb", "index_rss_mb"]
+    m = df[df.kind == "merged"].set_index(keys)[cols]
+    s = df[df.kind == "single"].set_index(keys)[cols]
+    out = m.add_suffix("_merged").join(s.add_suffix("_single"))
+    out["params"] = df[df.kind == "merged"].set_index(keys)["params"].map(
+        lambda p: ", ".join(f"{k}={v}" for k, v in p.items()) or "exact")
+    plain = df[df.kind == "merged_plain"].set_index(keys)
+    if len(plain):  # the index without psi and rho against the single index of the same pass
+        out["index_ratio_b1"] = plain["p50_ms"] / plain["single_p50_ms"]
+        out["index_ratio_b256"] = plain["p50_b256_ms"] / plain["single_p50_b256_ms"]
+    else:
+        out["index_ratio_b1"] = out["index_ratio_b256"] = np.nan
+    # medians: robust to the scheduling stalls of a loaded machine
+    out["time_ratio_b1"] = out["p50_ms_merged"] / out["p50_ms_single"]
+    out["time_ratio_b256"] = out["p50_b256_ms_merged"] / out["p50_b256_ms_single"]
+    return out.reset_index()
+
+
+def goals(table: pd.DataFrame, rows: list[dict], target_size: int = 1_000_000) -> dict:
+    """The two goals of the benchmark.
+
+    1. Exact merged search takes at most 1.2 x the time of one exact index of
+       the same total size: the largest median-time ratio over ratios and batch
+       sizes (``Flat``), with psi and rho (``exact_time_ratio_max``) and for the
+       index alone, without them (``exact_index_time_ratio_max``).
+    2. An approximate factory reaches recall@10 >= 0.95 at ``target_size``
+       items: per family, the smallest swept search parameter whose merged
+       recall@10 is >= 0.95 at every ratio, with the merged and single
+       throughputs of the sweep (batch of the recall queries) at that value and
+       the merged throughput relative to the exact merged index at batch 256
+       (``speedup_vs_exact``: an approximate index is only worth it above 1).
+    """
+    flat = table[table.factory == "Flat"]
+    worst = float(flat[["time_ratio_b1", "time_ratio_b256"]].max().max()) if len(flat) else float("nan")
+    worst_index = float(flat[["index_ratio_b1", "index_ratio_b256"]].max().max()) if len(flat) else float("nan")
+    approx = {}
+    for fam in ("IVF", "HNSW"):
+        merged = [r for r in rows if r["size"] == target_size and r["family"] == fam and r["kind"] == "merged"]
+        if not merged:
+            continue
+        key = next(k for k in merged[0]["sweep"][0] if k not in ("merged", "single"))
+        values = [e[key] for e in merged[0]["sweep"]]
+        per_value = {v: [next(e for e in r["sweep"] if e[key] == v) for r in merged] for v in values}
+        ok = [v for v in values if min(e["merged"]["recall_at_10"] for e in per_value[v]) >= 0.95]
+        best = ok[0] if ok else values[-1]
+        approx[fam] = {"factory": merged[0]["factory"], "parameter": key, "value": best, "reaches_0.95": bool(ok),
+                       "ratios": [r["ratio"] for r in merged],
+                       "recall_at_10_merged": [e["merged"]["recall_at_10"] for e in per_value[best]],
+                       "qps_merged": [e["merged"]["qps"] for e in per_value[best]],
+                       "recall_at_10_single": [e["single"]["recall_at_10"] for e in per_value[best]],
+                       "qps_single": [e["single"]["qps"] for e in per_value[best]],
+                       "speedup_vs_exact": [e["merged"]["qps"] / float(exact.iloc[0]) for e, exact in zip(
+                           per_value[best], (table[(table["size"] == target_size) & (table.factory == "Flat")
+                                                   & (table.ratio == r["ratio"])].qps_b256_merged
+                                             for r in merged))]}
+    return {"exact_time_ratio_max": worst, "exact_within_1.2x": bool(worst <= 1.2),
+            "exact_index_time_ratio_max": worst_index, "exact_index_within_1.2x": bool(worst_index <= 1.2),
+            "approximate_at_target": approx, "target_size": target_size,
+            "approximate_recall_0.95_met": any(v["reaches_0.95"] for v in approx.values())}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m backfill_utils.tools.bench_serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000], help="gallery sizes")
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.5, 1.0], help="backfill ratios (ascending)")
+    p.add_argument("--factories", nargs="+", default=["Flat", "IVF", "HNSW"], help="Flat first (the exact truth)")
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--classes", type=int, default=100)
+    p.add_argument("--threads", type=int, default=2, help="faiss (OpenMP) threads")
+    p.add_argument("--torch-threads", type=int, default=1, help="torch threads (psi, rho, psi's training)")
+    p.add_argument("--nprobe", type=int, default=16, help="timed runs probe nlist / NPROBE IVF lists")
+    p.add_argument("--nprobe-sweep", type=int, nargs="*", default=[64, 32, 16, 8, 4, 2],
+                   help="recall sweep: nprobe = nlist / each value")
+    p.add_argument("--hnsw-m", type=int, default=32)
+    p.add_argument("--ef-search", type=int, default=256, help="HNSW efSearch in the timed runs")
+    p.add_argument("--ef-sweep", type=int, nargs="*", default=[64, 128, 256, 512, 1024, 2048])
+    p.add_argument("--train-size", type=int, default=100_000, help="IVF training sample per index")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--min-queries", type=int, default=30, help="batch-1 queries timed at least")
+    p.add_argument("--max-queries", type=int, default=500, help="batch-1 queries timed at most")
+    p.add_argument("--min-batches", type=int, default=2, help="batches timed at least (also the recall queries)")
+    p.add_argument("--max-batches", type=int, default=8)
+    p.add_argument("--max-seconds", type=float, default=15.0, help="time per measurement after the minimum")
+    p.add_argument("--chunk", type=int, default=50_000, help="items per add_old / backfill call")
+    p.add_argument("--psi-train", type=int, default=10_000, help="training items for psi")
+    p.add_argument("--psi-epochs", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--_worker", dest="worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.factories[0] != "Flat":
+        p.error("--factories must start with Flat: its results are the exact truth for recall")
+    if list(args.ratios) != sorted(args.ratios):
+        p.error("--ratios must be ascending")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    faiss.omp_set_num_threads(args.threads)
+    torch.set_num_threads(args.torch_threads)
+    if args.worker:
+        print(json.dumps(_worker(args), default=float))
+        return {}
+    started, load_before, t_start = time.strftime("%Y-%m-%dT%H:%M:%S"), os.getloadavg(), time.perf_counter()
+    git = _git_state()  # the code that runs, before anything can change it
+    per_size, rows = [], []
+    for n in args.sizes:
+        print(f"gallery {n:,} items, {args.dim}-d, factories {args.factories}, ratios {args.ratios}, "
+              f"{args.threads} threads; load average {os.getloadavg()[0]:.2f}", flush=True)
+        cmd = [sys.executable, "-m", "backfill_utils.tools.bench_serve", "--_worker", "--size", str(n),
+               *[a for a in (argv if argv is not None else sys.argv[1:]) if a != "--_worker"]]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"benchmark of size {n} failed with exit code {proc.returncode}")
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows += res.pop("rows")
+        per_size.append(res)
+    table = summarize(rows)
+    result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                         if k not in ("worker", "size", "no_progress")},
+              "environment": {**_environment(args.threads, args.torch_threads), "git": git, "started": started,
+                              "load_average_before": load_before, "load_average_after": os.getloadavg(),
+                              "wall_seconds": time.perf_counter() - t_start},
+              "per_size": per_size, "table": table.to_dict(orient="records"), "rows": rows,
+              "goals": goals(table, rows, max(args.sizes))}
+    show = table.copy()
+    show.insert(0, "N", show.pop("size").map(lambda v: f"{v:,}"))
+    print()
+    print(show[SPEED_COLUMNS].to_markdown(index=False, floatfmt=".3g"))
+    print()
+    print(show[MEMORY_COLUMNS].to_markdown(index=False, floatfmt=".3g"))
+    print()
+    for res in per_size:
+        print(f"N = {res['size']:,}: peak RSS of the benchmark process {res['peak_rss_mb']:.0f} MiB "
+              "(data, every index, buffers)")
+    print()
+    print(json.dumps(result["goals"], indent=2, default=float))
+    io.atomic_write_json(args.out, result, default=float)
+    print(f"\nwrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
