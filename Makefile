@@ -41,10 +41,10 @@ reproduce: install
 
 # each at most 45 minutes on the 2-core reference machine (README, "What holds, and where")
 tune: install
-	$(if $(PIN),env $(PINNED_ENV)) BACKFILL_THREADS=$(THREADS) BACKFILL_WORKERS=$(WORKERS) $(PY) -m backfill_utils.studies.tuning --profile $(PROFILE)
+	$(if $(PIN),env $(PINNED_ENV)) BACKFILL_THREADS=$(THREADS) BACKFILL_WORKERS=$(WORKERS) $(PY) -m backfill_utils.tools.make_tune --profile $(PROFILE)
 
 regimes: install
-	$(if $(PIN),env $(PINNED_ENV)) BACKFILL_THREADS=$(THREADS) BACKFILL_WORKERS=$(WORKERS) $(PY) -m backfill_utils.studies.regimes --profile $(PROFILE)
+	$(if $(PIN),env $(PINNED_ENV)) BACKFILL_THREADS=$(THREADS) BACKFILL_WORKERS=$(WORKERS) $(PY) -m backfill_utils.tools.make_regimes --profile $(PROFILE)
 
 # nbval runs every notebook of the series (smoke profile, selected through the environment
 # because nbval cannot inject papermill parameters); --nbval-lax: notebooks are stored
@@ -53,8 +53,8 @@ regimes: install
 # The smoke versions of make tune and make regimes run first (tiny budgets, about a minute each), so that nbval
 # renders 52_tuning and 53_regimes from real outputs.
 test: install
-	BACKFILL_THREADS=$(THREADS) BACKFILL_WORKERS=$(WORKERS) $(PY) -m backfill_utils.studies.tuning --profile smoke --quiet
-	BACKFILL_THREADS=$(THREADS) BACKFILL_WORKERS=$(WORKERS) $(PY) -m backfill_utils.studies.regimes --profile smoke --quiet
+	BACKFILL_THREADS=$(THREADS) BACKFILL_WORKERS=$(WORKERS) $(PY) -m backfill_utils.tools.make_tune --profile smoke --quiet
+	BACKFILL_THREADS=$(THREADS) BACKFILL_WORKERS=$(WORKERS) $(PY) -m backfill_utils.tools.make_regimes --profile smoke --quiet
 	BACKFILL_PROFILE=smoke $(PY) -m pytest tests notebooks --doctest-modules backfill_utils --nbval-lax --nbval-sanitize-with notebooks/nbval_sanitize.cfg
 
 # --allow-root only when run as root (e.g. in a container), where JupyterLab refuses to start without it

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from . import config as C
 from .data import api as D
 from . import train as TR
-from .io import cache_path, cached_arrays  # noqa: F401  (re-exported; the cache lives in io)
+from .cache import cache_path, cached_arrays
 
 # Bump when a change of this module (extraction, the passes' seeding, the transforms it
 # picks) changes the embeddings it returns.

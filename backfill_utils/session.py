@@ -29,7 +29,7 @@ from typing import Mapping
 import pandas as pd
 
 from . import config as C
-from . import io
+from . import cache
 
 CLAIM_MARK = "CLAIM DOES NOT HOLD on this run:"
 # every check of claims prints one line starting with this and the number of claims it checked
@@ -58,24 +58,24 @@ class Run:
         shown now as a JPEG and closed (photo-like grids whose PNG would make the
         executed notebook large; the files are unchanged).
         """
-        from .figures import plots as P
+        from .figures import style as ST
 
         if inline not in ("png", "jpeg"):
             raise ValueError(f"inline must be 'png' or 'jpeg', got {inline!r}")
-        self._saved(P.save_figure(fig, self.out / "figures", name))
+        self._saved(ST.save_figure(fig, self.out / "figures", name))
         if inline == "jpeg":
             from IPython.display import display
 
-            display(P.jpeg_image(fig))
+            display(ST.jpeg_image(fig))
             import matplotlib.pyplot as plt
 
             plt.close(fig)
 
     def table(self, df: pd.DataFrame, name: str, **kwargs) -> None:
         """Save ``df`` as ``<out>/tables/<name>.{csv,md,tex}`` (``plots.save_table``) and print where."""
-        from .figures import plots as P
+        from .figures import style as ST
 
-        self._saved(P.save_table(df, self.out / "tables", name, **kwargs))
+        self._saved(ST.save_table(df, self.out / "tables", name, **kwargs))
 
     def _saved(self, paths: list[Path]) -> None:
         first = paths[0]
@@ -104,13 +104,13 @@ class Run:
         return holds
 
     def optional(self, load):
-        """``load()``, or ``None`` when it raises :class:`~backfill_utils.io.MissingArtifactError`
+        """``load()``, or ``None`` when it raises :class:`~backfill_utils.cache.MissingArtifactError`
         on a run other than the reference run (the message is printed: what is missing and
         the target that makes it). On the reference run of the default profile the error
         is raised: its outputs are committed."""
         try:
             return load()
-        except io.MissingArtifactError as exc:
+        except cache.MissingArtifactError as exc:
             if self.strict:
                 raise
             print(f"NOT RENDERED on this run: {exc}")
@@ -202,12 +202,12 @@ def missing_inputs_note(reads=None) -> str | None:
     of :data:`io.KINDS`): when the cache holds none of some of them (a fresh clone), the
     lines that say so and give the runner's command that computes them
     (:func:`io.compute_command`, with this notebook's parameters); else ``None``."""
-    absent = io.absent_kinds(reads)
+    absent = cache.absent_kinds(reads)
     if not absent:
         return None
     return (f"INPUTS NOT COMPUTED YET: this notebook only renders, and the artifact cache ({C.cache_dir()}) holds "
             f"no {', '.join(absent)} yet. Compute them first (the compute notebooks, with these parameters):\n"
-            f"    {io.compute_command(io.producers(absent))}\n"
+            f"    {cache.compute_command(cache.producers(absent))}\n"
             "then run this notebook again.")
 
 
@@ -244,15 +244,15 @@ def setup(profile: str | None = None, dataset: str | None = None, data_root: str
     given = {k: v for k, v in params.items() if k != "profile"}
     if download:
         given["download"] = True
-    io.set_mode(kind, hint="with the same parameters (" + ", ".join(f"{k}={v!r}" for k, v in params.items()) + ")",
+    cache.set_mode(kind, hint="with the same parameters (" + ", ".join(f"{k}={v!r}" for k, v in params.items()) + ")",
                 run_args=run_args(cfg["profile"] if C.profile_name(profile) == cfg["profile"] else profile, given))
     note = missing_inputs_note(reads) if kind == "render" else None
     if note:
         print(note)
     if style:
-        from .figures import plots as P
+        from .figures import style as ST
 
-        P.style()
+        ST.style()
     policy = "claims asserted" if strict else "claims reported, not asserted"
     line = describe(cfg, out, f"own:{own}" if own is not None else None)
     print(f"{line} ({kind} notebook; {policy}; CPU code path {C.code_path()})")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .backfill import systems as B
+from .backfill import curves as BC
 from .backfill import registry as MM
 
 __all__ = ["MAIN_COLUMNS", "main_comparison", "table1", "table2_ablation", "BASELINES"]
@@ -115,7 +115,7 @@ def table1(summary: pd.DataFrame, names=None, *, layout: str = "long") -> pd.Dat
         "gain_top1_%": 100.0 * t["rel_gain_top1"], "gain_top1_%_sd": 100.0 * t["rel_gain_top1_sd"],
     })
     if out["gain_mAP_%"].isna().any():  # say why a gain is missing (backfill.gain_not_applicable)
-        out["gain_note"] = [B.gain_not_applicable(o, n) if pd.isna(g) and np.isfinite([o, n]).all()
+        out["gain_note"] = [BC.gain_not_applicable(o, n) if pd.isna(g) and np.isfinite([o, n]).all()
                             else "" for g, o, n in zip(out["gain_mAP_%"], out["M_old"], out["M_new"])]
     return out.reset_index(drop=True)
 

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from . import config as C
 from .data import api as D
-from . import io
+from . import cache, io
 from .compat.losses import bct_influence_loss
 from .models import EmbeddingNet, build_model
 
@@ -138,7 +138,7 @@ def is_trained(spec: dict) -> bool:
     """Whether the cache holds the finished model of ``spec`` and it matches its checksum
     (a corrupt one is reported and removed, :func:`io.verify_entry`, so it is trained again)."""
     path = model_dir(spec) / "model.pt"
-    return path.is_file() and io.verify_entry("models", _describe(spec), path) != "corrupt"
+    return path.is_file() and cache.verify_entry("models", _describe(spec), path) != "corrupt"
 
 
 def _load_cached(spec: dict, device) -> EmbeddingNet | None:
@@ -147,7 +147,7 @@ def _load_cached(spec: dict, device) -> EmbeddingNet | None:
     path = folder / "model.pt"
     if not path.is_file():
         return None
-    state = io.verify_entry("models", _describe(spec), path)
+    state = cache.verify_entry("models", _describe(spec), path)
     if state == "corrupt":
         return None
     try:
@@ -155,7 +155,7 @@ def _load_cached(spec: dict, device) -> EmbeddingNet | None:
         model = build_model(meta["config"])
         model.load_state_dict(torch.load(path, map_location=device, weights_only=True))
     except (OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as exc:
-        io.corrupt_entry("models", _describe(spec), path, f"it cannot be read ({type(exc).__name__}: {exc})")
+        cache.corrupt_entry("models", _describe(spec), path, f"it cannot be read ({type(exc).__name__}: {exc})")
         return None
     if state == "unchecked":
         io.record_checksum(path)
@@ -167,7 +167,7 @@ def load_model(spec: dict, device: str | torch.device = "cpu") -> EmbeddingNet:
     is an error naming the file and the notebook that trains it)."""
     model = _load_cached(spec, device)
     if model is None:
-        raise io.missing("models", _describe(spec), model_dir(spec) / "model.pt")
+        raise cache.missing("models", _describe(spec), model_dir(spec) / "model.pt")
     return model
 
 
@@ -244,19 +244,19 @@ def _loader(spec: dict, dataset, world: int, rank: int, device: torch.device):
 def _resume(ckpt_path: Path, parts: dict, device) -> tuple[int, list]:
     """Load a checkpoint into ``parts`` (model, optimizer, scheduler, scaler) if there is one;
     returns the first epoch to run and the history so far."""
-    if not ckpt_path.is_file() or io.verify_entry("models", "a training checkpoint", ckpt_path) == "corrupt":
+    if not ckpt_path.is_file() or cache.verify_entry("models", "a training checkpoint", ckpt_path) == "corrupt":
         return 0, []
     try:
         state = torch.load(ckpt_path, map_location=device, weights_only=True)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-        io.corrupt_entry("models", "a training checkpoint", ckpt_path, f"it cannot be read ({type(exc).__name__})")
+        cache.corrupt_entry("models", "a training checkpoint", ckpt_path, f"it cannot be read ({type(exc).__name__})")
         return 0, []  # nothing was loaded: train from the first epoch
     try:
         for name, obj in parts.items():
             obj.load_state_dict(state[name])
         return int(state["epoch"]) + 1, json.loads(state["history"])
     except (RuntimeError, ValueError, KeyError, TypeError) as exc:
-        io.corrupt_entry("models", "a training checkpoint", ckpt_path, f"it does not fit ({type(exc).__name__})")
+        cache.corrupt_entry("models", "a training checkpoint", ckpt_path, f"it does not fit ({type(exc).__name__})")
         raise RuntimeError(f"{ckpt_path} could not be resumed ({exc}); it was removed: run again to train "
                            "from the first epoch") from None
 
@@ -316,7 +316,7 @@ def train(
     cached = _load_cached(spec, device)
     if cached is not None:
         return cached
-    io.require_compute("models", _describe(spec), folder / "model.pt")
+    cache.require_compute("models", _describe(spec), folder / "model.pt")
     rank, world, ddp = _dist_setup(device)
     recipe, seed = spec["recipe"], int(spec["seed"])
     torch.manual_seed(seed)
@@ -401,7 +401,7 @@ def train_many(specs, *, data_root=None, download: bool = False, progress: bool 
                 todo.setdefault(model_dir(s), s)
     if not todo:
         return
-    io.require_compute("models", _describe(next(iter(todo.values()))), next(iter(todo)) / "model.pt")
+    cache.require_compute("models", _describe(next(iter(todo.values()))), next(iter(todo)) / "model.pt")
     dirs = list(todo)
     index = {d: i for i, d in enumerate(dirs)}
     after = {i: {index[model_dir(s["bct"]["old"])]} for i, s in enumerate(todo.values())

@@ -1,15 +1,15 @@
 import pytest
 
 from backfill_utils import config as C
-from backfill_utils import io
+from backfill_utils import cache
 
 
 @pytest.fixture(autouse=True)
 def _compute_mode():
     """Every test starts and ends in compute mode (render mode is process-wide state)."""
-    io.set_mode("compute")
+    cache.set_mode("compute")
     yield
-    io.set_mode("compute")
+    cache.set_mode("compute")
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score
 
-from backfill_utils.backfill import systems as B
+from backfill_utils.backfill import curves as BC, orders, systems as BS
 from backfill_utils.retrieval import metrics as MT
 
 
@@ -80,29 +80,29 @@ def float_setup():
 def test_doctests():
     from backfill_utils.backfill import orders
 
-    results = [doctest.testmod(m) for m in (B, orders)]
+    results = [doctest.testmod(m) for m in (BS, BC, orders)]
     assert sum(r.attempted for r in results) >= 4 and not any(r.failed for r in results)
 
 
 def test_backfilled_count_is_robust_to_float_error():
-    assert B.backfilled_count(0.3, 10) == 3
-    assert np.linspace(0, 1, 11)[3] * 10 > 3 and B.backfilled_count(np.linspace(0, 1, 11)[3], 10) == 3
-    assert 0.29 * 100 < 29 and B.backfilled_count(0.29, 100) == 29  # a plain floor gives 28
-    assert 0.57 * 100 < 57 and B.backfilled_count(0.57, 100) == 57
-    assert B.backfilled_count(0.25, 10) == 2
-    assert B.backfilled_count(0.0, 7) == 0 and B.backfilled_count(1.0, 7) == 7
-    assert [B.backfilled_count(r, 10) for r in np.linspace(0, 1, 11)] == list(range(11))
-    assert B.backfilled_count(0.999, 10) == 9
+    assert orders.backfilled_count(0.3, 10) == 3
+    assert np.linspace(0, 1, 11)[3] * 10 > 3 and orders.backfilled_count(np.linspace(0, 1, 11)[3], 10) == 3
+    assert 0.29 * 100 < 29 and orders.backfilled_count(0.29, 100) == 29  # a plain floor gives 28
+    assert 0.57 * 100 < 57 and orders.backfilled_count(0.57, 100) == 57
+    assert orders.backfilled_count(0.25, 10) == 2
+    assert orders.backfilled_count(0.0, 7) == 0 and orders.backfilled_count(1.0, 7) == 7
+    assert [orders.backfilled_count(r, 10) for r in np.linspace(0, 1, 11)] == list(range(11))
+    assert orders.backfilled_count(0.999, 10) == 9
     for bad in (-0.1, 1.01, np.nan):
         with pytest.raises(ValueError, match=r"\[0, 1\]"):
-            B.backfilled_count(bad, 10)
+            orders.backfilled_count(bad, 10)
 
 
 def test_random_order_is_a_seeded_permutation():
-    a = B.random_order(100, seed=3)
+    a = orders.random_order(100, seed=3)
     assert sorted(a.tolist()) == list(range(100))
-    assert (a == B.random_order(100, seed=3)).all()
-    assert (a != B.random_order(100, seed=4)).any()
+    assert (a == orders.random_order(100, seed=3)).all()
+    assert (a != orders.random_order(100, seed=4)).any()
     assert (a == np.random.default_rng(3).permutation(100)).all()
 
 
@@ -114,7 +114,7 @@ def test_random_order_is_a_seeded_permutation():
 ])
 def test_check_order_errors(order, msg):
     with pytest.raises(ValueError, match=msg):
-        B.check_order(order, 4)
+        orders.check_order(order, 4)
 
 
 @pytest.mark.parametrize("ratios, msg", [
@@ -123,15 +123,15 @@ def test_check_order_errors(order, msg):
 ])
 def test_check_ratios_errors(ratios, msg):
     with pytest.raises(ValueError, match=msg):
-        B.check_ratios(ratios)
+        orders.check_ratios(ratios)
 
 
 def test_backfill_segments():
     order = np.array([3, 1, 0, 2])
-    seg = B.backfill_segments(order, np.array([0.0, 0.25, 0.5, 1.0]))
+    seg = orders.backfill_segments(order, np.array([0.0, 0.25, 0.5, 1.0]))
     # item 3 is new from ratio 0.25 (index 1), item 1 from 0.5, items 0 and 2 at 1.0
     assert seg.tolist() == [3, 2, 3, 1]
-    assert B.backfill_segments(order, np.array([0.0, 0.5])).tolist() == [2, 1, 2, 1]
+    assert orders.backfill_segments(order, np.array([0.0, 0.5])).tolist() == [2, 1, 2, 1]
 
 
 # ---------------------------------------------------------------- systems
@@ -139,33 +139,33 @@ def test_system_validation_names_shapes(float_setup):
     labels, go, gn = float_setup
     psi_out = np.zeros((80, 16), np.float32)  # reverse transform with the wrong output dim
     with pytest.raises(ValueError, match=r"query_old has shape \(80, 16\).*gallery_old has shape \(80, 8\)"):
-        B.BackfillSystem.merge("rm+psi", psi_out, go, gn, gn)
+        BS.BackfillSystem.merge("rm+psi", psi_out, go, gn, gn)
     with pytest.raises(ValueError, match=r"query_new has shape \(80, 8\).*gallery_new has shape \(80, 12\)"):
-        B.BackfillSystem.merge("x", go, go, go, gn)
+        BS.BackfillSystem.merge("x", go, go, go, gn)
     with pytest.raises(ValueError, match=r"query_old has 80 rows.*query_new has 70"):
-        B.BackfillSystem.merge("x", go, go, gn[:70], gn)
+        BS.BackfillSystem.merge("x", go, go, gn[:70], gn)
     with pytest.raises(ValueError, match=r"gallery_old has 80 rows.*gallery_new has 79"):
-        B.BackfillSystem.merge("x", go, go, gn, gn[:79])
+        BS.BackfillSystem.merge("x", go, go, gn, gn[:79])
     with pytest.raises(ValueError, match=r"query has|query_old has shape"):
-        B.BackfillSystem.mixed("naive", gn, go, gn)  # the new query cannot search the old gallery
+        BS.BackfillSystem.mixed("naive", gn, go, gn)  # the new query cannot search the old gallery
     bad = go.copy()
     bad[5, 0] = np.nan
     with pytest.raises(ValueError, match="gallery_old contains NaN"):
-        B.BackfillSystem.merge("x", go, bad, gn, gn)
+        BS.BackfillSystem.merge("x", go, bad, gn, gn)
     with pytest.raises(ValueError, match="not a permutation"):
-        B.BackfillSystem.merge("x", go, go, gn, gn, order=np.zeros(80, int))
+        BS.BackfillSystem.merge("x", go, go, gn, gn, order=np.zeros(80, int))
     with pytest.raises(ValueError, match="query_passes"):
-        B.BackfillSystem.merge("x", go, go, gn, gn, query_passes=0)
+        BS.BackfillSystem.merge("x", go, go, gn, gn, query_passes=0)
 
 
 def test_mixed_is_merge_with_one_query(float_setup):
     labels, go, gn = float_setup
     proj = np.random.default_rng(1).normal(size=(12, 8)).astype(np.float32)
     transformed = gn @ proj  # plays h(phi_old(x)), held by not-yet-backfilled items (FCT)
-    s1 = B.BackfillSystem.mixed("fct", go, transformed, go)
-    s2 = B.BackfillSystem.merge("fct", go, transformed, go, go)
-    c1 = B.backfill_curve(s1, labels, labels, exclude_self=True)
-    c2 = B.backfill_curve(s2, labels, labels, exclude_self=True)
+    s1 = BS.BackfillSystem.mixed("fct", go, transformed, go)
+    s2 = BS.BackfillSystem.merge("fct", go, transformed, go, go)
+    c1 = BC.backfill_curve(s1, labels, labels, exclude_self=True)
+    c2 = BC.backfill_curve(s2, labels, labels, exclude_self=True)
     pd.testing.assert_frame_equal(c1, c2)
 
 
@@ -183,11 +183,11 @@ def test_curve_matches_brute_force_with_ties(seed, exclude_self):
         qo, qn, ql = int_emb(rng, 25, 3), int_emb(rng, 25, 4), rng.integers(0, 4, 25)
     ratios = np.linspace(0, 1, 7)
     order = rng.permutation(n) if seed else None
-    system = B.BackfillSystem.merge("rm", qo, go, qn, gn, order=order)
-    curve, pq = B.backfill_curve(system, ql, gl, ratios=ratios, exclude_self=exclude_self,
+    system = BS.BackfillSystem.merge("rm", qo, go, qn, gn, order=order)
+    curve, pq = BC.backfill_curve(system, ql, gl, ratios=ratios, exclude_self=exclude_self,
                                   seed=seed, chunk_size=[None, 1, 5][seed], return_per_query=True,
                                   on_no_relevant="skip")
-    used = order if order is not None else B.random_order(n, seed)
+    used = order if order is not None else orders.random_order(n, seed)
     assert (pq["order"] == used).all()
     aps, ranks = brute_curve(qo, go, qn, gn, ql, gl, ratios, used, exclude_self)
     ok = ~np.isnan(aps[0])
@@ -200,15 +200,15 @@ def test_curve_matches_brute_force_with_ties(seed, exclude_self):
     flips = [0.0] + [100 * (c1[i - 1] & ~c1[i] & ok).sum() / ok.sum() for i in range(1, len(ratios))]
     np.testing.assert_allclose(curve["negative_flips"], flips)
     assert list(curve.columns[:6]) == ["ratio", "n_backfilled", "mAP", "top1", "top5", "negative_flips"]
-    assert curve["n_backfilled"].tolist() == [B.backfilled_count(r, n) for r in ratios]
+    assert curve["n_backfilled"].tolist() == [orders.backfilled_count(r, n) for r in ratios]
 
 
 def test_curve_endpoints_equal_evaluate_retrieval_exactly(float_setup):
     labels, go, gn = float_setup
     rng = np.random.default_rng(2)
     qo = rng.normal(size=(80, 8)).astype(np.float32)  # e.g. psi(phi_new(q))
-    system = B.BackfillSystem.merge("rm+psi", qo, go, gn, gn)
-    curve = B.backfill_curve(system, labels, labels, exclude_self=True)
+    system = BS.BackfillSystem.merge("rm+psi", qo, go, gn, gn)
+    curve = BC.backfill_curve(system, labels, labels, exclude_self=True)
     assert curve["ratio"].tolist() == pytest.approx(np.linspace(0, 1, 11).tolist())
     old = MT.evaluate_retrieval(qo, labels, go, labels, exclude_self=True)
     new = MT.evaluate_retrieval(gn, labels, gn, labels, exclude_self=True)
@@ -216,19 +216,19 @@ def test_curve_endpoints_equal_evaluate_retrieval_exactly(float_setup):
         assert curve[key].iloc[0] == old[key]
         assert curve[key].iloc[-1] == new[key]
     # also when the two sides differ in precision (each side keeps its own)
-    mixed_precision = B.BackfillSystem.merge("x", qo, go, gn.astype(np.float64), gn.astype(np.float64))
-    curve = B.backfill_curve(mixed_precision, labels, labels, exclude_self=True, ratios=[0, 1])
+    mixed_precision = BS.BackfillSystem.merge("x", qo, go, gn.astype(np.float64), gn.astype(np.float64))
+    curve = BC.backfill_curve(mixed_precision, labels, labels, exclude_self=True, ratios=[0, 1])
     assert curve["mAP"].iloc[0] == old["mAP"] and curve["top1"].iloc[0] == old["top1"]
 
 
 def test_curve_depends_on_the_order(float_setup):
     labels, go, gn = float_setup
-    order = B.random_order(80, 5)
-    a = B.backfill_curve(B.BackfillSystem.merge("a", go, go, gn, gn, order=order), labels, labels,
+    order = orders.random_order(80, 5)
+    a = BC.backfill_curve(BS.BackfillSystem.merge("a", go, go, gn, gn, order=order), labels, labels,
                           exclude_self=True, return_per_query=True)[1]
-    b = B.backfill_curve(B.BackfillSystem.merge("b", go, go, gn, gn, order=order[::-1].copy()),
+    b = BC.backfill_curve(BS.BackfillSystem.merge("b", go, go, gn, gn, order=order[::-1].copy()),
                           labels, labels, exclude_self=True, return_per_query=True)[1]
-    c = B.backfill_curve(B.BackfillSystem.merge("c", go, go, gn, gn), labels, labels,
+    c = BC.backfill_curve(BS.BackfillSystem.merge("c", go, go, gn, gn), labels, labels,
                           exclude_self=True, seed=5, return_per_query=True)[1]
     assert not np.allclose(a["ap"][5], b["ap"][5])
     np.testing.assert_array_equal(a["ap"], c["ap"])  # order=None means random_order(N, seed)
@@ -240,15 +240,15 @@ def test_curve_gallery_permutation_invariance(float_setup):
     rng = np.random.default_rng(3)
     qo, qn = rng.normal(size=(30, 8)).astype(np.float32), rng.normal(size=(30, 12)).astype(np.float32)
     ql = rng.integers(0, 6, 30)
-    order = B.random_order(80, 1)
+    order = orders.random_order(80, 1)
     perm = rng.permutation(80)
     inv = np.argsort(perm)
     # a permutation changes where a row sits in the matrix product (its last bits); exact
     # comparisons below hold on any CPU because no two distances are within the rounding
     for q, g in ((qo, go), (qn, gn)):
         assert_ranking_is_robust(sq(q, g), f32_error_bound(q, g))
-    a = B.backfill_curve(B.BackfillSystem.merge("a", qo, go, qn, gn, order=order), ql, labels)
-    b = B.backfill_curve(B.BackfillSystem.merge("b", qo, go[perm], qn, gn[perm], order=inv[order]),
+    a = BC.backfill_curve(BS.BackfillSystem.merge("a", qo, go, qn, gn, order=order), ql, labels)
+    b = BC.backfill_curve(BS.BackfillSystem.merge("b", qo, go[perm], qn, gn[perm], order=inv[order]),
                           ql, labels[perm])
     for key in ("top1", "top5", "negative_flips"):
         np.testing.assert_array_equal(a[key], b[key])
@@ -257,7 +257,7 @@ def test_curve_gallery_permutation_invariance(float_setup):
 
 def test_identical_systems_are_flat_without_flips(float_setup):
     labels, go, _ = float_setup
-    curve = B.backfill_curve(B.BackfillSystem.merge("same", go, go, go, go), labels, labels,
+    curve = BC.backfill_curve(BS.BackfillSystem.merge("same", go, go, go, go), labels, labels,
                               exclude_self=True)
     assert curve["mAP"].nunique() == 1 and (curve["negative_flips"] == 0).all()
 
@@ -265,44 +265,44 @@ def test_identical_systems_are_flat_without_flips(float_setup):
 def test_reference_correct_and_flips_vs_old(float_setup):
     labels, go, gn = float_setup
     old = MT.evaluate_retrieval(go, labels, go, labels, exclude_self=True, return_per_query=True)
-    system = B.BackfillSystem.mixed("naive", gn[:, :8], go, gn[:, :8])
-    curve, pq = B.backfill_curve(system, labels, labels, exclude_self=True,
+    system = BS.BackfillSystem.mixed("naive", gn[:, :8], go, gn[:, :8])
+    curve, pq = BC.backfill_curve(system, labels, labels, exclude_self=True,
                                   reference_correct=old["correct_at_1"], return_per_query=True)
     exp = 100 * (old["correct_at_1"][None] & ~pq["correct_at_1"]).mean(1)
     np.testing.assert_allclose(curve["negative_flips_vs_old"], exp)
     assert curve["negative_flips_vs_old"].iloc[-1] > 0  # an incompatible upgrade flips some
     with pytest.raises(ValueError, match="reference_correct must be a boolean array"):
-        B.backfill_curve(system, labels, labels, reference_correct=np.ones(79, bool))
+        BC.backfill_curve(system, labels, labels, reference_correct=np.ones(79, bool))
     with pytest.raises(ValueError, match="reference_correct must be a boolean array"):
-        B.backfill_curve(system, labels, labels, reference_correct=np.ones(80))
+        BC.backfill_curve(system, labels, labels, reference_correct=np.ones(80))
 
 
 def test_curve_validation_errors(float_setup):
     labels, go, gn = float_setup
-    system = B.BackfillSystem.merge("rm", go, go, gn, gn)
+    system = BS.BackfillSystem.merge("rm", go, go, gn, gn)
     with pytest.raises(ValueError, match="query_labels has 79 entries"):
-        B.backfill_curve(system, labels[:79], labels)
+        BC.backfill_curve(system, labels[:79], labels)
     with pytest.raises(ValueError, match="gallery_labels has 79 entries"):
-        B.backfill_curve(system, labels, labels[:79])
+        BC.backfill_curve(system, labels, labels[:79])
     with pytest.raises(ValueError, match="sorted ascending"):
-        B.backfill_curve(system, labels, labels, ratios=[0, 0.5, 0.2])
+        BC.backfill_curve(system, labels, labels, ratios=[0, 0.5, 0.2])
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        B.backfill_curve(system, labels, labels, ratios=[0, 1.5])
-    small = B.BackfillSystem.merge("q", go[:10], go, gn[:10], gn)
+        BC.backfill_curve(system, labels, labels, ratios=[0, 1.5])
+    small = BS.BackfillSystem.merge("q", go[:10], go, gn[:10], gn)
     with pytest.raises(ValueError, match="exclude_self=True.*10 queries and 80 gallery"):
-        B.backfill_curve(small, labels[:10], labels, exclude_self=True)
+        BC.backfill_curve(small, labels[:10], labels, exclude_self=True)
     with pytest.raises(TypeError, match="BackfillSystem"):
-        B.backfill_curve((go, go, gn, gn), labels, labels)
+        BC.backfill_curve((go, go, gn, gn), labels, labels)
 
 
 def test_curve_no_relevant_item(float_setup):
     _, go, gn = float_setup
     labels = np.arange(80) % 20
     labels[7] = 99  # a single-member class
-    system = B.BackfillSystem.merge("rm", go, go, gn, gn)
+    system = BS.BackfillSystem.merge("rm", go, go, gn, gn)
     with pytest.raises(ValueError, match=r"1 query\(s\) have no relevant item.*\[7\]"):
-        B.backfill_curve(system, labels, labels, exclude_self=True)
-    curve, pq = B.backfill_curve(system, labels, labels, exclude_self=True, on_no_relevant="skip",
+        BC.backfill_curve(system, labels, labels, exclude_self=True)
+    curve, pq = BC.backfill_curve(system, labels, labels, exclude_self=True, on_no_relevant="skip",
                                   return_per_query=True)
     assert not pq["evaluated"][7] and np.isnan(pq["ap"][:, 7]).all()
     keep = np.arange(80) != 7
@@ -313,16 +313,16 @@ def test_curve_no_relevant_item(float_setup):
 def test_offline_curve():
     old = {"mAP": 10.0, "top1": 30.0, "top5": 60.0}
     new = {"mAP": 20.0, "top1": 50.0, "top5": 80.0}
-    c = B.offline_curve(old, new)
+    c = BC.offline_curve(old, new)
     assert c["mAP"].tolist() == [10.0] * 10 + [20.0]
     assert (c["negative_flips"] == 0).all()
     old_pq = dict(old, correct_at_1=np.array([True, True, False, True]))
     new_pq = dict(new, correct_at_1=np.array([True, False, True, False]))
-    c = B.offline_curve(old_pq, new_pq, ratios=[0, 0.5, 1])
+    c = BC.offline_curve(old_pq, new_pq, ratios=[0, 0.5, 1])
     assert c["negative_flips"].tolist() == [0, 0, 50.0]
     assert c["negative_flips_vs_old"].tolist() == [0, 0, 50.0]
     with pytest.raises(ValueError, match="top5"):
-        B.offline_curve({"mAP": 1, "top1": 1}, new)
+        BC.offline_curve({"mAP": 1, "top1": 1}, new)
 
 
 def test_summarize_curve():
@@ -331,7 +331,7 @@ def test_summarize_curve():
                           "top5": np.full(11, 70.0), "negative_flips": np.r_[0, np.full(10, 0.5)]})
     old = {"mAP": 10.0, "top1": 30.0, "top5": 70.0}
     new = {"mAP": 20.0, "top1": 50.0, "top5": 80.0}
-    s = B.summarize_curve(curve, old, new)
+    s = BC.summarize_curve(curve, old, new)
     assert s["auc_map"] == pytest.approx(15.0)
     assert s["auc_top1"] == pytest.approx(30 + 20 * (1 / 3 + 1 / 600))  # trapezoid of r^2 at 11 points
     assert s["mean_map"] == pytest.approx(15.0) and s["final_top1"] == 50.0
@@ -339,21 +339,21 @@ def test_summarize_curve():
     assert s["rel_gain_top5"] == pytest.approx(0.0)
     assert s["negative_flips_total"] == pytest.approx(5.0)
     with pytest.warns(RuntimeWarning, match="undefined"):
-        s = B.summarize_curve(curve, old, dict(new, top5=70.0))
+        s = BC.summarize_curve(curve, old, dict(new, top5=70.0))
     assert np.isnan(s["rel_gain_top5"])
     with pytest.raises(ValueError, match="start at 0 and end at 1"):
-        B.summarize_curve(curve.iloc[:-1], old, new)
+        BC.summarize_curve(curve.iloc[:-1], old, new)
 
 
 def test_summary_of_real_curve_endpoints(float_setup):
     labels, go, gn = float_setup
-    system = B.BackfillSystem.merge("rm", go, go, gn, gn)
-    curve = B.backfill_curve(system, labels, labels, exclude_self=True)
+    system = BS.BackfillSystem.merge("rm", go, go, gn, gn)
+    curve = BC.backfill_curve(system, labels, labels, exclude_self=True)
     old = MT.evaluate_retrieval(go, labels, go, labels, exclude_self=True)
     new = MT.evaluate_retrieval(gn, labels, gn, labels, exclude_self=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        s = B.summarize_curve(curve, old, new)
+        s = BC.summarize_curve(curve, old, new)
     assert s["final_map"] == new["mAP"]
     assert s["auc_map"] == pytest.approx(np.trapezoid(curve["mAP"], curve["ratio"]))
 
@@ -363,19 +363,19 @@ def test_backfilled_and_segments_are_one_rule():
     """backfilled(r) at every ratio is the mask that segments() encodes, and it counts
     backfilled_count(r, N) items, first in the order."""
     n = 37
-    order = B.random_order(n, 5)
-    system = B.BackfillSystem.mixed("s", np.eye(n), np.eye(n), np.eye(n), order=order)
+    order = orders.random_order(n, 5)
+    system = BS.BackfillSystem.mixed("s", np.eye(n), np.eye(n), np.eye(n), order=order)
     ratios = np.array([0.0, 0.1, 0.29, 0.5, 0.999, 1.0])
     seg = system.segments(ratios)
     for i, r in enumerate(ratios):
         mask = system.backfilled(r)
-        assert mask.sum() == B.backfilled_count(r, n)
-        assert mask[order[:B.backfilled_count(r, n)]].all()
+        assert mask.sum() == orders.backfilled_count(r, n)
+        assert mask[order[:orders.backfilled_count(r, n)]].all()
         assert (mask == (seg <= i)).all()
     # without an order: the seeded random order, as backfill_curve uses it
-    free = B.BackfillSystem.mixed("free", np.eye(n), np.eye(n), np.eye(n))
-    assert (free.resolved_order(3) == B.random_order(n, 3)).all()
-    assert (free.backfilled(0.5, seed=3) == B.BackfillSystem.mixed(
-        "x", np.eye(n), np.eye(n), np.eye(n), order=B.random_order(n, 3)).backfilled(0.5)).all()
+    free = BS.BackfillSystem.mixed("free", np.eye(n), np.eye(n), np.eye(n))
+    assert (free.resolved_order(3) == orders.random_order(n, 3)).all()
+    assert (free.backfilled(0.5, seed=3) == BS.BackfillSystem.mixed(
+        "x", np.eye(n), np.eye(n), np.eye(n), order=orders.random_order(n, 3)).backfilled(0.5)).all()
     with pytest.raises(ValueError, match="ratio must be in"):
         system.backfilled(1.5)

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from backfill_utils.tools import bench, blocks, report, run as R, scale_cost as SC
+from backfill_utils.tools import bench, blocks, report, scale_cost as SC
+from backfill_utils.tools import results_doc as RD
 from backfill_utils import config as C
 
 ROOT = C.REPO_ROOT
@@ -41,7 +42,7 @@ def test_the_link_check_sees_links(tmp_path):
 
 
 @pytest.mark.parametrize("path, name", [
-    (blocks.README, R.README_BLOCK), (R.DOC, R.DOC_BLOCK), (blocks.README, report.README_BLOCK),
+    (blocks.README, RD.README_BLOCK), (RD.DOC, RD.DOC_BLOCK), (blocks.README, report.README_BLOCK),
     (report.DOC, report.DOC_BLOCK), (bench.DOC, bench.BLOCK), (SC.DOC, SC.BLOCK)])
 def test_every_generated_block_is_in_its_file_once(path, name):
     assert blocks.read_block(path, name).strip(), f"{path} block {name} is empty: regenerate it"

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from backfill_utils.backfill import systems as B
+from backfill_utils.backfill import curves as BC, systems as BS
 from backfill_utils.tools import bench
 from backfill_utils.retrieval import counting, engine, phases
 from backfill_utils.retrieval import metrics as MT
@@ -264,8 +264,8 @@ def test_backfill_curve_brute_force_on_each_path(cpu_method, exclude_self):
                                                     rng.integers(0, 4, 20))
     ratios = np.linspace(0, 1, 6)
     order = rng.permutation(n)
-    system = B.BackfillSystem.merge("rm", qo, go, qn, gn, order=order)
-    _, pq = B.backfill_curve(system, ql, gl, ratios=ratios, exclude_self=exclude_self, chunk_size=5,
+    system = BS.BackfillSystem.merge("rm", qo, go, qn, gn, order=order)
+    _, pq = BC.backfill_curve(system, ql, gl, ratios=ratios, exclude_self=exclude_self, chunk_size=5,
                               return_per_query=True, on_no_relevant="skip")
     aps, ranks = brute_curve(qo, go, qn, gn, ql, gl, ratios, order, exclude_self)
     ok = ~np.isnan(aps[0])
@@ -278,11 +278,11 @@ def test_paths_agree_on_float_data(monkeypatch):
     go = data.normal(size=(300, 16)).astype(np.float32)
     gn = data.normal(size=(300, 24))  # float64 side: mixed precision
     gl = data.integers(0, 10, 300)
-    system = B.BackfillSystem.merge("rm", go, go, gn, gn)
+    system = BS.BackfillSystem.merge("rm", go, go, gn, gn)
     res = {}
     for method in METHODS:
         monkeypatch.setattr(engine, "CPU_METHOD", method)
-        res[method] = B.backfill_curve(system, gl, gl, exclude_self=True, chunk_size=64,
+        res[method] = BC.backfill_curve(system, gl, gl, exclude_self=True, chunk_size=64,
                                         return_per_query=True)[1]
     for method in METHODS[1:]:
         # the counts are identical; AP sums its P terms in another order (|error| < P * 2**-53)
@@ -332,9 +332,9 @@ def test_overflowing_distances_are_an_error():
         MT.evaluate_retrieval(g, [0, 0, 1, 1], g, [0, 0, 1, 1])
     # the same values in float64 are fine
     MT.evaluate_retrieval(g.astype(np.float64), [0, 0, 1, 1], g.astype(np.float64), [0, 0, 1, 1])
-    system = B.BackfillSystem.merge("rm", g[:, :2] * 0, g[:, :2] * 0, g, g)
+    system = BS.BackfillSystem.merge("rm", g[:, :2] * 0, g[:, :2] * 0, g, g)
     with pytest.raises(ValueError, match="query_new and gallery_new"):
-        B.backfill_curve(system, [0, 0, 1, 1], [0, 0, 1, 1])
+        BC.backfill_curve(system, [0, 0, 1, 1], [0, 0, 1, 1])
 
 
 # ---------------------------------------------------------------- chunk sizes, GPU budget
@@ -368,8 +368,8 @@ def test_cuda_engine_equals_cpu_on_exact_distances():
     rng = np.random.default_rng(11)
     go, gn = int_emb(rng, 500, 8), int_emb(rng, 500, 12)  # integer distances: exact on every device
     gl = rng.integers(0, 7, 500)
-    system = B.BackfillSystem.merge("rm", go, go, gn, gn)
-    cpu = B.backfill_curve(system, gl, gl, exclude_self=True, return_per_query=True)[1]
-    gpu = B.backfill_curve(system, gl, gl, exclude_self=True, device="cuda", return_per_query=True)[1]
+    system = BS.BackfillSystem.merge("rm", go, go, gn, gn)
+    cpu = BC.backfill_curve(system, gl, gl, exclude_self=True, return_per_query=True)[1]
+    gpu = BC.backfill_curve(system, gl, gl, exclude_self=True, device="cuda", return_per_query=True)[1]
     np.testing.assert_array_equal(cpu["ap"], gpu["ap"])
     np.testing.assert_array_equal(cpu["first_rank"], gpu["first_rank"])

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from backfill_utils.backfill import systems as B
+from backfill_utils.backfill import curves as BC
 from backfill_utils.compat import modules as K
 from backfill_utils.backfill import experiments as X
 from backfill_utils.backfill import registry as MM
@@ -127,8 +127,8 @@ class _LinearReverse(torch.nn.Module):
 def test_a_users_method_needs_one_registration(tiny_run, monkeypatch):
     cfg, curves, summary = tiny_run[:3]
     evaluated = []
-    real = B.backfill_curve
-    monkeypatch.setattr(B, "backfill_curve", lambda s, *a, **k: evaluated.append(s.name) or real(s, *a, **k))
+    real = BC.backfill_curve
+    monkeypatch.setattr(BC, "backfill_curve", lambda s, *a, **k: evaluated.append(s.name) or real(s, *a, **k))
     MM.register(MM.Method("LS psi", dict(color="#000000", ls="-."), "least-squares linear psi", ("main",),
                           slots=("psi",), fit=_least_squares, train_roles=("old", "new")))
     try:

@@ -11,7 +11,7 @@ import torch
 
 from backfill_utils import config as C
 from backfill_utils import embed as E
-from backfill_utils import io
+from backfill_utils import cache
 from backfill_utils.backfill import registry as MM
 from backfill_utils import parallel
 from backfill_utils.studies import query_cost as QC
@@ -259,15 +259,15 @@ def test_render_notebooks_run_side_by_side_compute_notebooks_alone():
 def test_missing_study_outputs_name_the_target(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(C.RESULTS_ENV, str(tmp_path))
     cfg = C.load_profile("smoke")
-    with pytest.raises(io.MissingArtifactError, match="make tune PROFILE=smoke"):
+    with pytest.raises(cache.MissingArtifactError, match="make tune PROFILE=smoke"):
         TU.read_outputs(cfg)
-    with pytest.raises(io.MissingArtifactError, match="make regimes PROFILE=smoke"):
+    with pytest.raises(cache.MissingArtifactError, match="make regimes PROFILE=smoke"):
         RG.read_outputs(cfg)
     relaxed = session.Run(cfg=cfg, out=tmp_path, strict=False, kind="render")
     assert relaxed.optional(lambda: TU.read_outputs(cfg)) is None
     assert "NOT RENDERED" in capsys.readouterr().out
     strict = session.Run(cfg=cfg, out=tmp_path, strict=True, kind="render")
-    with pytest.raises(io.MissingArtifactError):
+    with pytest.raises(cache.MissingArtifactError):
         strict.optional(lambda: RG.read_outputs(cfg))
 
 

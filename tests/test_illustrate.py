@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from backfill_utils.backfill import systems as B
+from backfill_utils.backfill import curves as BC, orders, systems as BS
 from backfill_utils.retrieval import distances as DS
 from backfill_utils.figures import illustrate as IL
 
@@ -42,8 +42,8 @@ def _exact(q, g):
 
 def _brute(system, ratio, k, queries, exclude_self, part, seed=0):
     n = system.n_gallery
-    order = system.order if system.order is not None else B.random_order(n, seed)
-    new = set(order[:B.backfilled_count(ratio, n)].tolist())
+    order = system.order if system.order is not None else orders.random_order(n, seed)
+    new = set(order[:orders.backfilled_count(ratio, n)].tolist())
     d_old, b_old = _exact(system.query_old, system.gallery_old)
     d_new, b_new = _exact(system.query_new, system.gallery_new)
     D = np.full((len(queries), k), np.inf)
@@ -73,7 +73,7 @@ def _brute(system, ratio, k, queries, exclude_self, part, seed=0):
 @pytest.mark.parametrize("exclude_self", [True, False])
 def test_retrieve_topk_matches_brute_force(kind, part, exclude_self):
     labels, qo, go, gn = _setup(kind)
-    system = B.BackfillSystem.merge("rm", qo, go, gn, gn, order=B.random_order(len(labels), 3))
+    system = BS.BackfillSystem.merge("rm", qo, go, gn, gn, order=orders.random_order(len(labels), 3))
     queries = np.array([0, 5, 17, 59, 5])
     for ratio in (0.0, 0.25, 0.5, 0.97, 1.0):
         D, I = IL.retrieve_topk(system, ratio, 7, queries=queries, exclude_self=exclude_self, part=part,
@@ -94,7 +94,7 @@ def test_retrieve_topk_matches_brute_force(kind, part, exclude_self):
 
 def test_retrieve_topk_pads_when_few_items():
     labels, qo, go, gn = _setup("float", n=10)
-    system = B.BackfillSystem.merge("rm", qo, go, gn, gn)
+    system = BS.BackfillSystem.merge("rm", qo, go, gn, gn)
     D, I = IL.retrieve_topk(system, 0.3, 5, part="new", exclude_self=True)
     assert I.shape == (10, 5)
     assert ((I >= 0).sum(1) <= 3).all() and (I[:, 3:] == -1).all() and np.isinf(D[:, 3:]).all()
@@ -105,11 +105,11 @@ def test_retrieve_topk_pads_when_few_items():
 @pytest.mark.parametrize("kind", ["float", "int"])
 def test_top1_agrees_with_the_engine(kind):
     labels, qo, go, gn = _setup(kind, seed=1, n=80)
-    for system in (B.BackfillSystem.merge("rm", qo, go, gn, gn),
-                   B.BackfillSystem.mixed("naive", gn[:, :go.shape[1]], go, gn[:, :go.shape[1]],
-                                           order=B.random_order(80, 7))):
+    for system in (BS.BackfillSystem.merge("rm", qo, go, gn, gn),
+                   BS.BackfillSystem.mixed("naive", gn[:, :go.shape[1]], go, gn[:, :go.shape[1]],
+                                           order=orders.random_order(80, 7))):
         ratios = np.linspace(0, 1, 11)
-        curve, pq = B.backfill_curve(system, labels, labels, ratios=ratios, exclude_self=True,
+        curve, pq = BC.backfill_curve(system, labels, labels, ratios=ratios, exclude_self=True,
                                       return_per_query=True)
         res = IL.retrieve_topk_over_ratios(system, ratios, 5, exclude_self=True)
         correct = labels[res["indices"]] == labels[None, :, None]
@@ -118,13 +118,13 @@ def test_top1_agrees_with_the_engine(kind):
         # from_new flags the items that hold their new embedding
         for i, r in enumerate(ratios):
             mask = system.backfilled(r)
-            assert mask.sum() == B.backfilled_count(r, 80)
+            assert mask.sum() == orders.backfilled_count(r, 80)
             np.testing.assert_array_equal(res["from_new"][i], mask[res["indices"][i]])
 
 
 def test_changing_and_mixed_source_queries():
     labels, qo, go, gn = _setup("float", seed=2)
-    system = B.BackfillSystem.merge("rm", qo, go, gn, gn)
+    system = BS.BackfillSystem.merge("rm", qo, go, gn, gn)
     q = IL.changing_queries(system, labels, n=3, k=5)
     assert q.shape == (3,) and len(set(q.tolist())) == 3
     i = IL.mixed_source_query(system, labels, ratio=0.5, k=5)
@@ -156,8 +156,8 @@ def test_pair_distances_counts_and_values():
 
 def test_system_pair_distances_and_calibration():
     labels, qo, go, gn = _setup("float", seed=3)
-    systems = {"RM": B.BackfillSystem.merge("RM", qo, go, gn, gn),
-               "same": B.BackfillSystem.merge("same", go, go, go, go)}
+    systems = {"RM": BS.BackfillSystem.merge("RM", qo, go, gn, gn),
+               "same": BS.BackfillSystem.merge("same", go, go, go, go)}
     pairs = IL.system_pair_distances(systems, labels, max_pairs=500)
     assert set(pairs.method) == {"RM", "same"} and set(pairs.system) == {"backward", "new"}
     cal = IL.calibration_summary(pairs)

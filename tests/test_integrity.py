@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from backfill_utils import io
+from backfill_utils import cache, io
 from backfill_utils import train as TR
 from conftest import tiny_profile
 
@@ -34,36 +34,36 @@ def test_a_damaged_npz_entry_is_named_and_rebuilt(tmp_cache, kind, damage):
         return {"a": np.arange(2000, dtype=np.float32), "b": np.ones((3, 4))}
 
     key = {"x": 1}
-    first = io.cached_arrays(kind, key, compute)
-    path = io.cache_path(kind, key)
+    first = cache.cached_arrays(kind, key, compute)
+    path = cache.cache_path(kind, key)
     assert io.checksum_path(path).is_file()
     damage(path)
-    with pytest.warns(io.CorruptArtifactWarning, match=str(path.name)):
-        again = io.cached_arrays(kind, key, compute)
+    with pytest.warns(cache.CorruptArtifactWarning, match=str(path.name)):
+        again = cache.cached_arrays(kind, key, compute)
     assert len(calls) == 2, "the damaged entry must be rebuilt"
     assert all(np.array_equal(first[k], again[k]) for k in first)
-    assert io.verify_entry(kind, "x", path) == "ok"
+    assert cache.verify_entry(kind, "x", path) == "ok"
 
 
 def test_a_damaged_npz_entry_in_render_mode_names_the_notebook(tmp_cache):
     key = {"x": 2}
-    io.cached_arrays("curves", key, lambda: {"a": np.arange(1000)})
-    _flip_bit(io.cache_path("curves", key))
-    with io.mode("render"), pytest.raises(io.CorruptArtifactError, match=r"31_backfill.*rebuild"):
-        io.cached_arrays("curves", key, lambda: pytest.fail("render mode computed"))
+    cache.cached_arrays("curves", key, lambda: {"a": np.arange(1000)})
+    _flip_bit(cache.cache_path("curves", key))
+    with cache.mode("render"), pytest.raises(cache.CorruptArtifactError, match=r"31_backfill.*rebuild"):
+        cache.cached_arrays("curves", key, lambda: pytest.fail("render mode computed"))
 
 
 def test_an_entry_without_checksum_is_checked_by_reading_and_then_recorded(tmp_cache):
     key = {"x": 3}
-    io.cached_arrays("embeddings", key, lambda: {"a": np.arange(10)})
-    path = io.cache_path("embeddings", key)
+    cache.cached_arrays("embeddings", key, lambda: {"a": np.arange(10)})
+    path = cache.cache_path("embeddings", key)
     io.checksum_path(path).unlink()  # as written before checksums existed
-    assert io.cached_arrays("embeddings", key, lambda: pytest.fail("recomputed"))["a"].tolist() == list(range(10))
+    assert cache.cached_arrays("embeddings", key, lambda: pytest.fail("recomputed"))["a"].tolist() == list(range(10))
     assert io.checksum_path(path).is_file()
     io.checksum_path(path).unlink()
     _truncate(path)
-    with pytest.warns(io.CorruptArtifactWarning, match="cannot be read"):
-        io.cached_arrays("embeddings", key, lambda: {"a": np.arange(10)})
+    with pytest.warns(cache.CorruptArtifactWarning, match="cannot be read"):
+        cache.cached_arrays("embeddings", key, lambda: {"a": np.arange(10)})
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
@@ -84,17 +84,17 @@ def test_a_damaged_cached_backbone_is_named_and_retrained(tmp_cache, damage):
         assert not torch.equal(torch.load(pt, weights_only=True)["head.weight"], sd["head.weight"])
     else:
         _truncate(pt)
-    with io.mode("render"), pytest.raises(io.CorruptArtifactError, match=r"model.pt.*10_train"):
+    with cache.mode("render"), pytest.raises(cache.CorruptArtifactError, match=r"model.pt.*10_train"):
         TR.load_model(spec)
     if damage == "truncate":  # found before any training starts: the model is to be trained again
-        with pytest.warns(io.CorruptArtifactWarning, match="model.pt"):
+        with pytest.warns(cache.CorruptArtifactWarning, match="model.pt"):
             assert not TR.is_trained(spec)
         assert not pt.exists()
         return
-    with pytest.warns(io.CorruptArtifactWarning, match="model.pt"):
+    with pytest.warns(cache.CorruptArtifactWarning, match="model.pt"):
         again = _state(TR.train(spec, progress=False))
     assert all(torch.equal(first[k], again[k]) for k in first), "the retrained model equals the first"
-    assert io.verify_entry("models", "x", pt) == "ok"
+    assert cache.verify_entry("models", "x", pt) == "ok"
 
 
 def test_long_target_names_stay_writable(tmp_path):
@@ -105,6 +105,6 @@ def test_long_target_names_stay_writable(tmp_path):
 
 
 def test_missing_input_shows_its_message_not_a_traceback():
-    err = io.missing("curves", "the curves", io.cache_path("curves", {"x": 1}))
+    err = cache.missing("curves", "the curves", cache.cache_path("curves", {"x": 1}))
     lines = err._render_traceback_()
     assert len(lines) == 1 and "run notebooks/31_backfill.ipynb first" in lines[0]

@@ -8,7 +8,7 @@ from backfill_utils.compat import modules as K
 from backfill_utils.data import api as D
 from backfill_utils import embed as E
 from backfill_utils.backfill import experiments as X
-from backfill_utils import io
+from backfill_utils import cache, io
 from backfill_utils.studies import order_study as OS
 from backfill_utils.studies import query_cost as QC
 from backfill_utils import session
@@ -40,14 +40,14 @@ def test_cache_hit_and_miss(tmp_cache):
         return {"a": np.arange(5)}
 
     key = {"model": "x", "seed": 0}
-    assert io.cached_arrays("embeddings", key, compute)["a"].tolist() == [0, 1, 2, 3, 4]
-    assert io.cached_arrays("embeddings", dict(key), compute)["a"].tolist() == [0, 1, 2, 3, 4]
+    assert cache.cached_arrays("embeddings", key, compute)["a"].tolist() == [0, 1, 2, 3, 4]
+    assert cache.cached_arrays("embeddings", dict(key), compute)["a"].tolist() == [0, 1, 2, 3, 4]
     assert len(calls) == 1, "second call must be a cache hit"
-    io.cached_arrays("embeddings", dict(key, seed=1), compute)
+    cache.cached_arrays("embeddings", dict(key, seed=1), compute)
     assert len(calls) == 2, "a changed parameter must be a cache miss"
-    assert E.cached_arrays is io.cached_arrays  # re-exported for older callers
+    assert E.cached_arrays is cache.cached_arrays  # re-exported for older callers
     with pytest.raises(ValueError, match="unknown artifact kind 'nope'.*curves"):
-        io.cached_arrays("nope", key, compute)
+        cache.cached_arrays("nope", key, compute)
 
 
 @pytest.mark.parametrize("kind, module, constant", [
@@ -59,11 +59,11 @@ def test_a_version_bump_is_a_cache_miss(tmp_cache, monkeypatch, kind, module, co
     calls = []
     compute = lambda: calls.append(1) or {"a": np.zeros(2)}  # noqa: E731
     key = {"k": 1}
-    before = io.cache_path(kind, key)
-    io.cached_arrays(kind, key, compute)
+    before = cache.cache_path(kind, key)
+    cache.cached_arrays(kind, key, compute)
     monkeypatch.setattr(module, constant, getattr(module, constant) + 1)
-    assert io.cache_path(kind, key) != before
-    io.cached_arrays(kind, key, compute)
+    assert cache.cache_path(kind, key) != before
+    cache.cached_arrays(kind, key, compute)
     assert len(calls) == 2, f"a bump of {constant} must invalidate {kind}"
 
 
@@ -87,33 +87,33 @@ def test_interrupted_write_leaves_nothing(tmp_cache, monkeypatch):
 
     monkeypatch.setattr(io.np, "savez", broken_savez)
     with pytest.raises(KeyboardInterrupt):
-        io.cached_arrays("embeddings", {"k": 1}, lambda: {"a": np.zeros(3)})
+        cache.cached_arrays("embeddings", {"k": 1}, lambda: {"a": np.zeros(3)})
     assert not [p for p in tmp_cache.rglob("*") if p.is_file()], "half-written file left"
     monkeypatch.undo()
     monkeypatch.setenv("BACKFILL_CACHE", str(tmp_cache))
-    out = io.cached_arrays("embeddings", {"k": 1}, lambda: {"a": np.ones(3)})
+    out = cache.cached_arrays("embeddings", {"k": 1}, lambda: {"a": np.ones(3)})
     assert out["a"].tolist() == [1, 1, 1]
 
 
 def test_object_arrays_are_refused_before_writing(tmp_cache):
     with pytest.raises(TypeError, match="dtype object"):
-        io.cached_arrays("embeddings", {"k": 2}, lambda: {"a": np.array(["x", None], dtype=object)})
+        cache.cached_arrays("embeddings", {"k": 2}, lambda: {"a": np.array(["x", None], dtype=object)})
     assert not [p for p in tmp_cache.rglob("*") if p.is_file()]
 
 
 def test_render_mode_names_the_producer_and_computes_nothing(tmp_cache):
-    with io.mode("render", hint="with the same parameters (profile='smoke')"):
-        with pytest.raises(io.MissingArtifactError, match=r"notebooks/30_compat\.ipynb first with the same"):
-            io.cached_arrays("compat", {"k": 3}, lambda: pytest.fail("computed in render mode"))
+    with cache.mode("render", hint="with the same parameters (profile='smoke')"):
+        with pytest.raises(cache.MissingArtifactError, match=r"notebooks/30_compat\.ipynb first with the same"):
+            cache.cached_arrays("compat", {"k": 3}, lambda: pytest.fail("computed in render mode"))
         spec = TR.model_spec(tiny_profile(), "extended", "old")
-        with pytest.raises(io.MissingArtifactError, match=r"10_train") as err:
+        with pytest.raises(cache.MissingArtifactError, match=r"10_train") as err:
             TR.train(spec, progress=False)
         assert isinstance(err.value, FileNotFoundError)
         assert "make reproduce" in str(err.value)
-    assert io.get_mode() == "compute"
+    assert cache.get_mode() == "compute"
     assert not [p for p in tmp_cache.rglob("*") if p.is_file()]
     with pytest.raises(ValueError, match="mode must be"):
-        io.set_mode("draw")
+        cache.set_mode("draw")
 
 
 def test_render_notebook_on_an_empty_cache_stops_at_once(tmp_cache, monkeypatch, capsys):
@@ -129,9 +129,9 @@ def test_render_notebook_on_an_empty_cache_stops_at_once(tmp_cache, monkeypatch,
                                (lambda: X.train_method(run.cfg, "extended", "Ours"), "30_compat"),
                                (lambda: OS.order_comparison(run.cfg, "extended"), "32_experiments"),
                                (lambda: QC.query_cost(run.cfg, "extended"), "32_experiments")):
-            with pytest.raises(io.MissingArtifactError, match=f"notebooks/{producer}.ipynb"):
+            with pytest.raises(cache.MissingArtifactError, match=f"notebooks/{producer}.ipynb"):
                 call()
         assert time.perf_counter() - t0 < 60  # seconds, not a training run (measured: well under 10)
     finally:
-        io.set_mode("compute")
+        cache.set_mode("compute")
     assert "profile=smoke" in capsys.readouterr().out

@@ -205,7 +205,7 @@ def test_data_notebook_reads_every_layout(layout, kernel, untouched_results, tmp
     assert results_snapshot() == untouched_results
 
 
-@pytest.mark.filterwarnings("ignore::backfill_utils.data.layouts.EmptyClassFolderWarning")  # asserted above
+@pytest.mark.filterwarnings("ignore::backfill_utils.data.layout_folders.EmptyClassFolderWarning")  # asserted above
 def test_one_epoch_embeddings_and_a_backfilling_curve(layout, tmp_path_factory, monkeypatch):
     """Train the old and new backbones one epoch on the layout, embed its train split (every
     image decoded: greyscale, CMYK, any size) and its test split, and compute RM's backfilling

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from backfill_utils.backfill import systems as B
+from backfill_utils.backfill import orders, systems as BS
 from backfill_utils.compat import modules as K
 from backfill_utils import config as C
 from backfill_utils.backfill import experiments as X
@@ -161,7 +161,7 @@ def _unit(rng, n, d):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def _same(a: B.BackfillSystem, b: B.BackfillSystem) -> None:
+def _same(a: BS.BackfillSystem, b: BS.BackfillSystem) -> None:
     for f in ("query_old", "gallery_old", "query_new", "gallery_new"):
         assert torch.equal(getattr(a, f), getattr(b, f)), f
     assert np.array_equal(a.resolved_order(), b.resolved_order()) and a.query_passes == b.query_passes
@@ -175,20 +175,20 @@ def test_generic_system_is_each_methods_system():
     torch.manual_seed(0)
     psi, rho = K.ReverseTransform(d, d).eval(), K.LearnableEmbedding(d).eval()
     h, ff = K.ForwardTransform(d, d).eval(), K.FastFillTransform(d, d).eval()
-    order = B.random_order(n, 1)
+    order = orders.random_order(n, 1)
     mk = lambda name, old_, new_, **t: X.make_system(MM.get(name), old_, new_, MM.Trained(**t), order)  # noqa: E731
-    _same(mk("naive", old, new), B.BackfillSystem.mixed("naive", new, old, new, order=order))
-    _same(mk("BCT", old, bct), B.BackfillSystem.mixed("BCT", bct, old, bct, order=order))
-    _same(mk("RM", old, new), B.BackfillSystem.merge("RM", old, old, new, new, order=order, query_passes=2))
+    _same(mk("naive", old, new), BS.BackfillSystem.mixed("naive", new, old, new, order=order))
+    _same(mk("BCT", old, bct), BS.BackfillSystem.mixed("BCT", bct, old, bct, order=order))
+    _same(mk("RM", old, new), BS.BackfillSystem.merge("RM", old, old, new, new, order=order, query_passes=2))
     _same(mk("RM+psi", old, new, psi=psi),
-          B.BackfillSystem.merge("RM+psi", K.apply(psi, new), old, new, new, order=order))
+          BS.BackfillSystem.merge("RM+psi", K.apply(psi, new), old, new, new, order=order))
     _same(mk("Ours", old, new, psi=psi, rho=rho),
-          B.BackfillSystem.merge("Ours", K.apply(psi, new), old, K.apply(rho, new), K.apply(rho, new), order=order))
-    _same(mk("FCT", old, new, h=h), B.BackfillSystem.mixed("FCT", new, K.apply(h, old), new, order=order))
-    _same(mk("BiCT", old, bct, h=h), B.BackfillSystem.mixed("BiCT", bct, K.apply(h, old), bct, order=order))
-    ff_order = B.method_order(MM.get("FastFill"), MM.Trained(h=ff), old, 1)
+          BS.BackfillSystem.merge("Ours", K.apply(psi, new), old, K.apply(rho, new), K.apply(rho, new), order=order))
+    _same(mk("FCT", old, new, h=h), BS.BackfillSystem.mixed("FCT", new, K.apply(h, old), new, order=order))
+    _same(mk("BiCT", old, bct, h=h), BS.BackfillSystem.mixed("BiCT", bct, K.apply(h, old), bct, order=order))
+    ff_order = orders.method_order(MM.get("FastFill"), MM.Trained(h=ff), old, 1)
     ff_system = X.make_system(MM.get("FastFill"), old, new, MM.Trained(h=ff), ff_order)
-    _same(ff_system, B.BackfillSystem.mixed("FastFill", new, K.apply(ff, old), new,
+    _same(ff_system, BS.BackfillSystem.mixed("FastFill", new, K.apply(ff, old), new,
                                             order=K.fastfill_order(ff, old)))
     assert not np.array_equal(ff_system.order, order)  # FastFill's own order, not the random one
 
@@ -201,11 +201,11 @@ def test_a_methods_order_is_its_own_else_the_seeded_random_one():
     old = _unit(rng, n, d)
     torch.manual_seed(0)
     ff = K.FastFillTransform(d, d).eval()
-    got = B.method_order(MM.get("FastFill"), MM.Trained(h=ff), old, 5)
+    got = orders.method_order(MM.get("FastFill"), MM.Trained(h=ff), old, 5)
     assert got.dtype == np.int64 and np.array_equal(got, K.fastfill_order(ff, old))
     for name in ("RM", "Ours", "FCT", "offline"):
-        assert np.array_equal(B.method_order(MM.get(name), MM.Trained(), old, 5), B.random_order(n, 5)), name
-    assert not np.array_equal(B.method_order(MM.get("RM"), None, old, 6), B.random_order(n, 5))
+        assert np.array_equal(orders.method_order(MM.get(name), MM.Trained(), old, 5), orders.random_order(n, 5)), name
+    assert not np.array_equal(orders.method_order(MM.get("RM"), None, old, 6), orders.random_order(n, 5))
     bad = dataclasses.replace(MM.get("FastFill"), order=lambda trained, g: np.zeros(len(g), dtype=int))
     with pytest.raises(ValueError, match="backfill order of 'FastFill' is not a permutation"):
-        B.method_order(bad, MM.Trained(h=ff), old, 5)
+        orders.method_order(bad, MM.Trained(h=ff), old, 5)

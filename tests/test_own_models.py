@@ -155,9 +155,9 @@ def test_worker_processes_train_the_same_modules(tmp_path, monkeypatch):
     names = ["RM", "FCT", "RM+psi"]
     monkeypatch.setenv("BACKFILL_WORKERS", "2")
     OM._pretrain(paths, emb, cfg, names, True, False)
-    from backfill_utils import io
+    from backfill_utils import cache
     for n in ("FCT", "RM+psi"):  # written by the workers
-        assert io.cache_path("compat", OM._own_key(emb, cfg, n)).is_file(), n
+        assert cache.cache_path("compat", OM._own_key(emb, cfg, n)).is_file(), n
     _, s2, t2, _ = OM.evaluate_own(emb, cfg, names, paths=paths, progress=False)
     monkeypatch.setenv("BACKFILL_CACHE", str(tmp_path / "cache1"))
     monkeypatch.setenv("BACKFILL_WORKERS", "1")

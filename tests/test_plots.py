@@ -8,9 +8,9 @@ from matplotlib.animation import FuncAnimation
 from matplotlib.figure import Figure
 
 from backfill_utils.figures import animation as A
-from backfill_utils.backfill import systems as B
+from backfill_utils.backfill import systems as BS
 from backfill_utils.backfill import registry as MM
-from backfill_utils.figures import plots as P
+from backfill_utils.figures import curve_figures as CF, style as ST
 from backfill_utils.figures import thumbnails as TH
 
 METHODS = ["old", "new", "offline", "RM", "Ours", "CMCL-separate"]
@@ -20,7 +20,7 @@ METHODS = ["old", "new", "offline", "RM", "Ours", "CMCL-separate"]
 def _close_figures():
     import matplotlib.pyplot as plt
 
-    P.style()
+    ST.style()
     yield
     plt.close("all")
 
@@ -54,7 +54,7 @@ def legend_texts(ax):
 
 def test_curve_grid_rows_panels_and_auc_legend():
     curves, summary = fake_results()
-    fig = P.curve_grid(curves, summary, ["old", "new", "offline", "RM"], row="setting")
+    fig = CF.curve_grid(curves, summary, ["old", "new", "offline", "RM"], row="setting")
     assert isinstance(fig, Figure)
     axes = np.array(fig.axes).reshape(2, 2)
     for ax in axes.ravel():
@@ -62,7 +62,7 @@ def test_curve_grid_rows_panels_and_auc_legend():
     texts = legend_texts(axes[0, 1])
     assert texts[0] == "old: 20.0 / 25.0"  # AUC mAP / AUC top-1 of that row
     with pytest.raises(KeyError, match="not in the curves table"):
-        P.curve_grid(curves, summary, ["nope"], row="setting")
+        CF.curve_grid(curves, summary, ["nope"], row="setting")
 
 
 def test_curve_grid_legend_over_seeds_is_mean_and_sd():
@@ -71,18 +71,18 @@ def test_curve_grid_legend_over_seeds_is_mean_and_sd():
     curves, summary = fake_results(settings=("extended",), methods=["old", "RM", "Ours"])
     by_seed = pd.concat([summary.assign(seed=0), summary.assign(seed=1, auc_map=summary.auc_map + 2)])
     auc = SD.seed_stats(by_seed, ["auc_map", "auc_top1"], by=["setting", "method"])
-    fig = P.curve_grid(curves, auc, ["old", "RM", "Ours"])
+    fig = CF.curve_grid(curves, auc, ["old", "RM", "Ours"])
     leg = fig.axes[-1].get_legend()
     assert [t.get_text() for t in leg.get_texts()][0] == "old: 21.00 ± 1.41 / 25.00 ± 0.00"
     assert "mean ± sd over 2 seeds" in leg.get_title().get_text()
-    assert P.auc_text({"auc_map": 1.234, "auc_top1": 2.0}) == "1.2 / 2.0"  # one seed: no sd
+    assert CF.auc_text({"auc_map": 1.234, "auc_top1": 2.0}) == "1.2 / 2.0"  # one seed: no sd
 
 
 def test_ablation_flips_and_variants_figures():
     curves, summary = fake_results(settings=("extended",))
-    for fig in (P.ablation_figure(curves, summary, ["RM", "Ours"]),
-                P.flips_figure(curves, summary, ["offline", "RM", "Ours"]),
-                P.curves_and_flips(curves, summary, ["RM", "Ours", "CMCL-separate"])):
+    for fig in (CF.ablation_figure(curves, summary, ["RM", "Ours"]),
+                CF.flips_figure(curves, summary, ["offline", "RM", "Ours"]),
+                CF.curves_and_flips(curves, summary, ["RM", "Ours", "CMCL-separate"])):
         assert isinstance(fig, Figure) and len(fig.axes) == 3
         assert all(ax.has_data() for ax in fig.axes)
         assert fig.legends or any(legend_texts(ax) for ax in fig.axes)
@@ -91,10 +91,10 @@ def test_ablation_flips_and_variants_figures():
 
 
 def test_method_style_comes_from_the_registry():
-    assert P.method_style("Ours") == MM.style("Ours") and MM.style("Ours")["color"] == MM.COLORS["Ours"]
-    v = P.method_style("Ours (sigma order)")
+    assert ST.method_style("Ours") == MM.style("Ours") and MM.style("Ours")["color"] == MM.COLORS["Ours"]
+    v = ST.method_style("Ours (sigma order)")
     assert v["color"] == MM.style("Ours")["color"] and v["ls"] == "--"
-    assert P.method_style("unknown") == {}
+    assert ST.method_style("unknown") == {}
 
 
 def test_distance_histograms():
@@ -107,7 +107,7 @@ def test_distance_histograms():
                                            "distance": np.clip(rng.normal(mu, 0.2, 100), 0, 2)}))
     pairs = pd.concat(parts, ignore_index=True)
     cal = pd.DataFrame({"method": ["RM+psi", "Ours"], "pooled_auc": [0.9, 0.95], "cross_auc": [0.8, 0.9]})
-    fig = P.distance_histograms(pairs, calibration=cal, titles={"Ours": "Ours (after)"})
+    fig = CF.distance_histograms(pairs, calibration=cal, titles={"Ours": "Ours (after)"})
     assert len(fig.axes) == 2 and len(fig.axes[0].patches) == 4
     assert fig.axes[1].get_title().startswith("Ours (after)\npooled AUC 0.950")
 
@@ -134,7 +134,7 @@ def test_thumbnails_and_retrieval_figure():
 
 def _system(order):
     n = len(order)
-    return B.BackfillSystem.mixed("s", np.eye(n), np.eye(n), np.eye(n), order=order)
+    return BS.BackfillSystem.mixed("s", np.eye(n), np.eye(n), np.eye(n), order=order)
 
 
 def test_animation_and_gif(tmp_path):
@@ -164,9 +164,9 @@ def test_animation_and_gif(tmp_path):
 
 def test_save_figure_is_deterministic(tmp_path):
     curves, summary = fake_results()
-    fig = P.curve_grid(curves, summary, ["old", "RM"], row="setting")
-    first = {p.suffix: p.read_bytes() for p in P.save_figure(fig, tmp_path / "a", "fig")}
-    second = {p.suffix: p.read_bytes() for p in P.save_figure(fig, tmp_path / "b", "fig")}
+    fig = CF.curve_grid(curves, summary, ["old", "RM"], row="setting")
+    first = {p.suffix: p.read_bytes() for p in ST.save_figure(fig, tmp_path / "a", "fig")}
+    second = {p.suffix: p.read_bytes() for p in ST.save_figure(fig, tmp_path / "b", "fig")}
     assert set(first) == {".png", ".pdf"}
     assert first == second
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["fig.pdf", "fig.png"]
@@ -174,7 +174,7 @@ def test_save_figure_is_deterministic(tmp_path):
 
 def test_save_table_writes_csv_md_tex(tmp_path):
     df = pd.DataFrame({"method": ["RM", "Ours_x"], "auc_map": [30.123, 41.5]})
-    paths = P.save_table(df, tmp_path, "t", caption="cap")
+    paths = ST.save_table(df, tmp_path, "t", caption="cap")
     assert [p.name for p in paths] == ["t.csv", "t.md", "t.tex"]
     pd.testing.assert_frame_equal(pd.read_csv(paths[0]), df)
     assert "| RM " in paths[1].read_text() and "30.12" in paths[1].read_text()
@@ -203,19 +203,19 @@ def test_inline_display_helpers_are_small_and_close_the_figure():
     assert not plt.fignum_exists(anim._fig.number), "the figure is closed: Jupyter shows only the GIF"
     fig, ax = plt.subplots()
     ax.imshow(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
-    assert P.jpeg_image(fig).data[:3] == b"\xff\xd8\xff"
+    assert ST.jpeg_image(fig).data[:3] == b"\xff\xd8\xff"
 
 
 def test_tick_labels_plain_and_staggered_where_they_would_collide():
-    assert [P.tick_number(v) for v in (0.1, 0.121, 0.4, 1.0, 4.0, 16.0)] == ["0.1", "0.121", "0.4", "1", "4", "16"]
-    assert P.staggered([0.0, 0.45, 0.5, 0.55, 1.0], ["a", "b", "c", "d", "e"]) == ["a", "b", "\nc", "d", "e"]
+    assert [ST.tick_number(v) for v in (0.1, 0.121, 0.4, 1.0, 4.0, 16.0)] == ["0.1", "0.121", "0.4", "1", "4", "16"]
+    assert ST.staggered([0.0, 0.45, 0.5, 0.55, 1.0], ["a", "b", "c", "d", "e"]) == ["a", "b", "\nc", "d", "e"]
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots()
     ax.plot([0.3, 5.0], [1, 2])
     ax.set_yscale("log")
     ax.set_xscale("log")
-    P.plain_log_axis(ax.xaxis)
+    ST.plain_log_axis(ax.xaxis)
     fig.canvas.draw()
     labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
     assert labels and all("10^" not in t and "times" not in t for t in labels), labels
@@ -224,10 +224,10 @@ def test_tick_labels_plain_and_staggered_where_they_would_collide():
 def test_label_strip_puts_overlapping_labels_on_other_rows():
     import matplotlib.pyplot as plt
 
-    assert P.assign_rows([(0, 2), (1, 3), (2.5, 4), (5, 6)]) == [0, 1, 0, 0]
+    assert ST.assign_rows([(0, 2), (1, 3), (2.5, 4), (5, 6)]) == [0, 1, 0, 0]
     fig, (ax, strip) = plt.subplots(2, 1, sharex=True)
     ax.plot([0, 1], [0, 1])
-    rows = P.label_strip(strip, [0.5, 0.51, 0.52, 0.9], ["a long label", "another long one", "third", "far"])
+    rows = ST.label_strip(strip, [0.5, 0.51, 0.52, 0.9], ["a long label", "another long one", "third", "far"])
     assert len(set(rows[:3])) == 3 and rows[3] == 0
 
 

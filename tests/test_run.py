@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from backfill_utils import config as C
-from backfill_utils.tools import run as R
+from backfill_utils.tools import results_doc as RD, run as R
 from backfill_utils import session
 
 
@@ -203,16 +203,16 @@ def test_update_readme_fills_only_the_marked_blocks(tmp_path):
     readme, doc = root / "README.md", root / "docs" / "results.md"
     readme.write_text("intro\n<!-- RESULTS:START -->\nold\n<!-- RESULTS:END -->\noutro\n")
     doc.write_text("# all\n<!-- RESULTS_FULL:START -->\n<!-- RESULTS_FULL:END -->\n")
-    R.update_readme(res, root)
+    RD.update_readme(res, root)
     text = readme.read_text()
     assert text.startswith("intro\n<!-- RESULTS:START -->\nTable 1, extended setting")
     assert text.endswith("\n<!-- RESULTS:END -->\noutro\n") and "old\n" not in text
     assert "| Ours | 33.81 +- 0.05 | 77.6 |" in text and text.count("| Ours |") == 1  # one setting
-    assert doc.read_text() == ("# all\n<!-- RESULTS_FULL:START -->\n**" + R.RESULTS_TABLES[0][0]
+    assert doc.read_text() == ("# all\n<!-- RESULTS_FULL:START -->\n**" + RD.RESULTS_TABLES[0][0]
                                + "** (`results/tables/table1.md`)\n\n| a |\n|---|\n| 1 |\n<!-- RESULTS_FULL:END -->\n")
     doc.write_text("no markers")
     with pytest.raises(ValueError, match=r"results\.md needs exactly one <!-- RESULTS_FULL:START -->"):
-        R.update_readme(res, root)
+        RD.update_readme(res, root)
 
 
 def test_makefile_pins_what_the_runner_pins():

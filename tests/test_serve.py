@@ -28,10 +28,10 @@ import pytest
 import torch
 from torch import nn
 
-from backfill_utils.backfill import systems as B
+from backfill_utils.backfill import orders
 from backfill_utils.compat import modules as K
 from backfill_utils.retrieval import metrics as MT
-from backfill_utils.serve import index as SI, parts as SPARTS, side as SS
+from backfill_utils.serve import checks, index as SI, index_file, lock as SL, merge, side as SS, transform as STF
 from backfill_utils.serve.index import OnlineBackfillIndex
 
 U = 2.0 ** -24
@@ -134,12 +134,12 @@ def test_search_matches_engine_ranking_at_every_ratio(name):
     dim = max(qo.shape[1], qn.shape[1])
     scale = np.maximum((qo ** 2).sum(1) + (go ** 2).sum(1).max(), (qn ** 2).sum(1) + (gn ** 2).sum(1).max())
     tol = 2 * gamma(dim + 3) * scale
-    ratios = B.DEFAULT_RATIOS
-    order = B.random_order(n, seed=7)
-    seg = B.backfill_segments(order, ratios)
+    ratios = orders.DEFAULT_RATIOS
+    order = orders.random_order(n, seed=7)
+    seg = orders.backfill_segments(order, ratios)
     done, compared, total = 0, 0, 0
     for i, r in enumerate(ratios):
-        m = B.backfilled_count(r, n)
+        m = orders.backfilled_count(r, n)
         batch = order[done:m]
         index.backfill(ids[batch], new[batch])
         done = m
@@ -192,7 +192,7 @@ def test_concurrent_searches_during_backfill_see_every_id_exactly_once():
     for th in threads:
         th.start()
     writing.set()
-    for batch in np.array_split(B.random_order(n, seed=3), 80):
+    for batch in np.array_split(orders.random_order(n, seed=3), 80):
         index.backfill(ids[batch], new[batch])
         time.sleep(0.002)
     writing.clear()
@@ -205,7 +205,7 @@ def test_concurrent_searches_during_backfill_see_every_id_exactly_once():
 
 
 def test_rwlock_excludes_writer_while_reading():
-    lock, entered = SPARTS.RWLock(), threading.Event()
+    lock, entered = SL.RWLock(), threading.Event()
 
     def write():
         with lock.write():
@@ -324,7 +324,7 @@ def test_ivf_with_every_list_probed_equals_flat():
     flat = OnlineBackfillIndex(8, 8)
     ivf = OnlineBackfillIndex(8, 8, factory="IVF8,Flat", search_params={"nprobe": 8})
     ivf.train(old=old, new=new)
-    order = B.random_order(400, seed=1)
+    order = orders.random_order(400, seed=1)
     for index in (flat, ivf):
         index.add_old(np.arange(400), old)
         index.backfill(order[:150], new[order[:150]])
@@ -342,7 +342,7 @@ def test_hnsw_tombstones_and_rebuild_keep_every_live_id():
     flat = OnlineBackfillIndex(8, 8)
     for i in (index, flat):
         i.add_old(np.arange(n), old)
-    order = B.random_order(n, seed=2)
+    order = orders.random_order(n, seed=2)
     hits = total = 0
     for start, stop in ((0, 60), (60, 140), (140, 200), (200, 300)):  # the old side is rebuilt once
         batch = order[start:stop]  # tombstones outnumber live items (200 of 300), and when it empties
@@ -434,7 +434,7 @@ def test_corrupt_truncated_or_foreign_files_are_clear_errors(tmp_path):
 
 
 def test_doctests():
-    for module in (SI, SPARTS, SS):
+    for module in (SI, SL, checks, STF, merge, index_file, SS):
         res = doctest.testmod(module)
         assert res.failed == 0 and res.attempted > 0
 

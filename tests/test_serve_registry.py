@@ -1,4 +1,4 @@
-"""OnlineBackfillIndex.from_method / serve_registry: a registered, trained method served by the index.
+"""serve.from_method (index_from_method, served_method): a registered, trained method served by the index.
 
 On the smoke profile (extended setting, backbones trained 4 epochs; its own artifact cache), the index of a registered method, backfilled in the
 method's order to each backfill ratio, returns the ranking of the engine's system
@@ -19,14 +19,14 @@ import numpy as np
 import pytest
 import torch
 
-from backfill_utils.backfill import systems as B
+from backfill_utils.backfill import orders
 from backfill_utils import config as C
 from backfill_utils.backfill import experiments as X
 from backfill_utils.backfill import registry as MM
 from backfill_utils.retrieval import metrics as MT
 from backfill_utils.serve.index import OnlineBackfillIndex
-from backfill_utils.serve.parts import Transform
-from backfill_utils.serve.from_method import index_arguments, served_method
+from backfill_utils.serve.index_file import Transform
+from backfill_utils.serve.from_method import index_arguments, index_from_method, served_method
 from test_serve import check_topk, gamma
 
 SETTING = "extended"
@@ -82,7 +82,7 @@ def test_from_method_search_is_the_engines_ranking(tiny_cfg, name):
     tol = 2 * gamma(dim + 3) * 2 * (qq + gg) + 2 * reach * (a + b) + (a + b) ** 2
     compared = total = 0
     for r in (0.0, 0.3, 0.7, 1.0):
-        m = B.backfilled_count(r, n)
+        m = orders.backfilled_count(r, n)
         served.backfill_to(m)
         mask = system.backfilled(r)
         assert np.array_equal(np.sort(index.new_ids()), np.flatnonzero(mask)) and index.n_new == m
@@ -98,18 +98,18 @@ def test_from_method_search_is_the_engines_ranking(tiny_cfg, name):
 
 
 def test_from_method_is_the_served_index_and_references_are_errors(tiny_cfg):
-    index = OnlineBackfillIndex.from_method(tiny_cfg, SETTING, "Ours", progress=False, factory="Flat")
+    index = index_from_method(tiny_cfg, SETTING, "Ours", progress=False, factory="Flat")
     data = X.SettingData(tiny_cfg, SETTING, progress=False)
     assert index.n_old == len(data.test_labels) and index.n_new == 0
     D, I = index.search(data.test("new")[:3], 2)
     assert (I[:, 0] >= 0).all()
-    empty = OnlineBackfillIndex.from_method(tiny_cfg, SETTING, "FCT", progress=False, fill=False)
+    empty = index_from_method(tiny_cfg, SETTING, "FCT", progress=False, fill=False)
     assert len(empty) == 0
     for ref in ("old", "new", "offline"):
         with pytest.raises(ValueError, match=f"{ref!r} is a reference curve.*OnlineBackfillIndex"):
-            OnlineBackfillIndex.from_method(tiny_cfg, SETTING, ref)
+            index_from_method(tiny_cfg, SETTING, ref)
     with pytest.raises(KeyError, match="unknown method 'nope'"):
-        OnlineBackfillIndex.from_method(tiny_cfg, SETTING, "nope")
+        index_from_method(tiny_cfg, SETTING, "nope")
 
 
 def test_backfill_to_moves_forward_only(tiny_cfg):

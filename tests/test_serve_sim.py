@@ -90,10 +90,10 @@ def test_load_figure_is_two_by_two_with_plain_latency_ticks():
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    from backfill_utils.figures import plots as P
+    from backfill_utils.figures import style as ST
     from backfill_utils.serve import simulate as SIM
 
-    P.style()
+    ST.style()
     plan = SIM.LoadPlan(throughput=5, settle_ticks=1)
     t = np.arange(4)
     quality = pd.concat([pd.DataFrame({"method": m, "elapsed_s": t, "top1": 10.0 + t, "map_at_k": 5.0 + t})

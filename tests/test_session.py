@@ -5,7 +5,7 @@ import pytest
 
 from backfill_utils.studies import claims as CL
 from backfill_utils import config as C
-from backfill_utils import io
+from backfill_utils import cache
 from backfill_utils import session
 
 
@@ -64,7 +64,7 @@ def test_a_non_default_run_writes_only_under_its_own_folder(tmp_path, monkeypatc
     monkeypatch.setattr(C, "RESULTS_DIR", tmp_path / "results")
     run = session.setup("smoke", overrides="{train: {epochs: 1}}", kind="render")
     assert run.out.parent == tmp_path / "results" and not run.strict and run.kind == "render"
-    assert io.get_mode() == "render"
+    assert cache.get_mode() == "render"
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("profile=smoke dataset=synthetic seed=0 overrides={'train': {'epochs': 1}} -> ")
     assert "claims reported, not asserted" in line
@@ -119,12 +119,14 @@ def test_claims_are_asserted_on_the_reference_run_only(capsys):
 def test_no_backend_is_forced_at_import():
     import importlib
 
-    from backfill_utils.figures import plots as P
+    from backfill_utils.figures import curve_figures as CF, style as ST
 
     before = matplotlib.get_backend()
-    importlib.reload(P)
+    for module in (ST, CF):
+        importlib.reload(module)
     assert matplotlib.get_backend() == before
-    assert "matplotlib.use(" not in (C.REPO_ROOT / "backfill_utils" / "plots.py").read_text()
+    for path in (C.REPO_ROOT / "backfill_utils" / "figures").glob("*.py"):
+        assert "matplotlib.use(" not in path.read_text(), path
 
 
 def test_download_reaches_every_dataset_loader(monkeypatch):
@@ -169,9 +171,9 @@ def test_render_notebook_on_a_fresh_clone_first_says_what_to_run(tmp_cache, tmp_
     books, cfg = R.prepare("smoke", {"seed": 3}, args[args.index("--only") + 1:])
     assert [b.name[:2] for b in books] == ["10", "20", "30", "31", "32"] and cfg["seed"] == 3
     # the error of a missing artifact gives the command too
-    with pytest.raises(io.MissingArtifactError, match=r"`python -m backfill_utils\.run --profile smoke -p seed 3 "
+    with pytest.raises(cache.MissingArtifactError, match=r"`python -m backfill_utils\.tools\.run --profile smoke -p seed 3 "
                                                       r"--only 10 20 30 31 32`"):
-        io.cached_arrays("curves", {"k": 1}, lambda: pytest.fail("computed in render mode"))
+        cache.cached_arrays("curves", {"k": 1}, lambda: pytest.fail("computed in render mode"))
 
     # computed kinds are left out of the command; the default profile needs no argument
     (tmp_cache / "models" / "0123abcd").mkdir(parents=True)
@@ -184,10 +186,10 @@ def test_render_notebook_on_a_fresh_clone_first_says_what_to_run(tmp_cache, tmp_
         out = capsys.readouterr().out
         assert out.startswith("profile=smoke") and "INPUTS NOT COMPUTED" not in out
     # nothing when every kind has entries
-    for kind in set(io.KINDS) - {"models"}:
+    for kind in set(cache.KINDS) - {"models"}:
         (tmp_cache / kind).mkdir(exist_ok=True)
         (tmp_cache / kind / "x.npz").write_bytes(b"")
     assert session.missing_inputs_note() is None
-    with io.mode("render", run_args=" --profile smoke"), pytest.raises(io.MissingArtifactError) as err:
-        io.cached_arrays("curves", {"k": 1}, lambda: pytest.fail("computed in render mode"))
+    with cache.mode("render", run_args=" --profile smoke"), pytest.raises(cache.MissingArtifactError) as err:
+        cache.cached_arrays("curves", {"k": 1}, lambda: pytest.fail("computed in render mode"))
     assert "(`python -m backfill_utils.tools.run --profile smoke --only 31`)" in str(err.value)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backfill_utils.data import layouts as L
+from backfill_utils.data import layout_cifar as LC
 from backfill_utils.data.api import get_dataset
 from backfill_utils.data.registry import DatasetError
 
@@ -40,10 +40,10 @@ def test_a_cifar_pickle_that_would_run_code_is_refused(tmp_path, member):
 
 def test_a_cifar_copy_that_differs_from_the_official_files_is_reported_and_read(tmp_path):
     w = write_cifar100(tmp_path, classes=3, per_class=2)
-    with pytest.warns(L.UnofficialArchiveWarning, match="differ from the official"):
+    with pytest.warns(LC.UnofficialArchiveWarning, match="differ from the official"):
         ds = get_dataset("cifar100", "train", root=w.root)
     assert len(ds) == 6 and ds.archive_check.startswith("differs")
-    assert L.CIFAR100_MD5["train"] == "16019d7e3df5f24257cddd939b257f8d"
+    assert LC.CIFAR100_MD5["train"] == "16019d7e3df5f24257cddd939b257f8d"
 
 
 def test_safe_unpickler_reads_plain_data_and_numpy_arrays():
@@ -52,18 +52,18 @@ def test_safe_unpickler_reads_plain_data_and_numpy_arrays():
     obj = {b"data": np.arange(6, dtype=np.uint8).reshape(2, 3), "names": ["a", b"b"], "x": (1, 2.5, None),
            "s": {1, 2}, "scalar": np.float32(1.5)}
     for protocol in (2, 4, 5):
-        got = L.safe_pickle_load(_io.BytesIO(pickle.dumps(obj, protocol=protocol)))
+        got = LC.safe_pickle_load(_io.BytesIO(pickle.dumps(obj, protocol=protocol)))
         assert np.array_equal(got[b"data"], obj[b"data"]) and got["names"] == ["a", b"b"] and got["s"] == {1, 2}
     for bad in (pickle.dumps(Path("x")), pickle.dumps(_Creates("/nonexistent/x"))):
         with pytest.raises(pickle.UnpicklingError, match="refused"):
-            L.safe_pickle_load(_io.BytesIO(bad))
+            LC.safe_pickle_load(_io.BytesIO(bad))
 
 
 # ----------------------------------------------------------------------------- parameters
 import time  # noqa: E402
 
 from backfill_utils import config as C  # noqa: E402
-from backfill_utils.tools import run as R  # noqa: E402
+from backfill_utils.tools import run as R
 from backfill_utils import session  # noqa: E402
 
 
@@ -318,7 +318,7 @@ def test_own_embeddings_bound_dimension_and_rows_from_the_header(tmp_path):
 # ----------------------------------------------------------------------------- relative gain
 import pandas as pd  # noqa: E402
 
-from backfill_utils.backfill import systems as B  # noqa: E402
+from backfill_utils.backfill import curves as BC
 from backfill_utils.tools import report  # noqa: E402
 from backfill_utils import tables as TB  # noqa: E402
 
@@ -336,7 +336,7 @@ def _curve(lo, hi):
 def test_relative_gain_is_nan_with_a_reason_when_new_is_not_better(m_old, m_new, match):
     refs = ({k: m_old for k in ("mAP", "top1", "top5")}, {k: m_new for k in ("mAP", "top1", "top5")})
     with pytest.warns(RuntimeWarning, match=match):
-        s = B.summarize_curve(_curve(29.0, 31.0), *refs)
+        s = BC.summarize_curve(_curve(29.0, 31.0), *refs)
     assert np.isnan(s["rel_gain_map"]) and np.isnan(s["rel_gain_top1"])
     summary = pd.DataFrame([{"dataset": "d", "setting": "open", "method": m, "query_passes": 1, "auc_map": a,
                              "auc_top1": a, "mean_map": a, "mean_top1": a, "final_map": a, "final_top1": a,
@@ -348,7 +348,7 @@ def test_relative_gain_is_nan_with_a_reason_when_new_is_not_better(m_old, m_new,
 
 
 def test_relative_gain_unchanged_where_the_new_model_is_better():
-    s = B.summarize_curve(_curve(10.0, 20.0), {"mAP": 10.0, "top1": 10.0, "top5": 10.0},
+    s = BC.summarize_curve(_curve(10.0, 20.0), {"mAP": 10.0, "top1": 10.0, "top5": 10.0},
                            {"mAP": 20.0, "top1": 20.0, "top5": 20.0})
     assert s["rel_gain_map"] == pytest.approx(0.5)
-    assert B.gain_not_applicable(17.12, 38.62) == ""
+    assert BC.gain_not_applicable(17.12, 38.62) == ""

@@ -4,7 +4,7 @@ import hashlib
 import numpy as np
 
 from backfill_utils.data import api as D
-from backfill_utils import io
+from backfill_utils import cache
 
 # sha256 of a small sample of make_synthetic (both splits, images then int64 targets).
 # The same on numpy's baseline (SSE4.2), AVX2 and AVX-512 code paths (measured on an AMD EPYC
@@ -34,9 +34,9 @@ def test_synthetic_generator_output_matches_its_version():
 
 
 def test_every_kind_resolves_its_versions():
-    for kind in io.KINDS:
-        versions = io.code_versions(kind)
+    for kind in cache.KINDS:
+        versions = cache.code_versions(kind)
         assert versions and all(isinstance(v, int) and v >= 1 for v in versions.values()), kind
     # a kind's lineage: what invalidates embeddings invalidates everything computed from them
     for child, parent in (("compat", "embeddings"), ("curves", "compat"), ("experiments", "curves")):
-        assert set(io.code_versions(parent)) <= set(io.code_versions(child))
+        assert set(cache.code_versions(parent)) <= set(cache.code_versions(child))

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 import numpy as np
 import pandas as pd
 
-from . import systems as B
+from . import curves as BC, orders, systems as BS
 from ..compat import modules as K
 from . import registry as MM
 from ..retrieval import metrics as MT
@@ -90,14 +90,14 @@ def reference_curve(kind: str, refs: References, r: np.ndarray) -> pd.DataFrame:
     gives the per-query metrics of old/old and new/new."""
     old_ref, new_ref = refs.get()
     if kind == "offline":
-        return B.offline_curve(old_ref, new_ref, r)
+        return BC.offline_curve(old_ref, new_ref, r)
     ref = old_ref if kind == "old" else new_ref
     return pd.DataFrame({"ratio": r, "mAP": ref["mAP"], "top1": ref["top1"], "top5": ref["top5"],
                          "negative_flips": 0.0})
 
 
 def make_system(method: MM.Method, old: Any, new: Any, trained: MM.Trained,
-                order: np.ndarray | None) -> B.BackfillSystem:
+                order: np.ndarray | None) -> BS.BackfillSystem:
     """The generic system of a method from test embeddings and its trained modules.
 
     ``old``: phi_old of the gallery (and of the queries); ``new``: the gallery and
@@ -112,16 +112,16 @@ def make_system(method: MM.Method, old: Any, new: Any, trained: MM.Trained,
     else:
         query_old = K.apply(trained.psi, new) if trained.psi is not None else new_side
     gallery_old = K.apply(trained.h, old) if trained.h is not None else old
-    return B.BackfillSystem(method.name, query_old, gallery_old, new_side, new_side, order,
+    return BS.BackfillSystem(method.name, query_old, gallery_old, new_side, new_side, order,
                             method.query_passes)
 
 
-def system_of(method: MM.Method, data: EmbeddingSource, trained: MM.Trained, order_seed: int) -> B.BackfillSystem:
+def system_of(method: MM.Method, data: EmbeddingSource, trained: MM.Trained, order_seed: int) -> BS.BackfillSystem:
     """The system of ``method`` (its ``system`` or :func:`make_system`) on the evaluation
     split of ``data``, with its ``trained`` modules, backfilled in its order
     (:func:`~backfill_utils.backfill.orders.method_order` with the random order's ``order_seed``)."""
     old = data.test("old")
-    order = B.method_order(method, trained, old, order_seed)
+    order = orders.method_order(method, trained, old, order_seed)
     return (method.system or make_system)(method, old, data.test(method.backbone), trained, order)
 
 
@@ -129,16 +129,16 @@ def curve_and_row(method: MM.Method, data: EmbeddingSource, refs: References, r:
                   trained: MM.Trained, order_seed: int) -> tuple[pd.DataFrame, dict]:
     """The backfilling curve of one method at ratios ``r`` on the evaluation split of
     ``data`` (leave-one-out) and its summary row: ``method, query_passes, extra_params``
-    (the parameters of ``trained``) and :func:`~backfill_utils.backfill.systems.summarize_curve`'s
+    (the parameters of ``trained``) and :func:`~backfill_utils.backfill.curves.summarize_curve`'s
     numbers against ``refs``. A reference method's curve is :func:`reference_curve`."""
     if method.reference is not None:
         curve = reference_curve(method.reference, refs, r)
     else:
         system = system_of(method, data, trained, order_seed)
-        curve = B.backfill_curve(system, data.test_labels, data.test_labels, ratios=r, exclude_self=True,
+        curve = BC.backfill_curve(system, data.test_labels, data.test_labels, ratios=r, exclude_self=True,
                                  reference_correct=refs.get()[0]["correct_at_1"])
     row = {"method": method.name, "query_passes": method.query_passes,
-           "extra_params": trained.n_params if method.trainable else 0, **B.summarize_curve(curve, *refs.get())}
+           "extra_params": trained.n_params if method.trainable else 0, **BC.summarize_curve(curve, *refs.get())}
     return curve, row
 
 

@@ -29,11 +29,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import systems as B
+from . import systems as BS
 from ..compat import modules as K
 from .. import embed as E
 from . import evaluate as EV
-from .. import io
+from .. import cache, io
 from . import registry as MM
 from ..retrieval import metrics as MT
 from .. import train as TR
@@ -249,14 +249,14 @@ def train_method(cfg: dict, setting: str, name: str, *, recipe: Any = None, seed
         d = (data or SettingData(cfg, setting, progress=progress)).restricted(m.train_roles, seed)
         return trained_to_arrays(name, m.fit(d, recipe), m.slots)
 
-    arrays = io.cached_arrays("compat", compat_key(cfg, setting, name, recipe, seed), compute,
+    arrays = cache.cached_arrays("compat", compat_key(cfg, setting, name, recipe, seed), compute,
                               what=f"the trained modules of {name} ({setting} setting)")
     return trained_from_arrays(arrays)
 
 
 # --------------------------------------------------------------------------- systems
 def build_system(cfg: dict, setting: str, name: str, *, recipe: Any = None, seed: int | None = None,
-                 data: SettingData | None = None, progress: bool = True) -> B.BackfillSystem:
+                 data: SettingData | None = None, progress: bool = True) -> BS.BackfillSystem:
     """The :class:`~backfill_utils.backfill.systems.BackfillSystem` of method ``name`` on the
     setting's test split (its modules trained or loaded by :func:`train_method`)."""
     m = MM.get(name)
@@ -304,7 +304,7 @@ def method_curve(cfg: dict, setting: str, name: str, *, recipe: Any = None, seed
     Returns ``(curve, row)``: the curve with columns ``ratio, n_backfilled, mAP, top1,
     top5, negative_flips, negative_flips_vs_old`` (the references have fewer) and the
     row ``method, query_passes, extra_params`` plus
-    :func:`~backfill_utils.backfill.systems.summarize_curve`'s numbers.
+    :func:`~backfill_utils.backfill.curves.summarize_curve`'s numbers.
     """
     m = MM.get(name)
     if data is not None and data.split != split:
@@ -318,7 +318,7 @@ def method_curve(cfg: dict, setting: str, name: str, *, recipe: Any = None, seed
                                       int(cfg["eval"]["order_seed"]))
         return {**io.frame_to_arrays(curve, "curve::"), **io.frame_to_arrays(pd.DataFrame([row]), "row::")}
 
-    arrays = io.cached_arrays("curves", _curve_key(cfg, setting, name, recipe, seed, split), compute,
+    arrays = cache.cached_arrays("curves", _curve_key(cfg, setting, name, recipe, seed, split), compute,
                               what=f"the backfilling curve of {name} in the {setting} setting"
                                    + (f" ({split} split)" if split != "test" else "")
                                    + (f" (seed {seed})" if seed is not None else ""))

@@ -33,29 +33,8 @@ Every table, figure, claim and notebook enumerates the registry (:func:`names`,
 optionally by group). **Adding a method is one** :func:`register` **call** (docs/methods.md,
 "Adding a method"; ``notebooks/60_your_own_method.ipynb``).
 
-The paper's methods (PAPER.md section 3) and BiCT are registered below:
-
-========================  ==================================================
-old, new                  old/old and new/new (flat references)
-offline                   old until r = 1, then new
-naive                     phi_new query vs the mixed gallery
-BCT                       BCT-trained new model vs the mixed gallery
-FCT                       phi_new query; old items hold h(phi_old)
-FastFill                  FCT + uncertainty and classification term, backfilled
-                          by descending sigma (FCT and FastFill: their authors'
-                          transformation and training recipe)
-FCT-small, FastFill-small the same with this package's small h (one hidden layer
-                          of width 2 d) on the shared compat schedule
-BiCT                      BCT query; old items hold h(phi_old), h trained towards
-                          the BCT model's space
-RM                        rank merge of old/old and new/new (2 query passes)
-RM+psi                    merge of {psi(phi_new), phi_old} and {phi_new, phi_new}
-RM+psi+CMCL               the same with psi trained by joint CMCL + L_rev
-Ours                      + learnable new embedding rho (psi, rho joint)
-CMCL-single               psi trained with the backward system's loss only (L_A)
-CMCL-separate             psi and rho, each system's loss with its own negatives
-CMCL w/o L_rev            joint CMCL (psi only) with lambda_rev = 0
-========================  ==================================================
+The paper's methods (PAPER.md section 3) and BiCT are registered in
+:mod:`backfill_utils.backfill.builtin`, on the first use of the registry.
 """
 from __future__ import annotations
 
@@ -67,15 +46,13 @@ import numpy as np
 import pandas as pd
 import torch.nn as nn
 
-from ..compat import modules as K
 from .. import config as C
-from ..compat.fit import fit_bict, fit_fastfill, fit_fct, fit_reverse
-from ..compat.recipes import (
-    BiCTRecipe, CMCLPsiRecipe, CMCLPsiRhoRecipe, FastFillRecipe, FCTRecipe, Recipe, RevPsiRecipe)
+from ..compat.recipes import Recipe
+
 
 __all__ = ["Method", "Trained", "GROUPS", "SLOTS", "register", "unregister", "get", "names",
            "style", "query_side", "ends_at_new", "components", "recipe_from_profile", "recipe_key",
-           "is_builtin"]
+           "is_builtin", "mark_builtin", "COLORS"]
 
 #: Groups a method can belong to, and what enumerates each.
 GROUPS: dict[str, str] = {
@@ -210,6 +187,33 @@ class Method:
 
 # --------------------------------------------------------------------------- the registry
 _REGISTRY: dict[str, Method] = {}
+#: The package's own registrations (what a worker process of :mod:`backfill_utils.parallel` knows).
+_BUILTIN: dict[str, Method] = {}
+_LOADING: list[bool] = []
+
+
+def _registry() -> dict[str, Method]:
+    """The registry, the package's own methods registered first (:mod:`.builtin`, imported on
+    the first use: a lazy import, as builtin registers through this module)."""
+    if not _LOADING:
+        _LOADING.append(True)
+        from . import builtin as MB
+    return _REGISTRY
+
+
+def mark_builtin() -> None:
+    """Record the methods registered so far as the package's own (called once, by :mod:`.builtin`)."""
+    _BUILTIN.update(_REGISTRY)
+
+
+def is_builtin(name: str) -> bool:
+    """Whether ``name`` is registered with the package's own registration (not replaced or
+    added in a notebook): a worker process, which imports the package afresh, can train it.
+
+    >>> is_builtin("Ours"), is_builtin("no such method")
+    (True, False)
+    """
+    return name in _BUILTIN and _registry().get(name) is _BUILTIN[name]
 
 
 def register(method: Method, *, replace: bool = False) -> Method:
@@ -220,25 +224,25 @@ def register(method: Method, *, replace: bool = False) -> Method:
     """
     if not isinstance(method, Method):
         raise TypeError(f"register takes a methods.Method, got {type(method).__name__}")
-    if method.name in _REGISTRY and not replace:
+    if method.name in _registry() and not replace:
         raise ValueError(f"a method named {method.name!r} is already registered; pick another name "
                          "or pass replace=True")
-    _REGISTRY[method.name] = method
+    _registry()[method.name] = method
     return method
 
 
 def unregister(name: str) -> Method:
     """Remove and return the method ``name``."""
     get(name)
-    return _REGISTRY.pop(name)
+    return _registry().pop(name)
 
 
 def get(name: str) -> Method:
     """The registered method ``name``; an unknown name is an error listing the known ones."""
     try:
-        return _REGISTRY[name]
+        return _registry()[name]
     except KeyError:
-        raise KeyError(f"unknown method {name!r}; registered: {list(_REGISTRY)}") from None
+        raise KeyError(f"unknown method {name!r}; registered: {list(_registry())}") from None
 
 
 def names(group: str | None = None) -> list[str]:
@@ -249,7 +253,7 @@ def names(group: str | None = None) -> list[str]:
     """
     if group is not None and group not in GROUPS:
         raise ValueError(f"unknown group {group!r}; known groups: {sorted(GROUPS)}")
-    return [n for n, m in _REGISTRY.items() if group is None or group in m.groups]
+    return [n for n, m in _registry().items() if group is None or group in m.groups]
 
 
 #: The colour map of methods: one colour per method of the package, far apart in CIELAB (no two
@@ -274,21 +278,21 @@ def color(name: str) -> str | None:
     >>> color("Ours"), color("no such method")
     ('#d62728', None)
     """
-    m = _REGISTRY.get(name)
+    m = _registry().get(name)
     if m is None:
         return None
     if name in COLORS and is_builtin(name):
         return COLORS[name]
     if m.style.get("color"):
         return m.style["color"]
-    others = [n for n, o in _REGISTRY.items() if not (n in COLORS and is_builtin(n)) and not o.style.get("color")]
+    others = [n for n, o in _registry().items() if not (n in COLORS and is_builtin(n)) and not o.style.get("color")]
     return SPARE_COLORS[others.index(name) % len(SPARE_COLORS)]
 
 
 def style(name: str) -> dict:
     """Matplotlib line style of a registered method: its registered style with its colour
     (:func:`color`); empty for an unknown name."""
-    m = _REGISTRY.get(name)
+    m = _registry().get(name)
     return {**m.style, "color": color(name)} if m is not None else {}
 
 
@@ -320,7 +324,7 @@ def components(name: str, cfg: dict) -> dict[str, bool]:
     m = get(name)
     if m.components is None:
         raise ValueError(f"{name!r} is not an ablation row; methods with components: "
-                         f"{[n for n, x in _REGISTRY.items() if x.components is not None]}")
+                         f"{[n for n, x in _registry().items() if x.components is not None]}")
     return m.ablation(cfg)
 
 
@@ -359,151 +363,3 @@ def recipe_key(recipe: Any) -> Any:
     if isinstance(recipe, Mapping):
         return dict(recipe)
     raise TypeError(f"a recipe is a recipes.Recipe, a JSON-able mapping or None, got {type(recipe).__name__}")
-
-
-# --------------------------------------------------------------------------- the paper's methods
-def _fit_reverse(data, recipe) -> Trained:
-    psi, rho, hist = fit_reverse(recipe, data.embeddings("new"), data.embeddings("old"), data.labels,
-                                 disable=not data.progress)
-    return Trained(psi=psi, rho=rho, history=hist)
-
-
-def _fit_fct(data, recipe) -> Trained:
-    h, hist = fit_fct(recipe, data.embeddings("old"), data.embeddings("new"), disable=not data.progress)
-    return Trained(h=h, history=hist)
-
-
-def _fit_fastfill(data, recipe) -> Trained:
-    h, hist = fit_fastfill(recipe, data.embeddings("old"), data.embeddings("new"), data.labels,
-                           data.classifier("new"), disable=not data.progress)
-    return Trained(h=h, history=hist)
-
-
-def _fit_bict(data, recipe) -> Trained:
-    h, hist = fit_bict(recipe, data.embeddings("old"), data.embeddings("bct"), data.labels,
-                       data.classifier("bct"), disable=not data.progress)
-    return Trained(h=h, history=hist)
-
-
-def _fastfill_order(trained: Trained, old_gallery: np.ndarray) -> np.ndarray:
-    return K.fastfill_order(trained.h, old_gallery)
-
-
-def _components_rm(recipe: Any) -> dict[str, bool]:
-    return dict(psi=False, CMCL=False, L_rev=False, rho=False)
-
-
-def _reverse_components(recipe: Recipe) -> dict[str, bool]:
-    cmcl = not isinstance(recipe, RevPsiRecipe)
-    return dict(psi=True, CMCL=cmcl, L_rev=bool(recipe.lambda_rev > 0) if cmcl else True,
-                rho=isinstance(recipe, CMCLPsiRhoRecipe))
-
-
-def _reverse(name: str, cls: type[Recipe], style: dict, description: str, groups: tuple[str, ...],
-             **fixed: Any) -> Method:
-    """A reverse-transform method: psi (and rho for CMCLPsiRhoRecipe) trained by fit_reverse."""
-    return Method(name, style, description, groups,
-                  slots=("psi", "rho") if cls is CMCLPsiRhoRecipe else ("psi",),
-                  fit=_fit_reverse, recipe=lambda cfg: recipe_from_profile(cls, cfg, **fixed),
-                  train_roles=("old", "new"), components=_reverse_components)
-
-
-def _forward(name: str, cls: type[Recipe], style: dict, description: str, groups: tuple[str, ...],
-             fit: Callable, prefix: str | None = None, small: bool = False, **kw: Any) -> Method:
-    """A forward-transformation method: h (old -> the query model's space) on the gallery side.
-
-    FCT and FastFill (``prefix`` given) start from their authors' recipe, changed by their own
-    ``compat.<prefix>_*`` keys only; ``small=True``: the small h (:data:`SMALL_H`) on the shared
-    ``compat`` schedule, the method's own loss keys (e.g. ``fastfill_mu``) still applied."""
-    def recipe(cfg: dict) -> Recipe:
-        if not small:
-            fixed = {}
-            if cls is FastFillRecipe and f"{prefix}_regression" not in cfg["compat"]:
-                fixed["regression"] = fastfill_regression(cfg)
-            return recipe_from_profile(cls, cfg, prefix, shared=cls is BiCTRecipe, **fixed)
-        schedule = {k: cfg["compat"][k] for k in ("epochs", "batch_size", "lr") if k in cfg["compat"]}
-        return recipe_from_profile(cls, cfg, prefix, **SMALL_H, **schedule)
-
-    return Method(name, style, description, groups, slots=("h",), fit=fit, recipe=recipe, **kw)
-
-
-def fastfill_regression(cfg: dict) -> str:
-    """FastFill's regression term at its authors' balance with the cross-entropy: their
-    element-wise mean (``"mean"``) on unnormalised embeddings, as in their code; on
-    L2-normalised embeddings that term is ``d`` times smaller than on their features (norm of
-    order ``sqrt(d)``), so the sum over dimensions (``"sum"``) restores the balance."""
-    return "sum" if C.normalize_embeddings(cfg) else "mean"
-
-
-#: The small h of FCT and FastFill kept beside the authors' transformation: this package's
-#: one-hidden-layer MLP (width 2 d) on the shared ``compat`` schedule (epochs, batch, lr), no
-#: warm-up, no weight decay, BatchNorm in training mode throughout, the summed squared error.
-SMALL_H = dict(arch="mlp", hidden=None, depth=1, weight_decay=0.0, warmup_epochs=0, bn_eval_half=False,
-               regression="sum")
-
-
-# Registration order is the order of every table and legend.
-for _m in [
-    Method("old", dict(ls=":"), "old/old: the old model on the old gallery",
-           ("main", "fig2", "settings"), backbone="old", reference="old"),
-    Method("new", dict(ls=":"), "new/new: the new model on a fully backfilled gallery",
-           ("main", "fig2", "settings"), reference="new"),
-    Method("offline", dict(ls="--"), "offline backfilling: old/old until r = 1, then new/new",
-           ("main", "fig2", "flips", "settings", "serving"), backbone="old", reference="offline"),
-    Method("naive", dict(ls="-"), "phi_new queries against the mixed gallery",
-           ("main", "flips")),
-    Method("BCT", dict(ls="-"), "backward-compatible new model (influence loss) "
-           "against the mixed gallery", ("main", "flips", "settings"), backbone="bct"),
-    _forward("FCT", FCTRecipe, dict(ls="-"), "phi_new queries; old items hold h(phi_old), "
-             "h regressed to phi_new (the authors' transformation and schedule)",
-             ("main", "flips", "settings", "order_study", "serving"), _fit_fct, "fct",
-             train_roles=("old", "new")),
-    _forward("FastFill", FastFillRecipe, dict(ls="-"), "FCT's h with uncertainty and the "
-             "new classifier's cross-entropy; backfilled by descending uncertainty",
-             ("main", "flips", "settings"), _fit_fastfill, "fastfill",
-             train_roles=("old", "new"), order=_fastfill_order, order_name="sigma"),
-    _forward("FCT-small", FCTRecipe, dict(ls=":"), "FCT with a small h (one hidden layer "
-             "of width 2 d, the shared compat schedule)", ("main",), _fit_fct,
-             "fct", small=True, train_roles=("old", "new")),
-    _forward("FastFill-small", FastFillRecipe, dict(ls=":"), "FastFill with a small h "
-             "(one hidden layer of width 2 d, the shared compat schedule)", ("main",),
-             _fit_fastfill, "fastfill", small=True, train_roles=("old", "new"),
-             order=_fastfill_order, order_name="sigma"),
-    _forward("BiCT", BiCTRecipe, dict(ls="-."), "BCT queries; old items hold h(phi_old), "
-             "h trained towards the BCT model's space", ("main", "flips", "settings"), _fit_bict, "bict",
-             backbone="bct", train_roles=("old", "bct")),
-    Method("RM", dict(ls="-"), "rank merge: phi_old and phi_new searches merged by "
-           "distance (two query passes)", ("main", "fig2", "ablation", "distances", "flips", "settings",
-                                           "order_study", "animation", "serving"),
-           two_pass=True, components=_components_rm),
-    _reverse("RM+psi", RevPsiRecipe, dict(ls="-"), "psi trained with L_rev only "
-             "(before CMCL)", ("main", "ablation", "cmcl_variants", "distances", "flips")),
-    _reverse("RM+psi+CMCL", CMCLPsiRecipe, dict(ls="-"), "psi trained with joint CMCL "
-             "+ L_rev", ("main", "ablation", "cmcl_variants", "distances", "flips", "settings"), variant="joint"),
-    _reverse("CMCL-single", CMCLPsiRecipe, dict(ls="-."), "psi trained with the backward "
-             "system's loss only", ("cmcl_variants",), variant="single"),
-    # with a frozen new model the separate variant gives psi exactly the gradient of the single
-    # one, so separate (and joint = Ours) are compared with rho trained
-    _reverse("CMCL-separate", CMCLPsiRhoRecipe, dict(ls="--"), "psi and rho, each "
-             "system's loss with its own negatives only", ("cmcl_variants",), variant="separate"),
-    _reverse("CMCL w/o L_rev", CMCLPsiRecipe, dict(ls="-."), "joint CMCL (psi only) "
-             "without L_rev", ("ablation",), variant="joint", lambda_rev=0.0),
-    _reverse("Ours", CMCLPsiRhoRecipe, dict(ls="-", lw=2.2), "psi and rho trained "
-             "jointly with CMCL + L_rev (the paper's method)",
-             ("main", "ablation", "cmcl_variants", "distances", "flips", "settings", "order_study",
-              "animation", "serving"), variant="joint"),
-]:
-    register(_m)
-del _m
-#: The package's own registrations (what a worker process of :mod:`backfill_utils.parallel` knows).
-_BUILTIN: dict[str, Method] = dict(_REGISTRY)
-
-
-def is_builtin(name: str) -> bool:
-    """Whether ``name`` is registered with the package's own registration (not replaced or
-    added in a notebook): a worker process, which imports the package afresh, can train it.
-
-    >>> is_builtin("Ours"), is_builtin("no such method")
-    (True, False)
-    """
-    return name in _BUILTIN and _REGISTRY.get(name) is _BUILTIN[name]

@@ -279,7 +279,7 @@ class FastFillRecipe(_ForwardRecipe):
     ``sqrt(d)``), which gives the cross-entropy far more weight than in their runs;
     ``regression = "sum"`` restores their balance up to a factor of order 1, and the
     registry's FastFill uses it when the profile normalises the embeddings
-    (:func:`backfill_utils.backfill.registry.fastfill_regression`; the tuning searches both).
+    (:func:`backfill_utils.backfill.builtin.fastfill_regression`; the tuning searches both).
     ``mu = 0``: no classification term.
     """
 

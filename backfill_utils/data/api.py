@@ -10,7 +10,7 @@ The concepts live in their own modules; their public names are importable from h
 * :mod:`~backfill_utils.data.synthetic` -- :func:`make_synthetic`, the offline generator
   (:data:`SYNTHETIC_VERSION`, :func:`synthetic_defaults`);
 * :mod:`~backfill_utils.data.registry` -- names, split names, :class:`DatasetError`;
-* :mod:`~backfill_utils.data.layouts` -- the on-disk layouts and their edge cases;
+* :mod:`~backfill_utils.data.layout_folders` -- the on-disk layouts and their edge cases;
 * :mod:`~backfill_utils.data.datasets` -- the Dataset classes, :func:`sample_grid`, :func:`tile_grid`;
 * :mod:`~backfill_utils.data.transforms` -- :func:`train_transform`, :func:`test_transform`,
   :class:`TensorAugment`;
@@ -30,13 +30,14 @@ is the test set of the retrieval protocol).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Callable
 
 from torch.utils.data import Dataset
 
-from . import layouts as L
+from . import layout_cifar as LC, layout_folders as LF, layout_torchvision as LT
 from .datasets import ArrayDataset, FolderDataset, SyntheticDataset, TorchvisionDataset, sample_grid, tile_grid
-from .layouts import IMG_EXTENSIONS, EmptyClassFolderWarning
+from .layout_folders import IMG_EXTENSIONS, EmptyClassFolderWarning
 from .registry import (
     FOLDER_DATASETS, IMAGENET_MEAN, IMAGENET_STD, TORCHVISION_DATASETS, DatasetError, available_datasets,
     canonical_split, check_name, resolve_root)
@@ -79,7 +80,7 @@ __all__ = [
 
 
 def _dataset_root(key: str, root: str | os.PathLike | None):
-    default_sub = "" if key in TORCHVISION_DATASETS else FOLDER_DATASETS[key][4]
+    default_sub = "" if key in TORCHVISION_DATASETS else FOLDER_DATASETS[key].folder
     return resolve_root(root, default_sub, key)
 
 
@@ -129,7 +130,7 @@ def get_dataset(name: str, split: str = "train", *, root: str | os.PathLike | No
     ``<repo>/data``), with a per-dataset sub-folder for the folder datasets.
     Raises :class:`DatasetError` naming the path, what was expected and how to get it.
     Class folders without images are skipped with an :class:`EmptyClassFolderWarning`;
-    see :mod:`backfill_utils.data.layouts` for every layout's rules.
+    see :mod:`backfill_utils.data.layout_folders` for every layout's rules.
     """
     key = check_name(name)
     split = canonical_split(split)
@@ -139,16 +140,16 @@ def get_dataset(name: str, split: str = "train", *, root: str | os.PathLike | No
         return SyntheticDataset(images, targets, transform)
     root_path = _dataset_root(key, root)
     if key == "cifar100":
-        return L.cifar100(split, root_path, download, transform)
+        return LC.cifar100(split, root_path, download, transform)
     if key in TORCHVISION_DATASETS:
-        return L.torchvision_dataset(key, split, root_path, download, transform, options)
+        return LT.torchvision_dataset(key, split, root_path, download, transform, options)
     if key == "places365":
-        return L.places365(split, root_path, download, transform, options)
+        return LT.places365(split, root_path, download, transform, options)
     if key == "tinyimagenet":
-        return L.tinyimagenet(split, root_path, transform)
+        return LF.tinyimagenet(split, root_path, transform)
     if key == "imagenet":
-        return L.imagenet(split, root_path, transform)
-    return L.imagefolder(key, split, root_path, transform,
+        return LT.imagenet(split, root_path, transform)
+    return LF.imagefolder(key, split, root_path, transform,
                                "Prepare root/train/<class>/*.jpg and root/val/<class>/*.jpg (or test/).")
 
 
@@ -166,10 +167,10 @@ def dataset_info(name: str, root: str | os.PathLike | None = None, **options) ->
     key = check_name(name)
     n, size, mean, std = nominal_stats(key, options if key == "synthetic" else {})
     if key == "imagefolder":
-        n = len(L.class_folders(_dataset_root(key, root) / "train",
+        n = len(LF.class_folders(_dataset_root(key, root) / "train",
                                       "Prepare root/train/<class>/*.jpg."))
     elif key != "synthetic" and (key == "cifar100" or key in FOLDER_DATASETS):
-        n = L.num_classes_on_disk(key, _dataset_root(key, root)) or n
+        n = num_classes_on_disk(key, _dataset_root(key, root)) or n
     return dict(num_classes=n, image_size=size, mean=tuple(mean), std=tuple(std))
 
 
@@ -191,3 +192,20 @@ def dataset_identity(name: str, root: str | os.PathLike | None = None, **options
         return {}
     root_path = _dataset_root(key, root)
     return {"root": str(root_path), "num_classes": dataset_info(key, root, **options)["num_classes"]}
+
+
+def num_classes_on_disk(key: str, root: Path) -> int | None:
+    """The number of classes the files at ``root`` hold, or None when they are not there.
+
+    Cheap: class folders (stopping at each one's first image), CIFAR's ``meta`` or
+    Places' category file, never the images themselves.
+    """
+    folder_train = root / "train"
+    if key == "cifar100":
+        folder = root / "cifar-100-python"
+        return len(LC.cifar_names(folder)) if folder.is_dir() else None
+    if key in ("tinyimagenet", "imagenet", "imagefolder") or (key == "places365" and folder_train.is_dir()):
+        return len(LF.class_folders(folder_train)) if folder_train.is_dir() else None
+    if key == "places365" and (root / "categories_places365.txt").is_file():
+        return len(LT.places_categories(root))
+    return None

@@ -10,12 +10,15 @@ takes its normalisation statistics from them.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 from ..config import data_root
 
 __all__ = [
     "DatasetError",
+    "DatasetEntry",
     "canonical_split",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -44,46 +47,69 @@ def canonical_split(split: str) -> str:
         ) from None
 
 
+@dataclass(frozen=True)
+class DatasetEntry:
+    """One dataset of the registry: what the package needs to know before reading a file.
+
+    ``num_classes`` (``None``: counted from the class folders, ``imagefolder``), ``image_size``
+    (the protocol's training resolution), the normalisation ``mean`` and ``std``; for a
+    torchvision set its class name (``torchvision_class``), the constructor arguments of each
+    split (``split_kwargs``) and whether torchvision can download it (``downloadable``); for a
+    set read from image files the default sub-folder of the data root (``folder``).
+
+    >>> FOLDER_DATASETS["tinyimagenet"].folder, TORCHVISION_DATASETS["cifar100"].image_size
+    ('tiny-imagenet-200', 32)
+    """
+
+    num_classes: int | None
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    torchvision_class: str | None = None
+    split_kwargs: Mapping[str, Mapping[str, Any]] | None = None
+    downloadable: bool = True
+    folder: str | None = None
+
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# name -> (torchvision class, {split: constructor kwargs}, num_classes, image_size, mean, std,
-#          downloadable)
 _G = (0.5, 0.5, 0.5)
-TORCHVISION_DATASETS: dict[str, tuple] = {
-    "cifar10": ("CIFAR10", {"train": {"train": True}, "test": {"train": False}}, 10, 32,
-                (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True),
-    "cifar100": ("CIFAR100", {"train": {"train": True}, "test": {"train": False}}, 100, 32,
-                 (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True),
-    "mnist": ("MNIST", {"train": {"train": True}, "test": {"train": False}}, 10, 28,
-              (0.1307,) * 3, (0.3081,) * 3, True),
-    "fashionmnist": ("FashionMNIST", {"train": {"train": True}, "test": {"train": False}}, 10, 28,
-                     (0.2860,) * 3, (0.3530,) * 3, True),
-    "kmnist": ("KMNIST", {"train": {"train": True}, "test": {"train": False}}, 10, 28,
-               (0.1918,) * 3, (0.3483,) * 3, True),
-    "usps": ("USPS", {"train": {"train": True}, "test": {"train": False}}, 10, 16, _G, _G, True),
-    "svhn": ("SVHN", {"train": {"split": "train"}, "test": {"split": "test"}}, 10, 32,
-             (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), True),
-    "stl10": ("STL10", {"train": {"split": "train"}, "test": {"split": "test"}}, 10, 96,
-              (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713), True),
-    "food101": ("Food101", {"train": {"split": "train"}, "test": {"split": "test"}}, 101, 224,
-                IMAGENET_MEAN, IMAGENET_STD, True),
-    "flowers102": ("Flowers102", {"train": {"split": "train"}, "test": {"split": "test"}}, 102, 224,
-                   IMAGENET_MEAN, IMAGENET_STD, True),
-    "dtd": ("DTD", {"train": {"split": "train"}, "test": {"split": "test"}}, 47, 224,
-            IMAGENET_MEAN, IMAGENET_STD, True),
-    "fgvc_aircraft": ("FGVCAircraft", {"train": {"split": "trainval"}, "test": {"split": "test"}}, 100, 224,
-                      IMAGENET_MEAN, IMAGENET_STD, True),
-    "oxford_pets": ("OxfordIIITPet", {"train": {"split": "trainval"}, "test": {"split": "test"}}, 37, 224,
-                    IMAGENET_MEAN, IMAGENET_STD, True),
-    "stanford_cars": ("StanfordCars", {"train": {"split": "train"}, "test": {"split": "test"}}, 196, 224,
-                      IMAGENET_MEAN, IMAGENET_STD, False),
-    "gtsrb": ("GTSRB", {"train": {"split": "train"}, "test": {"split": "test"}}, 43, 32,
-              (0.3403, 0.3121, 0.3214), (0.2724, 0.2608, 0.2669), True),
-    "country211": ("Country211", {"train": {"split": "train"}, "test": {"split": "test"}}, 211, 224,
-                   IMAGENET_MEAN, IMAGENET_STD, True),
-    "imagenette": ("Imagenette", {"train": {"split": "train"}, "test": {"split": "val"}}, 10, 224,
-                   IMAGENET_MEAN, IMAGENET_STD, True),
+TORCHVISION_DATASETS: dict[str, DatasetEntry] = {
+    "cifar10": DatasetEntry(10, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), torchvision_class="CIFAR10",
+        split_kwargs={"train": {"train": True}, "test": {"train": False}}),
+    "cifar100": DatasetEntry(100, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
+        torchvision_class="CIFAR100", split_kwargs={"train": {"train": True}, "test": {"train": False}}),
+    "mnist": DatasetEntry(10, 28, (0.1307,) * 3, (0.3081,) * 3, torchvision_class="MNIST",
+        split_kwargs={"train": {"train": True}, "test": {"train": False}}),
+    "fashionmnist": DatasetEntry(10, 28, (0.2860,) * 3, (0.3530,) * 3, torchvision_class="FashionMNIST",
+        split_kwargs={"train": {"train": True}, "test": {"train": False}}),
+    "kmnist": DatasetEntry(10, 28, (0.1918,) * 3, (0.3483,) * 3, torchvision_class="KMNIST",
+        split_kwargs={"train": {"train": True}, "test": {"train": False}}),
+    "usps": DatasetEntry(10, 16, _G, _G, torchvision_class="USPS",
+        split_kwargs={"train": {"train": True}, "test": {"train": False}}),
+    "svhn": DatasetEntry(10, 32, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), torchvision_class="SVHN",
+        split_kwargs={"train": {"split": "train"}, "test": {"split": "test"}}),
+    "stl10": DatasetEntry(10, 96, (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713), torchvision_class="STL10",
+        split_kwargs={"train": {"split": "train"}, "test": {"split": "test"}}),
+    "food101": DatasetEntry(101, 224, IMAGENET_MEAN, IMAGENET_STD, torchvision_class="Food101",
+        split_kwargs={"train": {"split": "train"}, "test": {"split": "test"}}),
+    "flowers102": DatasetEntry(102, 224, IMAGENET_MEAN, IMAGENET_STD, torchvision_class="Flowers102",
+        split_kwargs={"train": {"split": "train"}, "test": {"split": "test"}}),
+    "dtd": DatasetEntry(47, 224, IMAGENET_MEAN, IMAGENET_STD, torchvision_class="DTD",
+        split_kwargs={"train": {"split": "train"}, "test": {"split": "test"}}),
+    "fgvc_aircraft": DatasetEntry(100, 224, IMAGENET_MEAN, IMAGENET_STD, torchvision_class="FGVCAircraft",
+        split_kwargs={"train": {"split": "trainval"}, "test": {"split": "test"}}),
+    "oxford_pets": DatasetEntry(37, 224, IMAGENET_MEAN, IMAGENET_STD, torchvision_class="OxfordIIITPet",
+        split_kwargs={"train": {"split": "trainval"}, "test": {"split": "test"}}),
+    "stanford_cars": DatasetEntry(196, 224, IMAGENET_MEAN, IMAGENET_STD, torchvision_class="StanfordCars",
+        split_kwargs={"train": {"split": "train"}, "test": {"split": "test"}}, downloadable=False),
+    "gtsrb": DatasetEntry(43, 32, (0.3403, 0.3121, 0.3214), (0.2724, 0.2608, 0.2669), torchvision_class="GTSRB",
+        split_kwargs={"train": {"split": "train"}, "test": {"split": "test"}}),
+    "country211": DatasetEntry(211, 224, IMAGENET_MEAN, IMAGENET_STD, torchvision_class="Country211",
+        split_kwargs={"train": {"split": "train"}, "test": {"split": "test"}}),
+    "imagenette": DatasetEntry(10, 224, IMAGENET_MEAN, IMAGENET_STD, torchvision_class="Imagenette",
+        split_kwargs={"train": {"split": "train"}, "test": {"split": "val"}}),
 }
 """torchvision datasets reached through the generic adapter (``cifar100`` among them).
 
@@ -92,17 +118,17 @@ USPS), ``trainval``/``test`` (FGVC-Aircraft, Oxford pets), ``train``/``val``
 (Imagenette). Flowers-102 and DTD use their ``train`` split (no ``val``). Grey images
 are converted to RGB. Extra ``options`` go to the torchvision constructor (e.g.
 ``partition=2`` for DTD, ``size="320px"`` for Imagenette). ``cifar100`` is read from
-its python archive by :func:`backfill_utils.data.layouts.cifar100` (see there).
+its python archive by :func:`backfill_utils.data.layout_cifar.cifar100` (see there).
 """
 
-FOLDER_DATASETS = {
-    # name -> (num_classes, image_size, mean, std, default sub-folder of the data root)
-    "tinyimagenet": (200, 64, (0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821), "tiny-imagenet-200"),
-    "imagenet": (1000, 224, IMAGENET_MEAN, IMAGENET_STD, "imagenet"),
-    "places365": (365, 224, IMAGENET_MEAN, IMAGENET_STD, "places365"),
-    "imagefolder": (None, 224, IMAGENET_MEAN, IMAGENET_STD, None),
+FOLDER_DATASETS: dict[str, DatasetEntry] = {
+    "tinyimagenet": DatasetEntry(200, 64, (0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821),
+                                 folder="tiny-imagenet-200"),
+    "imagenet": DatasetEntry(1000, 224, IMAGENET_MEAN, IMAGENET_STD, folder="imagenet"),
+    "places365": DatasetEntry(365, 224, IMAGENET_MEAN, IMAGENET_STD, folder="places365"),
+    "imagefolder": DatasetEntry(None, 224, IMAGENET_MEAN, IMAGENET_STD),
 }
-"""Datasets read from image files on disk (:mod:`backfill_utils.data.layouts`)."""
+"""Datasets read from image files on disk (:mod:`backfill_utils.data.layout_folders`)."""
 
 _ALIASES = {"tinyimagenet200": "tinyimagenet", "places": "places365", "imagenet1k": "imagenet"}
 

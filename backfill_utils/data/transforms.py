@@ -97,11 +97,8 @@ def nominal_stats(key: str, options: dict) -> tuple[int | None, int, tuple, tupl
         defaults = synthetic_defaults()
         return (options.get("num_classes", defaults["num_classes"]),
                 options.get("image_size", defaults["image_size"]), mean, std)
-    if key in TORCHVISION_DATASETS:
-        _, _, n, size, mean, std, _ = TORCHVISION_DATASETS[key]
-        return n, size, mean, std
-    n, size, mean, std, _ = FOLDER_DATASETS[key]
-    return n, size, mean, std
+    entry = TORCHVISION_DATASETS[key] if key in TORCHVISION_DATASETS else FOLDER_DATASETS[key]
+    return entry.num_classes, entry.image_size, entry.mean, entry.std
 
 
 def _norm_stats(name, mean, std, options):

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ..io import atomic_write
-from .plots import METRIC_LABEL, method_style
+from .style import METRIC_LABEL, method_style
 from .thumbnails import NEW_COLOR, OLD_COLOR, hex_rgb, lookup, thumbnail_strip, upscale
 
 __all__ = ["backfill_animation", "save_animation", "gif_html", "show_animation"]

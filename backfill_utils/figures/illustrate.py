@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..backfill import systems as B
+from ..backfill import orders, systems as BS
 from ..retrieval import distances as DS
 from .. import embed as E
 from ..retrieval import metrics as MT
@@ -28,7 +28,7 @@ __all__ = ["retrieve_topk", "retrieve_topk_over_ratios", "changing_queries", "mi
            "gallery_images", "pair_distances", "system_pair_distances", "calibration_summary"]
 
 
-def retrieve_topk(system: B.BackfillSystem, ratio: float, k: int, *, queries=None,
+def retrieve_topk(system: BS.BackfillSystem, ratio: float, k: int, *, queries=None,
                   exclude_self: bool = False, part: str = "merged", seed: int = 0,
                   chunk_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` gallery items of ``queries`` at backfill ratio ``ratio``: ``(D, I)``.
@@ -99,11 +99,11 @@ def retrieve_topk(system: B.BackfillSystem, ratio: float, k: int, *, queries=Non
     return D, I
 
 
-def retrieve_topk_over_ratios(system: B.BackfillSystem, ratios, k: int, *, queries=None,
+def retrieve_topk_over_ratios(system: BS.BackfillSystem, ratios, k: int, *, queries=None,
                               exclude_self: bool = False, seed: int = 0) -> dict[str, np.ndarray]:
     """:func:`retrieve_topk` at every ratio: ``distances``, ``indices`` and
     ``from_new`` (the result item holds its new embedding), each (R, Q, k)."""
-    ratios = B.check_ratios(ratios)
+    ratios = orders.check_ratios(ratios)
     out = {"distances": [], "indices": [], "from_new": []}
     for r in ratios:
         D, I = retrieve_topk(system, r, k, queries=queries, exclude_self=exclude_self, seed=seed)
@@ -113,7 +113,7 @@ def retrieve_topk_over_ratios(system: B.BackfillSystem, ratios, k: int, *, queri
     return {key: np.stack(v) for key, v in out.items()}
 
 
-def changing_queries(system: B.BackfillSystem, labels, n: int = 3, k: int = 5, *,
+def changing_queries(system: BS.BackfillSystem, labels, n: int = 3, k: int = 5, *,
                      exclude_self: bool = True, seed: int = 0) -> np.ndarray:
     """``n`` queries whose top-``k`` lists change the most for the better from ratio 0
     to ratio 1 (gain in correct results, then more correct at 1; ties by index)."""
@@ -125,7 +125,7 @@ def changing_queries(system: B.BackfillSystem, labels, n: int = 3, k: int = 5, *
     return key[:n].astype(np.int64)
 
 
-def mixed_source_query(system: B.BackfillSystem, labels, ratio: float = 0.5, k: int = 5, *,
+def mixed_source_query(system: BS.BackfillSystem, labels, ratio: float = 0.5, k: int = 5, *,
                        exclude_self: bool = True, seed: int = 0) -> int:
     """A query for Fig. 1: its merged top-``k`` at ``ratio`` holds items of both parts,
     as balanced as possible, with as many correct results as possible (ties by index)."""

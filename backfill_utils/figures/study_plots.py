@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from .plots import label_strip, method_style, staggered, tick_number
+from .style import label_strip, method_style, staggered, tick_number
 
 __all__ = ["tuning_trials", "sensitivity", "family_label", "regime_map", "regime_decider"]
 

@@ -1,7 +1,7 @@
 """The exact retrieval engine: AP and first relevant rank of every query, chunk by chunk.
 
 Behind :func:`backfill_utils.retrieval.metrics.evaluate_retrieval` (one ranking) and
-:func:`backfill_utils.backfill.systems.backfill_curve` (a ranking at every backfill
+:func:`backfill_utils.backfill.curves.backfill_curve` (a ranking at every backfill
 ratio). The definitions (distance, relevance, tie rules) are in
 :mod:`backfill_utils.retrieval.metrics`; this module computes them exactly, never sorts a
 gallery row and never holds more than one chunk of queries in memory.

@@ -7,7 +7,7 @@ Two layers live here.
   :func:`average_precision`, :func:`first_relevant_rank`, :func:`cmc_at_k`.
   They are short, easy to check and fine for small problems.
 * **The chunked engine** behind :func:`evaluate_retrieval` (and
-  :func:`backfill_utils.backfill.systems.backfill_curve`): exact, the same numbers as the
+  :func:`backfill_utils.backfill.curves.backfill_curve`): exact, the same numbers as the
   dense functions, but it never sorts a row and never holds more than one chunk
   of queries in memory (:mod:`backfill_utils.retrieval.engine`).
 

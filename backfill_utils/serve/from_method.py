@@ -1,4 +1,4 @@
-"""A registered method as a served index: :meth:`OnlineBackfillIndex.from_method` and its gallery.
+"""A registered method as a served index: :func:`index_from_method` and, with its gallery, :func:`served_method`.
 
 A trained method of the registry (:mod:`backfill_utils.backfill.registry`) has its modules by
 slot; the index of :mod:`backfill_utils.serve.index` takes the same slots
@@ -37,9 +37,10 @@ from typing import Any
 
 import numpy as np
 
-from ..backfill import systems as B
+from ..backfill import orders
 from ..backfill import experiments as X
 from ..backfill import registry as MM
+from .index import OnlineBackfillIndex
 
 __all__ = ["ServedMethod", "served_method", "index_arguments"]
 
@@ -109,8 +110,6 @@ def served_method(cfg: dict, setting: str, name: str, *, recipe: Any = None, see
     ``fill``: add the old gallery (ids = rows); ``index_kwargs``: ``factory``,
     ``search_params``, ``batch_size`` of the index.
     """
-    from .index import OnlineBackfillIndex
-
     m = MM.get(name)
     kwargs = index_arguments(m, MM.Trained())  # references fail before anything is loaded
     data = data or X.SettingData(cfg, setting, progress=progress, split=split)
@@ -120,8 +119,20 @@ def served_method(cfg: dict, setting: str, name: str, *, recipe: Any = None, see
                if m.trainable else MM.Trained())
     kwargs = index_arguments(m, trained)
     old, new = data.test("old"), data.test(m.backbone)
-    order = B.method_order(m, trained, old, int(cfg["eval"]["order_seed"]))
+    order = orders.method_order(m, trained, old, int(cfg["eval"]["order_seed"]))
     index = OnlineBackfillIndex(old.shape[1], new.shape[1], **kwargs, **index_kwargs)
     if fill:
         index.add_old(np.arange(len(old)), old)
     return ServedMethod(name, index, old, new, np.asarray(data.test_labels), order, m.two_pass)
+
+
+def index_from_method(cfg: dict, setting: str, name: str, **kwargs: Any) -> OnlineBackfillIndex:
+    """The index of registered method ``name`` in ``setting``, its modules trained or
+    loaded from the cache, filled with the old gallery of the test split (ids = rows).
+
+    The slots map as in the module docstring (psi, rho, h, two passes); the
+    references old/new/offline are an error. ``kwargs``: those of :func:`served_method`
+    (``recipe``, ``seed``, ``split``, ``fill``, ``factory``, ``search_params``, ...),
+    which also returns the gallery's new embeddings and the method's backfill order.
+    """
+    return served_method(cfg, setting, name, **kwargs).index

@@ -40,9 +40,9 @@ FCT, FastFill,      -- (identity)       --                h (first output)    Fa
 BiCT (BCT query)
 ==================  ==================  ================  ==================  ========
 
-A registered method builds the index in one call, :meth:`OnlineBackfillIndex.from_method`
-(:mod:`backfill_utils.serve.from_method`; FastFill's backfill order comes with
-``serve_registry.served_method``: backfill in that order). Thread safety: searches share a
+A registered method builds the index in one call,
+:func:`backfill_utils.serve.from_method.index_from_method` (FastFill's backfill order comes
+with :func:`~backfill_utils.serve.from_method.served_method`: backfill in that order). Thread safety: searches share a
 readers-writer lock, mutations hold it alone, so a query never sees an item on
 both sides or on neither; faiss releases the GIL while it searches.
 
@@ -58,33 +58,24 @@ both sides or on neither; faiss releases the GIL while it searches.
 """
 from __future__ import annotations
 
-import json
 import operator
 import os
 import threading
 from pathlib import Path
 from typing import Any, Callable
 
-import faiss
 import numpy as np
 
-from .. import __version__, io
-from .parts import (
-    RWLock, Transform, as_ids, as_matrix, contains_sorted, merge_topk, open_index_file, transform_from_state,
-    transform_state)
+from .checks import as_ids, as_matrix, contains_sorted
+from .index_file import UNSET, load_index, save_index
+from .lock import RWLock
+from .merge import merge_topk
+from .transform import Transform
 from .side import FaissSide
 
-__all__ = ["OnlineBackfillIndex", "FORMAT", "FORMAT_VERSION"]
-
-#: ``format`` field of a saved index and the version this code reads and writes.
-FORMAT = "backfill_utils.serve.index.OnlineBackfillIndex"
-FORMAT_VERSION = 1
-_UNSET: Any = object()
-_SLOTS = ("query", "new", "gallery")
-
+__all__ = ["OnlineBackfillIndex", "MAX_K"]
 
 MAX_K = 4096  # k beyond the index's size is padded (faiss's convention) up to this many columns
-MAX_SAVED_DIM = 1 << 20  # an embedding dimension in a saved index file
 
 
 def _positive_int(x: Any, name: str) -> int:
@@ -129,9 +120,10 @@ class OnlineBackfillIndex:
 
     A transform is a ``torch.nn.Module`` (put in eval mode, run without
     gradients, batched) or a callable on float32 numpy arrays; see
-    :class:`~backfill_utils.serve.parts.Transform`.
+    :class:`~backfill_utils.serve.transform.Transform`.
 
-    A registered method builds its index in one call: :meth:`from_method`.
+    A registered method builds its index in one call:
+    :func:`backfill_utils.serve.from_method.index_from_method`.
     """
 
     def __init__(self, d_old: int, d_new: int, *, query_transform: Callable | None = None,
@@ -173,21 +165,6 @@ class OnlineBackfillIndex:
     def for_gallery_transform(cls, d_old: int, d_new: int, h: Callable, **kwargs: Any) -> "OnlineBackfillIndex":
         """FCT / FastFill: old items are stored as ``h(phi_old)``; the new query searches both sides."""
         return cls(d_old, d_new, gallery_transform=h, **kwargs)
-
-    @classmethod
-    def from_method(cls, cfg: dict, setting: str, name: str, **kwargs: Any) -> "OnlineBackfillIndex":
-        """The index of registered method ``name`` in ``setting``, its modules trained or
-        loaded from the cache, filled with the old gallery of the test split (ids = rows).
-
-        The slots map as in the module docstring (psi, rho, h, two passes); the
-        references old/new/offline are an error. ``kwargs``: those of
-        :func:`backfill_utils.serve.from_method.served_method` (``recipe``, ``seed``,
-        ``split``, ``fill``, ``factory``, ``search_params``, ...), which also returns
-        the gallery's new embeddings and the method's backfill order.
-        """
-        from .from_method import served_method
-
-        return served_method(cfg, setting, name, **kwargs).index
 
     @classmethod
     def rank_merge(cls, d_old: int, d_new: int, **kwargs: Any) -> "OnlineBackfillIndex":
@@ -410,34 +387,14 @@ class OnlineBackfillIndex:
         :func:`backfill_utils.compat.modules.build_module` rebuilds (the compat modules)
         as its ``state_dict`` plus that config. Any other transform cannot be
         saved: an error, unless ``skip_transforms=True``, which records the slot
-        as unsaved; :meth:`load` then needs it passed again.
+        as unsaved; :meth:`load` then needs it passed again (the format:
+        :mod:`backfill_utils.serve.index_file`).
         """
-        path = Path(path)
-        arrays: dict[str, np.ndarray] = {}
-        transforms = {slot: transform_state(self._transforms[slot], slot, skip_transforms, arrays)
-                      for slot in _SLOTS}
-        with self._lock.read():
-            sides = {name: side.state() for name, side in (("old", self._old), ("new", self._new))}
-            meta = {"format": FORMAT, "version": FORMAT_VERSION, "backfill_utils": __version__,
-                    "faiss": faiss.__version__, "d_old": self.d_old, "d_new": self.d_new,
-                    "factory": self.factory, "two_pass": self.two_pass, "transforms": transforms,
-                    "search_params": self._old.search_params,
-                    "sides": {n: {"d": s.d, "mode": s.mode, "n": len(s), "n_dead": s.n_dead}
-                              for n, s in (("old", self._old), ("new", self._new))}}
-        for name, st in sides.items():
-            arrays.update({f"{name}.{key}": value for key, value in st.items()})
-        arrays["meta"] = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as fh:  # a file object: np.savez adds no ".npz" to the name
-                np.savez(fh, **arrays)
-                fh.flush()
-                os.fsync(fh.fileno())
-
-        return io.atomic_write(path, write)
+        return save_index(self, path, skip_transforms=skip_transforms)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, query_transform: Any = _UNSET, new_transform: Any = _UNSET,
-             gallery_transform: Any = _UNSET, batch_size: int = 4096) -> "OnlineBackfillIndex":
+    def load(cls, path: str | os.PathLike, *, query_transform: Any = UNSET, new_transform: Any = UNSET,
+             gallery_transform: Any = UNSET, batch_size: int = 4096) -> "OnlineBackfillIndex":
         """Read an index written by :meth:`save`.
 
         A transform passed here replaces the saved one (it must keep the saved
@@ -448,41 +405,5 @@ class OnlineBackfillIndex:
         transform's saved config is checked against its saved weights before the
         module is built, so a crafted file cannot make this allocate more than it holds.
         """
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such index file")
-        with open_index_file(path, FORMAT, FORMAT_VERSION) as (data, meta):
-            return cls._from_file(path, data, meta, batch_size, {
-                "query": query_transform, "new": new_transform, "gallery": gallery_transform})
-
-    @classmethod
-    def _from_file(cls, path: Path, data, meta: dict, batch_size: int, given: dict) -> "OnlineBackfillIndex":
-        try:
-            for name in ("old", "new"):
-                saved = meta["sides"][name]
-                ids = data[f"{name}.ids"]
-                if ids.ndim != 1 or len(ids) != saved["n"] or not 1 <= int(saved["d"]) <= MAX_SAVED_DIM:
-                    raise ValueError(f"{path}: the {name} side's metadata (n = {saved['n']}, d = {saved['d']}) does "
-                                     f"not match its {ids.shape} saved ids; the file is inconsistent")
-            for side_dim in ("d_old", "d_new"):
-                if not 1 <= int(meta[side_dim]) <= MAX_SAVED_DIM:
-                    raise ValueError(f"{path}: {side_dim} = {meta[side_dim]} is outside 1..{MAX_SAVED_DIM}; the file "
-                                     "is crafted or corrupt")
-            fns = {slot: given[slot] if given[slot] is not _UNSET
-                   else transform_from_state(meta["transforms"][slot], slot, data, path) for slot in _SLOTS}
-            index = cls(meta["d_old"], meta["d_new"], query_transform=fns["query"], new_transform=fns["new"],
-                        gallery_transform=fns["gallery"], factory=meta["factory"],
-                        search_params=meta["search_params"], two_pass=meta["two_pass"], batch_size=batch_size)
-            for name, side in (("old", index._old), ("new", index._new)):
-                saved = meta["sides"][name]
-                if saved["d"] != side.d or saved["mode"] != side.mode:
-                    raise ValueError(
-                        f"{path}: the {name} side was saved with dimension {saved['d']} ({saved['mode']}) but the "
-                        f"transforms now give {side.d} ({side.mode}); pass transforms with the saved dimensions")
-                side.restore({key: data[f"{name}.{key}"] for key in ("index", "ids", "labels", "live")}, str(path))
-        except (KeyError, TypeError, RuntimeError, AttributeError) as exc:
-            raise ValueError(f"{path}: not a consistent OnlineBackfillIndex file "
-                             f"({type(exc).__name__}: {exc})") from None
-        if contains_sorted(index._old.ids, index._new.ids).any():
-            raise ValueError(f"{path}: some ids are on both sides; the file is inconsistent")
-        return index
+        return load_index(cls, path, {"query": query_transform, "new": new_transform,
+                                      "gallery": gallery_transform}, batch_size)

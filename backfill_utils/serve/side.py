@@ -34,7 +34,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from .parts import contains_sorted, delete_sorted, insert_sorted
+from .checks import contains_sorted, delete_sorted, insert_sorted
 
 __all__ = ["FaissSide", "check_search_params"]
 

@@ -140,14 +140,14 @@ def service(cfg: dict, setting: str, name: str, *, progress: bool = True, **inde
     """What :func:`simulate` serves for registered method ``name``: its
     :class:`~backfill_utils.serve.from_method.ServedMethod`, or an :class:`OfflineService`
     for ``offline`` (on the same gallery and random order)."""
-    from ..backfill import systems as B
+    from ..backfill import orders
     from ..backfill import experiments as X
     from .from_method import served_method
 
     if MM.get(name).reference == "offline":
         data = X.SettingData(cfg, setting, progress=progress)
         old = data.test("old")
-        order = B.method_order(MM.get(name), MM.Trained(), old, int(cfg["eval"]["order_seed"]))
+        order = orders.method_order(MM.get(name), MM.Trained(), old, int(cfg["eval"]["order_seed"]))
         return OfflineService(old, data.test("new"), np.asarray(data.test_labels), order, **index_kwargs)
     return served_method(cfg, setting, name, progress=progress, **index_kwargs)
 
@@ -239,7 +239,7 @@ def load_figure(quality: pd.DataFrame, latency: pd.DataFrame, plan: LoadPlan, n_
     :data:`LATENCY_NOTE` under the panels."""
     import matplotlib.pyplot as plt
 
-    from ..figures.plots import plain_log_axis
+    from ..figures.style import plain_log_axis
 
     fig, axes = plt.subplots(2, 2, figsize=(11.0, 7.6), sharex=True)
     done = math.ceil(n_items / (plan.throughput * plan.tick_s)) * plan.tick_s

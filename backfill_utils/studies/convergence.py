@@ -17,9 +17,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..backfill import systems as B
+from ..backfill import curves as BC, orders
 from ..backfill import experiments as X
-from .. import io
+from .. import cache, io
 from ..backfill import registry as MM
 from .. import train as TR
 from ..compat.fit import fit_fct
@@ -38,7 +38,7 @@ def pool_job(cfg: dict, setting: str = "extended") -> list[tuple]:
     (``seeds.train_seeded(..., also=...)``): ``[(fn, args, cost, label)]``, or ``[]``
     when the history is already cached. It runs beside the modules' trainings; the
     notebook then reads it from the cache."""
-    if io.cache_path("convergence", _key(cfg, setting)).is_file():
+    if cache.cache_path("convergence", _key(cfg, setting)).is_file():
         return []
     epochs = float(MM.get("FCT").default_recipe(cfg).epochs)
     # a training of FCT plus one validation curve per epoch: about 1.5 trainings
@@ -63,9 +63,9 @@ def fct_convergence(cfg: dict, setting: str = "extended", *, progress: bool = Tr
 
         def on_epoch(epoch: int, modules) -> dict:
             trained = MM.Trained(h=modules[0])
-            system = X.make_system(method, old, new, trained, B.method_order(method, trained, old, seed))
+            system = X.make_system(method, old, new, trained, orders.method_order(method, trained, old, seed))
             # a validation class with a single image has no relevant item left out of it: skipped
-            curve = B.backfill_curve(system, labels, labels, ratios=r, exclude_self=True, on_no_relevant="skip")
+            curve = BC.backfill_curve(system, labels, labels, ratios=r, exclude_self=True, on_no_relevant="skip")
             return {f"val_auc_{k}": float(np.trapezoid(curve[m].to_numpy(), r))
                     for k, m in (("map", "mAP"), ("top1", "top1"))}
 
@@ -73,7 +73,7 @@ def fct_convergence(cfg: dict, setting: str = "extended", *, progress: bool = Tr
                              disable=not progress, on_epoch=on_epoch)
         return io.frame_to_arrays(history, "history::")
 
-    arrays = io.cached_arrays("convergence", key, compute,
+    arrays = cache.cached_arrays("convergence", key, compute,
                               what=f"FCT's training history with validation AUCs ({setting} setting)")
     return io.arrays_to_frame(arrays, "history::")
 

@@ -15,10 +15,10 @@ import dataclasses
 import numpy as np
 import pandas as pd
 
-from ..backfill import systems as B
+from ..backfill import curves as BC, orders
 from .. import embed as E
 from ..backfill import experiments as X
-from .. import io
+from .. import cache, io
 from ..backfill import registry as MM
 from ..retrieval import metrics as MT
 
@@ -52,7 +52,7 @@ def order_comparison(cfg: dict, setting: str, names=None, *, owner: str | None =
         curves, summary = _order_comparison(cfg, setting, owner, names, progress=progress)
         return {**io.frame_to_arrays(curves, "curves::"), **io.frame_to_arrays(summary, "summary::")}
 
-    arrays = io.cached_arrays("experiments", key, compute,
+    arrays = cache.cached_arrays("experiments", key, compute,
                               what=f"the backfill-order study of the {setting} setting")
     return io.arrays_to_frame(arrays, "curves::"), io.arrays_to_frame(arrays, "summary::")
 
@@ -63,7 +63,7 @@ def _order_comparison(cfg: dict, setting: str, owner: str, names: list[str], *, 
     labels = data.test_labels
     own_order = systems[owner].order
     label = MM.get(owner).order_name
-    random = B.random_order(len(labels), int(cfg["eval"]["order_seed"]))
+    random = orders.random_order(len(labels), int(cfg["eval"]["order_seed"]))
     variants = {owner: systems[owner],
                 f"{owner} (random order)": dataclasses.replace(systems[owner], name=f"{owner} (random order)",
                                                                 order=random)}
@@ -76,10 +76,10 @@ def _order_comparison(cfg: dict, setting: str, owner: str, names: list[str], *, 
     r = X.ratios(cfg)
     curves, rows = [], []
     for name, s in variants.items():
-        c = B.backfill_curve(s, labels, labels, ratios=r, exclude_self=True,
+        c = BC.backfill_curve(s, labels, labels, ratios=r, exclude_self=True,
                              reference_correct=old_ref["correct_at_1"])
         c.insert(0, "method", name)
         curves.append(c)
         order = label if np.array_equal(s.resolved_order(), own_order) else "random"
-        rows.append({"method": name, "order": order, **B.summarize_curve(c, old_ref, new_ref)})
+        rows.append({"method": name, "order": order, **BC.summarize_curve(c, old_ref, new_ref)})
     return pd.concat(curves, ignore_index=True), pd.DataFrame(rows)

@@ -45,10 +45,10 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from ..backfill import systems as B
+from ..backfill import orders
 from ..backfill import evaluate as EV
 from ..backfill import experiments as X
-from .. import io
+from .. import cache, io
 from ..backfill import registry as MM
 
 __all__ = ["FILES", "own_run_name", "OwnEmbeddings", "NeedsClassifier", "OwnData", "load_own_embeddings", "check_own_embeddings",
@@ -322,7 +322,7 @@ def train_own(emb: OwnEmbeddings, cfg: dict, name: str, *, progress: bool = True
         trained = m.fit(OwnData(emb, progress=progress).restricted(m.train_roles), recipe)
         return X.trained_to_arrays(name, trained, m.slots)
 
-    arrays = io.cached_arrays("compat", _own_key(emb, cfg, name), compute,
+    arrays = cache.cached_arrays("compat", _own_key(emb, cfg, name), compute,
                               what=f"the modules of {name} trained on own embeddings")
     return X.trained_from_arrays(arrays)
 
@@ -345,7 +345,7 @@ def _pretrain(paths: Mapping[str, Any] | None, emb: OwnEmbeddings, cfg: dict, na
     if paths is None or parallel.workers() < 2:
         return
     todo = [n for n in names if MM.get(n).trainable and MM.is_builtin(n)
-            and not io.cache_path("compat", _own_key(emb, cfg, n)).is_file()]
+            and not cache.cache_path("compat", _own_key(emb, cfg, n)).is_file()]
     if len(todo) > 1:
         jobs = [({k: str(v) for k, v in paths.items()}, cfg, n, normalize) for n in todo]
         parallel.run_jobs(_train_job, jobs, desc="train on own embeddings", progress=progress, labels=todo)
@@ -375,7 +375,7 @@ def evaluate_own(emb: OwnEmbeddings, cfg: dict, names=None, *, paths: Mapping[st
     Returns ``(curves, summary, trained, skipped)``: the long curve table (``method``
     first, the columns of :func:`backfill_utils.backfill.experiments.method_curve`), one summary
     row per method (``query_passes``, ``extra_params`` and
-    :func:`~backfill_utils.backfill.systems.summarize_curve`), ``{name: Trained}`` of the trained
+    :func:`~backfill_utils.backfill.curves.summarize_curve`), ``{name: Trained}`` of the trained
     methods and ``{name: reason}`` of the skipped ones. Ratios and backfill order: the
     profile's (``eval``). ``paths`` (the files ``emb`` was read from, with ``normalize``
     as read): train in ``$BACKFILL_WORKERS`` processes first (the same modules as here).
@@ -427,7 +427,7 @@ def served_index(emb: OwnEmbeddings, cfg: dict, name: str, trained: MM.Trained |
                                 **index_arguments(m, trained or MM.Trained()), **kwargs)
     n = len(emb.test_labels)
     index.add_old(np.arange(n), emb.old_test)
-    order = B.method_order(m, trained or MM.Trained(), emb.old_test, int(cfg["eval"]["order_seed"]))
-    batch = order[:B.backfilled_count(ratio, n)]
+    order = orders.method_order(m, trained or MM.Trained(), emb.old_test, int(cfg["eval"]["order_seed"]))
+    batch = order[:orders.backfilled_count(ratio, n)]
     index.backfill(batch, emb.new_test[batch])
     return index

@@ -25,7 +25,7 @@ import torch
 
 from .. import embed as E
 from ..backfill import experiments as X
-from .. import io
+from .. import cache, io
 from ..backfill import registry as MM
 from .. import train as TR
 
@@ -113,7 +113,7 @@ def query_cost(cfg: dict, setting: str, names=None, *, batch_size: int = 64, rep
            "repeats": int(repeats), "warmup": int(warmup), "seed": int(cfg["seed"]), "gallery_items": GALLERY_ITEMS,
            "models": {r: TR.model_spec(cfg, setting, r) for r in MM.BACKBONES},
            "compat": {n: X.compat_key(cfg, setting, n) for n in names if MM.get(n).trainable}}
-    arrays = io.cached_arrays(
+    arrays = cache.cached_arrays(
         "experiments", key, lambda: io.frame_to_arrays(measure_query_cost(
             cfg, setting, names, batch_size=batch_size, repeats=repeats, warmup=warmup)),
         what=f"the measured query cost of the {setting} setting")

@@ -38,14 +38,11 @@ system changes too), which likewise makes its own family (:func:`family`);
 the variant with the same other changes: rank merge's share of the gain and Ours' margin
 over FCT and FastFill under both choices.
 
-``python -m backfill_utils.studies.regimes --profile default`` runs it.
+``python -m backfill_utils.tools.make_regimes --profile default`` (``make regimes``) runs it.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -55,14 +52,14 @@ from . import claims as CL
 from .. import config as C
 from .. import embed as E
 from ..backfill import experiments as X
-from .. import io
+from .. import cache, io
 from ..backfill import registry as MM
 from .. import parallel
 from . import seeds as SD
 from .. import train as TR
 
 __all__ = ["REVERSE", "FORWARD", "regime_config", "variant_cfgs", "family", "run", "summarize", "winners",
-           "crossover", "normalisation_study", "out_dir", "read_outputs", "main"]
+           "crossover", "normalisation_study", "out_dir", "read_outputs"]
 
 REVERSE = ("Ours",)
 FORWARD = ("FCT", "FastFill", "BiCT")
@@ -289,18 +286,18 @@ def normalisation_study(summary: pd.DataFrame) -> pd.DataFrame:
 
 def write_outputs(cfg: dict, raw: pd.DataFrame) -> Path:
     """Write the regime files (atomically); returns the folder."""
-    from ..figures import plots as P
+    from ..figures import style as ST
 
     d = out_dir(cfg)
     io.atomic_write(d / "regimes.csv", lambda p: raw.to_csv(p, index=False))
     summary = summarize(raw)
-    P.save_table(summary, d, "summary", caption="Relative gain per regime of the old model: mean and "
+    ST.save_table(summary, d, "summary", caption="Relative gain per regime of the old model: mean and "
                      "sd over the seeds of the compatibility stage (backbones fixed at the profile's seed).")
-    P.save_table(normalisation_study(summary), d, "normalisation", caption="L2-normalised against raw "
+    ST.save_table(normalisation_study(summary), d, "normalisation", caption="L2-normalised against raw "
                      "embeddings: relative gain of AUC_mAP of RM and Ours (%), Ours' AUC_mAP minus FCT's and "
                      "FastFill's (points); means over the seeds.")
     win = winners(raw)
-    P.save_table(win, d, "winners", caption="Reverse (Ours) minus the best forward transformation, relative "
+    ST.save_table(win, d, "winners", caption="Reverse (Ours) minus the best forward transformation, relative "
                      "gain in points, paired over the seeds.")
     cross = pd.concat([crossover(win, "old_over_new"), crossover(win, "fct_r0_over_new"),
                        crossover(win, "start_gap_minus_end_bonus", by_family=False)], ignore_index=True)
@@ -314,35 +311,5 @@ def read_outputs(cfg: dict) -> dict:
     d = out_dir(cfg)
     missing = [d / f for f in FILES if not (d / f).is_file()]
     if missing:
-        raise io.missing_target("the regime map", "make regimes", missing, cfg)
+        raise cache.missing_target("the regime map", "make regimes", missing, cfg)
     return {k: pd.read_csv(d / f) for k, f in zip(("raw", "summary", "winners", "crossover"), FILES)}
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="The regime map: old models that know more or less (make regimes).")
-    parser.add_argument("--profile", default=None, help=f"one of {C.available_profiles()}")
-    parser.add_argument("--overrides", default=None, help="profile keys to change (YAML), as in the notebooks")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
-    cfg = C.load_profile(args.profile, overrides=args.overrides)
-    print(f"regimes: profile {cfg['profile']}, {len(regime_config(cfg)['variants'])} variants, "
-          f"{len(SD.compat_seeds(cfg))} seeds, {parallel.workers()} worker(s) -> {out_dir(cfg)}", flush=True)
-    t0 = time.perf_counter()
-    raw = run(cfg, progress=not args.quiet)
-    d = write_outputs(cfg, raw)
-    seconds = time.perf_counter() - t0
-    io.atomic_write(d / "runtime.csv", lambda p: pd.DataFrame([{
-        "stage": "TOTAL", "seconds": round(seconds, 1), "workers": parallel.workers(),
-        "threads": os.environ.get(C.THREADS_ENV, "torch default")}]).to_csv(p, index=False))
-    print(pd.read_csv(d / "winners.csv").round(2).to_string(index=False))
-    print(pd.read_csv(d / "crossover.csv").round(3).to_string(index=False))
-    print(f"regimes done in {seconds:.0f} s")
-    if cfg["run_name"] == "default" and not os.environ.get(C.RESULTS_ENV):
-        from ..tools import report
-
-        report.update_readme()
-        print("README.md and docs/fairness.md: 'What holds, and where' updated from results/")
-
-
-if __name__ == "__main__":
-    main()

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from ..backfill import experiments as X
-from .. import io
+from .. import cache
 from ..backfill import registry as MM
 from .. import parallel
 
@@ -103,7 +103,7 @@ def train_jobs(cfg: dict | None, jobs: Iterable[tuple], *, progress: bool = True
     remote, local = [], []
     for job in full:
         c, setting, name, recipe, seed = job
-        if io.cache_path("compat", X.compat_key(c, setting, name, recipe, seed)).is_file():
+        if cache.cache_path("compat", X.compat_key(c, setting, name, recipe, seed)).is_file():
             continue
         (remote if MM.is_builtin(name) else local).append(job)
     if remote or also:
@@ -141,7 +141,7 @@ def prefetch_curves(cfg: dict, names=None, *, progress: bool = True, n_workers: 
         for seed in seeds_of(cfg, s):
             todo = []
             for n in names:
-                path = io.cache_path("curves", X._curve_key(cfg, s, n, None, seed if MM.get(n).trainable else None,
+                path = cache.cache_path("curves", X._curve_key(cfg, s, n, None, seed if MM.get(n).trainable else None,
                                                              "test"))
                 if path not in seen and not path.is_file():
                     seen.add(path)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import pandas as pd
 
 from ..backfill import experiments as X
-from .. import io
+from .. import cache, io
 from . import seeds as SD
 from ..compat.recipes import recipe_from_dict
 from .tuning import out_dir, tune_config
@@ -74,11 +74,11 @@ def summarize(raw: pd.DataFrame) -> pd.DataFrame:
 
 def write_outputs(cfg: dict, raw: pd.DataFrame) -> None:
     """``sensitivity.csv`` and ``sensitivity_summary.{csv,md,tex}`` in the tuning folder."""
-    from ..figures import plots as P
+    from ..figures import style as ST
 
     d = out_dir(cfg)
     io.atomic_write(d / "sensitivity.csv", lambda p: raw.to_csv(p, index=False))
-    P.save_table(summarize(raw), d, "sensitivity_summary",
+    ST.save_table(summarize(raw), d, "sensitivity_summary",
                      caption="Sensitivity of Ours to tau, hard negatives and lambda_rev around its tuned recipe: "
                              "mean and sd over the seeds (backbones fixed at the profile's seed).")
 
@@ -88,5 +88,5 @@ def read_outputs(cfg: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     d = out_dir(cfg)
     missing = [d / f for f in FILES if not (d / f).is_file()]
     if missing:
-        raise io.missing_target("the sensitivity study of Ours", "make tune", missing, cfg)
+        raise cache.missing_target("the sensitivity study of Ours", "make tune", missing, cfg)
     return pd.read_csv(d / "sensitivity.csv"), pd.read_csv(d / "sensitivity_summary.csv")

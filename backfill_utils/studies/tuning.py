@@ -26,13 +26,11 @@ Every trial is cached (modules by recipe and seed, curves by split), and the fil
 to ``<run folder>/tuning/`` (``results/tuning/`` for the default profile, committed):
 ``trials.csv``, ``chosen.yaml``, ``test_seeds.csv``, ``tuned_vs_default.{csv,md}``,
 ``runtime.csv``; :mod:`backfill_utils.studies.sensitivity` adds the sensitivity study of the
-paper's method. ``python -m backfill_utils.studies.tuning --profile default`` runs it all.
+paper's method. ``python -m backfill_utils.tools.make_tune --profile default`` (``make tune``) runs it all.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -43,7 +41,7 @@ import yaml
 from .. import config as C
 from .. import embed as E
 from ..backfill import experiments as X
-from .. import io
+from .. import cache, io
 from ..backfill import registry as MM
 from .. import parallel
 from . import seeds as SD
@@ -51,7 +49,7 @@ from .. import train as TR
 from ..compat.recipes import recipe_from_dict
 
 __all__ = ["tune_config", "out_dir", "suggest", "default_params", "prepare", "search", "select", "evaluate_test",
-           "tuned_vs_default", "read_outputs", "missing_outputs", "write_outputs", "main"]
+           "tuned_vs_default", "read_outputs", "missing_outputs", "write_outputs"]
 
 TARGET = "make tune"
 SCORE = "auc_map"
@@ -271,10 +269,10 @@ def missing_outputs(cfg: dict) -> list[Path]:
 
 def read_outputs(cfg: dict) -> dict:
     """``{"trials", "chosen", "test", "table"}`` from this run's tuning folder; a missing
-    file is :class:`~backfill_utils.io.MissingArtifactError` naming ``make tune``."""
+    file is :class:`~backfill_utils.cache.MissingArtifactError` naming ``make tune``."""
     missing = missing_outputs(cfg)
     if missing:
-        raise io.missing_target("the results of the equal-budget tuning", TARGET, missing, cfg)
+        raise cache.missing_target("the results of the equal-budget tuning", TARGET, missing, cfg)
     d = out_dir(cfg)
     return {"trials": pd.read_csv(d / "trials.csv"), "chosen": yaml.safe_load((d / "chosen.yaml").read_text()),
             "test": pd.read_csv(d / "test_seeds.csv"), "table": pd.read_csv(d / "tuned_vs_default.csv")}
@@ -282,60 +280,14 @@ def read_outputs(cfg: dict) -> dict:
 
 def write_outputs(cfg: dict, trials: pd.DataFrame, chosen: dict, test: pd.DataFrame) -> Path:
     """Write the tuning files (atomically) and return the folder."""
-    from ..figures import plots as P
+    from ..figures import style as ST
 
     d = out_dir(cfg)
     io.atomic_write(d / "trials.csv", lambda p: trials.to_csv(p, index=False))
     io.atomic_write_text(d / "chosen.yaml", yaml.safe_dump(chosen, sort_keys=False))
     io.atomic_write(d / "test_seeds.csv", lambda p: test.to_csv(p, index=False))
-    P.save_table(tuned_vs_default(test, chosen), d, "tuned_vs_default",
+    ST.save_table(tuned_vs_default(test, chosen), d, "tuned_vs_default",
                      caption="Default recipe and tuned recipe (equal budget, chosen on the validation split), "
                              "test split, mean and sd over the seeds of the compatibility stage (backbones fixed at "
                              "the profile's seed).")
     return d
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Equal-budget tuning on the validation split, the test "
-                                                 "evaluation over seeds and the sensitivity study (make tune).")
-    parser.add_argument("--profile", default=None, help=f"one of {C.available_profiles()}")
-    parser.add_argument("--overrides", default=None, help="profile keys to change (YAML), as in the notebooks")
-    parser.add_argument("--no-sensitivity", action="store_true", help="skip the sensitivity study")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
-    from . import sensitivity as SE
-
-    cfg = C.load_profile(args.profile, overrides=args.overrides)
-    progress, stages = not args.quiet, []
-    print(f"tuning: profile {cfg['profile']}, {tune_config(cfg)['trials']} trials per method, "
-          f"{parallel.workers()} worker(s) -> {out_dir(cfg)}", flush=True)
-    t0 = time.perf_counter()
-    prepare(cfg, progress=progress)
-    stages.append(("backbones and embeddings", time.perf_counter() - t0))
-    t0 = time.perf_counter()
-    trials = search(cfg, progress=progress)
-    chosen = select(trials)
-    stages.append(("search", time.perf_counter() - t0))
-    t0 = time.perf_counter()
-    test = evaluate_test(cfg, chosen, progress=progress)
-    d = write_outputs(cfg, trials, chosen, test)
-    stages.append(("test over seeds", time.perf_counter() - t0))
-    if not args.no_sensitivity:
-        t0 = time.perf_counter()
-        SE.write_outputs(cfg, SE.study(cfg, chosen["Ours"]["recipe"], progress=progress))
-        stages.append(("sensitivity", time.perf_counter() - t0))
-    runtime = pd.DataFrame(stages, columns=["stage", "seconds"]).round(1)
-    runtime = pd.concat([runtime, pd.DataFrame([{"stage": "TOTAL", "seconds": runtime["seconds"].sum()}])])
-    runtime["workers"], runtime["threads"] = parallel.workers(), os.environ.get(C.THREADS_ENV, "torch default")
-    io.atomic_write(d / "runtime.csv", lambda p: runtime.to_csv(p, index=False))
-    print(runtime.to_string(index=False))
-    print(pd.read_csv(d / "tuned_vs_default.csv").round(2).to_string(index=False))
-    if cfg["run_name"] == "default" and not os.environ.get(C.RESULTS_ENV):
-        from ..tools import report
-
-        report.update_readme()
-        print("README.md and docs/fairness.md: 'What holds, and where' updated from results/")
-
-
-if __name__ == "__main__":
-    main()

@@ -8,7 +8,7 @@ Everything is measured in one run, with ``torch.set_num_threads(threads)``:
 
 1. **Side by side** (``n`` x ``n``, 100 classes): the 11-point distance-rank-merge
    curve (mAP, top-1, top-5, negative flips; leave-one-out) with the engine
-   (:func:`backfill_utils.backfill.systems.backfill_curve`) and with the straightforward
+   (:func:`backfill_utils.backfill.curves.backfill_curve`) and with the straightforward
    method (per ratio: the full ``n x n`` mixed distance matrix, a stable
    ``argsort`` of every row, ``sklearn.metrics.average_precision_score`` per
    query, as apple/ml-fct evaluates); speed-up and largest difference.
@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from .. import io
-from ..backfill import systems as B
+from ..backfill import curves as BC, orders, systems as BS
 from . import blocks
 from .. import config as C
 from ..retrieval import counting, engine, phases
@@ -92,7 +92,7 @@ def make_data(n: int, dim: int = 128, n_classes: int = 100, seed: int = 0,
     return {"labels": labels.numpy(), "old": old.numpy(), "new": new.numpy()}
 
 
-def straightforward_curve(system: B.BackfillSystem, labels: np.ndarray, ratios: np.ndarray,
+def straightforward_curve(system: BS.BackfillSystem, labels: np.ndarray, ratios: np.ndarray,
                           ks=(1, 5), progress: bool = True, seed: int = 0) -> dict[str, list]:
     """The reference method: dense matrix, argsort, sklearn AP per query (leave-one-out).
 
@@ -152,8 +152,8 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
-def _system(data: dict) -> B.BackfillSystem:
-    return B.BackfillSystem.merge("rank merge", data["old"], data["old"], data["new"], data["new"],
+def _system(data: dict) -> BS.BackfillSystem:
+    return BS.BackfillSystem.merge("rank merge", data["old"], data["old"], data["new"], data["new"],
                                    query_passes=2)
 
 
@@ -161,7 +161,7 @@ def _warm_up() -> float:
     """Seconds of the first engine call on tiny data (numba compile or cache load)."""
     data = make_data(64, 8, 4)
     t0 = time.perf_counter()
-    B.backfill_curve(_system(data), data["labels"], data["labels"], exclude_self=True)
+    BC.backfill_curve(_system(data), data["labels"], data["labels"], exclude_self=True)
     return time.perf_counter() - t0
 
 
@@ -171,7 +171,7 @@ def _engine_run(data: dict, progress: bool, memory_budget: int | None) -> tuple[
     chunk = MT.auto_chunk_size(n, n, int(np.bincount(labels).max()), 11, memory_budget)
     with phases.phase_times() as times:
         t0 = time.perf_counter()
-        curve = B.backfill_curve(_system(data), labels, labels, exclude_self=True, seed=0,
+        curve = BC.backfill_curve(_system(data), labels, labels, exclude_self=True, seed=0,
                                   memory_budget=memory_budget, progress=progress)
         seconds = time.perf_counter() - t0
     times = dict(times)
@@ -196,14 +196,14 @@ def _torch_path_sample(data: dict, n_queries: int, chunk: int) -> dict:
     n = len(labels)
     q = min(n_queries, n)
     codes, _ = MT.encode_labels(labels, labels)
-    seg = B.backfill_segments(B.random_order(n, 0), B.DEFAULT_RATIOS)
+    seg = orders.backfill_segments(orders.random_order(n, 0), orders.DEFAULT_RATIOS)
     old, new = torch.from_numpy(data["old"]), torch.from_numpy(data["new"])
     before = engine.CPU_METHOD
     engine.CPU_METHOD = "torch"
     try:
         with phases.phase_times() as times:
             engine.retrieval_statistics(old[:q], old, new[:q], new, codes[:q], codes, segment=seg,
-                                        n_ratios=len(B.DEFAULT_RATIOS), exclude_self=True,
+                                        n_ratios=len(orders.DEFAULT_RATIOS), exclude_self=True,
                                         chunk_size=min(chunk, q))
     finally:
         engine.CPU_METHOD = before
@@ -276,7 +276,7 @@ def _side_by_side(args: argparse.Namespace) -> tuple[dict, list]:
     rows = [(f"engine, {args.n} x {args.n}, 11-point curve", f"{eng_s:8.1f} s  (chunk {chunk} queries)")]
     if not args.skip_baseline:
         t0 = time.perf_counter()
-        base = straightforward_curve(_system(data), data["labels"], B.DEFAULT_RATIOS,
+        base = straightforward_curve(_system(data), data["labels"], orders.DEFAULT_RATIOS,
                                      progress=args.progress)
         base_s = time.perf_counter() - t0
         diff = max(float(np.max(np.abs(np.asarray(base[c]) - curve[c].to_numpy())))
@@ -412,7 +412,7 @@ def main(argv=None) -> dict:
     sbs, rows = _side_by_side(args)
     result: dict[str, Any] = {
         "config": {"n": args.n, "dim": args.dim, "classes": args.classes, "seed": args.seed,
-                   "large": args.large, "ratios": B.DEFAULT_RATIOS.tolist(), "exclude_self": True,
+                   "large": args.large, "ratios": orders.DEFAULT_RATIOS.tolist(), "exclude_self": True,
                    "system": "rank merge (old/old + new/new)", "memory_budget": args.memory_budget},
         "environment": env, "side_by_side": sbs, "large": []}
     if args.large:

@@ -3,7 +3,7 @@
 
 Which block lives where, and which function writes it:
 
-- ``RESULTS`` (README.md) and ``RESULTS_FULL`` (docs/results.md): :func:`backfill_utils.tools.run.update_readme`
+- ``RESULTS`` (README.md) and ``RESULTS_FULL`` (docs/results.md): :func:`backfill_utils.tools.results_doc.update_readme`
 - ``VERDICT`` (README.md) and ``VERDICT_FULL`` (docs/fairness.md): :func:`backfill_utils.tools.report.update_readme`
 - ``BENCH`` (docs/protocol.md): :func:`backfill_utils.tools.bench.write_doc_block`
 - ``SCALE`` (docs/reproducibility.md): :func:`backfill_utils.tools.scale_cost.write_doc_block`

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from .. import io
-from ..backfill import systems as B
+from ..backfill import curves as BC, systems as BS
 from .. import config as C
 from ..data import api as D
 from ..retrieval import engine
@@ -127,7 +127,7 @@ def _curve(system, labels, device: torch.device, cpu_method: str):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        curve, pq = B.backfill_curve(system, labels, labels, exclude_self=True, device=device,
+        curve, pq = BC.backfill_curve(system, labels, labels, exclude_self=True, device=device,
                                       return_per_query=True, on_no_relevant="skip")
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -141,11 +141,11 @@ def compare_devices(old: np.ndarray, new: np.ndarray, labels: np.ndarray, device
     cpu = torch.device("cpu")
     other_method = "torch"  # on a GPU the torch path runs anyway; on the CPU it is forced
     out: dict[str, Any] = {"gallery": int(len(labels)), "classes": int(len(np.unique(labels)))}
-    tiny = B.BackfillSystem.merge("warm-up", old[:64], old[:64], new[:64], new[:64])
+    tiny = BS.BackfillSystem.merge("warm-up", old[:64], old[:64], new[:64], new[:64])
     _curve(tiny, labels[:64], device, other_method)  # CUDA context, cuBLAS handles
     _curve(tiny, labels[:64], cpu, "auto")  # numba compile or cache load
     for kind, (o, n) in (("exact", (np.round(old * 127), np.round(new * 127))), ("as_is", (old, new))):
-        system = B.BackfillSystem.merge("rank merge", o.astype(np.float32), o.astype(np.float32),
+        system = BS.BackfillSystem.merge("rank merge", o.astype(np.float32), o.astype(np.float32),
                                          n.astype(np.float32), n.astype(np.float32), query_passes=2)
         c_cpu, pq_cpu, s_cpu = _curve(system, labels, cpu, "auto")
         c_dev, pq_dev, s_dev = _curve(system, labels, device, other_method)

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import blocks
-from .. import config as C, io, train as TR
+from .. import config as C, train as TR
+from .. import io
 from ..backfill import registry as MM
 from ..studies import seeds as SD
 from ..backfill.experiments import train_roles
