@@ -15,9 +15,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import config as C
-from .data import api as D
 from . import train as TR
 from .cache import cache_path, cached_arrays
+from .data import api as D
 
 # Bump when a change of this module (extraction, the passes' seeding, the transforms it
 # picks) changes the embeddings it returns.

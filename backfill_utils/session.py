@@ -28,8 +28,8 @@ from typing import Mapping
 
 import pandas as pd
 
-from . import config as C
 from . import cache
+from . import config as C
 
 CLAIM_MARK = "CLAIM DOES NOT HOLD on this run:"
 # every check of claims prints one line starting with this and the number of claims it checked

@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from . import config as C
-from .data import api as D
 from . import cache, io
+from . import config as C
 from .compat.losses import bct_influence_loss
+from .data import api as D
 from .models import EmbeddingNet, build_model
 
 ROLES = ("old", "new", "bct")

@@ -31,8 +31,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..compat import modules as K
 from .. import config as C
+from ..compat import modules as K
 from ..compat.fit import fit_bict, fit_fastfill, fit_fct, fit_reverse
 from ..compat.recipes import (
     BiCTRecipe, CMCLPsiRecipe, CMCLPsiRhoRecipe, FastFillRecipe, FCTRecipe, Recipe, RevPsiRecipe)

@@ -26,10 +26,10 @@ from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 import numpy as np
 import pandas as pd
 
-from . import curves as BC, orders, systems as BS
 from ..compat import modules as K
-from . import registry as MM
 from ..retrieval import metrics as MT
+from . import curves as BC, orders, systems as BS
+from . import registry as MM
 
 __all__ = ["EmbeddingSource", "References", "reference_curve", "make_system", "system_of", "curve_and_row",
            "evaluate_methods"]

@@ -29,16 +29,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import systems as BS
-from ..compat import modules as K
-from .. import embed as E
-from . import evaluate as EV
 from .. import cache, io
-from . import registry as MM
-from ..retrieval import metrics as MT
+from .. import embed as E
 from .. import train as TR
-from .evaluate import make_system, reference_curve  # noqa: F401 - part of this module's interface
+from ..compat import modules as K
 from ..compat.recipes import Recipe
+from ..retrieval import metrics as MT
+from . import evaluate as EV
+from . import registry as MM
+from . import systems as BS
+from .evaluate import make_system, reference_curve  # noqa: F401 - part of this module's interface
 
 __all__ = ["CURVES_VERSION", "EXPERIMENTS_VERSION", "EVAL_SPLITS", "ratios", "SettingData", "resolve_recipe",
            "compat_key", "train_method", "make_system", "build_system", "build_systems",

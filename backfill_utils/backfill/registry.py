@@ -257,7 +257,7 @@ def names(group: str | None = None) -> list[str]:
 
 
 #: The colour map of methods: one colour per method of the package, far apart in CIELAB (no two
-#: closer than Delta E 20, ``tests/test_methods.py``). Every figure takes a method's colour from
+#: closer than Delta E 20, ``tests/backfill/test_registry.py``). Every figure takes a method's colour from
 #: here, through :func:`style` / :func:`color`; the registrations below give line styles only.
 COLORS: dict[str, str] = {
     "old": "#7f7f7f", "new": "#000000", "offline": "#a6761d",

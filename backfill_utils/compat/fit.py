@@ -45,13 +45,13 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from .modules import (
-    FastFillSideProjection, FastFillTransform, ForwardTransform, LearnableEmbedding, ReverseTransform,
-    SideProjection)
 from .inputs import (
     as_labels, check_classifier, class_balanced_batches, draw_passes, frozen, gather, n_random_batches,
     output_dim, pair_views, random_batches)
 from .losses import bict_loss, classification_loss, cmcl_loss, fastfill_loss, feature_regression, reverse_loss
+from .modules import (
+    FastFillSideProjection, FastFillTransform, ForwardTransform, LearnableEmbedding, ReverseTransform,
+    SideProjection)
 from .recipes import BiCTRecipe, CMCLPsiRecipe, CMCLPsiRhoRecipe, FastFillRecipe, FCTRecipe, Recipe, RevPsiRecipe
 
 __all__ = ["fit_reverse", "fit_fct", "fit_fastfill", "fit_bict"]

@@ -59,8 +59,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .inputs import class_balanced_batches, random_batches, to_tensor
 from ..io import atomic_write
+from .inputs import class_balanced_batches, random_batches, to_tensor
 
 __all__ = [
     "COMPAT_VERSION",

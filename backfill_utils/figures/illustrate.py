@@ -18,11 +18,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .. import embed as E
+from .. import train as TR
 from ..backfill import orders, systems as BS
 from ..retrieval import distances as DS
-from .. import embed as E
 from ..retrieval import metrics as MT
-from .. import train as TR
 
 __all__ = ["retrieve_topk", "retrieve_topk_over_ratios", "changing_queries", "mixed_source_query",
            "gallery_images", "pair_distances", "system_pair_distances", "calibration_summary"]

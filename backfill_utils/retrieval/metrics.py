@@ -55,8 +55,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from .engine import DEFAULT_MEMORY_BUDGET, auto_chunk_size, retrieval_statistics
 from .distances import squared_euclidean
+from .engine import DEFAULT_MEMORY_BUDGET, auto_chunk_size, retrieval_statistics
 
 __all__ = [
     "pairwise_distances",

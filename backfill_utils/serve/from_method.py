@@ -28,7 +28,7 @@ evaluation split: gallery = queries, ids ``0 .. N-1`` = rows), the backfill orde
 engine uses (the method's own, else the profile's seeded random order) and the
 query embeddings, so that a backfill to ratio ``r`` is
 ``index.backfill(order[:backfilled_count(r, N)], ...)`` and the index's exact search
-is the engine's ranking (``tests/test_serve_registry.py``).
+is the engine's ranking (``tests/serve/test_from_method.py``).
 """
 from __future__ import annotations
 
@@ -37,8 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from ..backfill import orders
 from ..backfill import experiments as X
+from ..backfill import orders
 from ..backfill import registry as MM
 from .index import OnlineBackfillIndex
 

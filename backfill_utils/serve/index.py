@@ -70,8 +70,8 @@ from .checks import as_ids, as_matrix, contains_sorted
 from .index_file import UNSET, load_index, save_index
 from .lock import RWLock
 from .merge import merge_topk
-from .transform import Transform
 from .side import FaissSide
+from .transform import Transform
 
 __all__ = ["OnlineBackfillIndex", "MAX_K"]
 

@@ -41,9 +41,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from .. import tables as TB
 from ..backfill import registry as MM
 from . import seeds as SD
-from .. import tables as TB
 
 __all__ = ["Claim", "CLAIMS", "GROUPS", "FLIPS", "ids", "claim", "seed_claims", "check_asserted",
            "HOLDS", "WITHIN_NOISE", "FAILS", "VERDICTS", "ASSERTED", "ASSERTED_SETTING", "verdict",

@@ -17,11 +17,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from .. import cache, io
+from .. import train as TR
 from ..backfill import curves as BC, orders
 from ..backfill import experiments as X
-from .. import cache, io
 from ..backfill import registry as MM
-from .. import train as TR
 from ..compat.fit import fit_fct
 
 __all__ = ["fct_convergence", "pool_job", "describe", "plot"]

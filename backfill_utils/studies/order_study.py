@@ -15,10 +15,10 @@ import dataclasses
 import numpy as np
 import pandas as pd
 
-from ..backfill import curves as BC, orders
-from .. import embed as E
-from ..backfill import experiments as X
 from .. import cache, io
+from .. import embed as E
+from ..backfill import curves as BC, orders
+from ..backfill import experiments as X
 from ..backfill import registry as MM
 from ..retrieval import metrics as MT
 

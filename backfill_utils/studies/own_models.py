@@ -45,10 +45,10 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from ..backfill import orders
+from .. import cache, io
 from ..backfill import evaluate as EV
 from ..backfill import experiments as X
-from .. import cache, io
+from ..backfill import orders
 from ..backfill import registry as MM
 
 __all__ = ["FILES", "own_run_name", "OwnEmbeddings", "NeedsClassifier", "OwnData", "load_own_embeddings", "check_own_embeddings",

@@ -23,11 +23,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import embed as E
-from ..backfill import experiments as X
 from .. import cache, io
-from ..backfill import registry as MM
+from .. import embed as E
 from .. import train as TR
+from ..backfill import experiments as X
+from ..backfill import registry as MM
 
 __all__ = ["time_query_forward", "time_gallery_transform", "query_cost", "measure_query_cost"]
 

@@ -48,15 +48,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import claims as CL
+from .. import cache, io
 from .. import config as C
 from .. import embed as E
-from ..backfill import experiments as X
-from .. import cache, io
-from ..backfill import registry as MM
 from .. import parallel
-from . import seeds as SD
 from .. import train as TR
+from ..backfill import experiments as X
+from ..backfill import registry as MM
+from . import claims as CL
+from . import seeds as SD
 
 __all__ = ["REVERSE", "FORWARD", "regime_config", "variant_cfgs", "family", "run", "summarize", "winners",
            "crossover", "normalisation_study", "out_dir", "read_outputs"]

@@ -26,10 +26,10 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-from ..backfill import experiments as X
 from .. import cache
-from ..backfill import registry as MM
 from .. import parallel
+from ..backfill import experiments as X
+from ..backfill import registry as MM
 
 __all__ = ["compat_seeds", "seeds_of", "seeded", "train_jobs", "train_seeded", "prefetch_curves", "evaluate_seeds",
            "seed_stats", "SUMMARY_METRICS"]

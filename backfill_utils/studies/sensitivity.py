@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ..backfill import experiments as X
 from .. import cache, io
-from . import seeds as SD
+from ..backfill import experiments as X
 from ..compat.recipes import recipe_from_dict
+from . import seeds as SD
 from .tuning import out_dir, tune_config
 
 __all__ = ["KNOBS", "points", "study", "summarize", "write_outputs", "read_outputs"]

@@ -38,15 +38,15 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from .. import cache, io
 from .. import config as C
 from .. import embed as E
-from ..backfill import experiments as X
-from .. import cache, io
-from ..backfill import registry as MM
 from .. import parallel
-from . import seeds as SD
 from .. import train as TR
+from ..backfill import experiments as X
+from ..backfill import registry as MM
 from ..compat.recipes import recipe_from_dict
+from . import seeds as SD
 
 __all__ = ["tune_config", "out_dir", "suggest", "default_params", "prepare", "search", "select", "evaluate_test",
            "tuned_vs_default", "read_outputs", "missing_outputs", "write_outputs"]

@@ -47,12 +47,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import config as C
 from .. import io
 from ..backfill import curves as BC, orders, systems as BS
-from . import blocks
-from .. import config as C
 from ..retrieval import counting, engine, phases
 from ..retrieval import metrics as MT
+from . import blocks
 
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "results" / "bench" / "bench.json"
 #: The page that holds the benchmark block, and the block's name (:mod:`backfill_utils.tools.blocks`).

@@ -63,9 +63,9 @@ from ..backfill import orders
 from ..compat import modules as K
 from ..compat.fit import fit_reverse
 from ..compat.recipes import RevPsiRecipe
+from ..serve.index import OnlineBackfillIndex
 from .bench import make_data
 from .bench_serve_summary import environment, git_state, goals, summarize
-from ..serve.index import OnlineBackfillIndex
 
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "results" / "bench" / "serve.json"
 TOP_K = 10

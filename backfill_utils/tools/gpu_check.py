@@ -47,14 +47,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import io
-from ..backfill import curves as BC, systems as BS
 from .. import config as C
-from ..data import api as D
-from ..retrieval import engine
+from .. import io
 from .. import train as TR
+from ..backfill import curves as BC, systems as BS
+from ..data import api as D
 from ..embed import extract
 from ..models import EmbeddingNet
+from ..retrieval import engine
 
 EXACT_AP_TOL = 1e-9  # fraction; AP sums in another order on the other device
 CURVE_KEYS = ("mAP", "top1", "top5", "negative_flips")

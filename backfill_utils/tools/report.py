@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import blocks
 from .. import config as C
-from ..studies import outside as O
 from ..studies import claims as CL
+from ..studies import outside as O
 from ..studies.claims import FAILS, HOLDS, WITHIN_NOISE, verdict
+from . import blocks
 
 __all__ = ["MAX_BULLETS", "README_BLOCK", "DOC", "DOC_BLOCK", "section", "short_section", "update_readme"]
 

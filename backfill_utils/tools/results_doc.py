@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import blocks
 from .. import config as C
+from . import blocks
 
 
 #: The compact results of README.md and every figure and table of docs/results.md

@@ -36,11 +36,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import results_doc as RD
 from .. import config as C
 from .. import io
 from .. import parallel
 from ..session import CHECKED_MARK, CLAIM_MARK
+from . import results_doc as RD
 
 PINNED_ENV = C.PINNED_ENV
 PARAMETERS = ("profile", "dataset", "data_root", "seed", "overrides", "download")

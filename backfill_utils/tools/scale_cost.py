@@ -27,14 +27,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import blocks
 from .. import config as C, train as TR
 from .. import io
 from ..backfill import registry as MM
-from ..studies import seeds as SD
 from ..backfill.experiments import train_roles
-from ..models import CosineClassifier, EmbeddingNet
 from ..data.transforms import nominal_stats
+from ..models import CosineClassifier, EmbeddingNet
+from ..studies import seeds as SD
+from . import blocks
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT, BENCH_JSON = (ROOT / "results" / "bench" / f for f in ("scale.json", "bench.json"))
