@@ -49,7 +49,8 @@ regimes: install
 # nbval runs every notebook of the series (smoke profile, selected through the environment
 # because nbval cannot inject papermill parameters); --nbval-lax: notebooks are stored
 # without outputs, so what is checked is that every cell runs and every assertion holds.
-# --doctest-modules backfill_utils: the examples in every module's docstrings run too.
+# --doctest-modules backfill_utils: the examples in every module's docstrings run too. Every test runs here,
+# the slow ones included (marked slow: training, end to end, notebooks); `pytest -m "not slow" tests` is the quick subset.
 # The smoke versions of make tune and make regimes run first (tiny budgets, about a minute each), so that nbval
 # renders 52_tuning and 53_regimes from real outputs.
 test: install

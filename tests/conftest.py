@@ -1,7 +1,7 @@
 import pytest
 
-from backfill_utils import config as C
 from backfill_utils import cache
+from backfill_utils import config as C
 
 
 @pytest.fixture(autouse=True)

@@ -6,6 +6,8 @@ from backfill_utils import embed as E
 from backfill_utils import train as TR
 from conftest import tiny_profile
 
+pytestmark = pytest.mark.slow  # every test here trains or runs end to end
+
 
 def test_embeddings_are_cached_and_invalidated(tmp_cache, monkeypatch):
     cfg = tiny_profile(train={"epochs": 1, "batch_size": 16})

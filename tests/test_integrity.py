@@ -66,6 +66,7 @@ def test_an_entry_without_checksum_is_checked_by_reading_and_then_recorded(tmp_c
         cache.cached_arrays("embeddings", key, lambda: {"a": np.arange(10)})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
 def test_a_damaged_cached_backbone_is_named_and_retrained(tmp_cache, damage):
     spec = TR.model_spec(tiny_profile(train={"epochs": 1, "batch_size": 16}), "extended", "old")

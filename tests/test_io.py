@@ -4,15 +4,15 @@ import time
 import numpy as np
 import pytest
 
-from backfill_utils.compat import modules as K
-from backfill_utils.data import api as D
-from backfill_utils import embed as E
-from backfill_utils.backfill import experiments as X
 from backfill_utils import cache, io
-from backfill_utils.studies import order_study as OS
-from backfill_utils.studies import query_cost as QC
+from backfill_utils import embed as E
 from backfill_utils import session
 from backfill_utils import train as TR
+from backfill_utils.backfill import experiments as X
+from backfill_utils.compat import modules as K
+from backfill_utils.data import api as D
+from backfill_utils.studies import order_study as OS
+from backfill_utils.studies import query_cost as QC
 from conftest import tiny_profile
 
 
@@ -101,6 +101,7 @@ def test_object_arrays_are_refused_before_writing(tmp_cache):
     assert not [p for p in tmp_cache.rglob("*") if p.is_file()]
 
 
+@pytest.mark.slow
 def test_render_mode_names_the_producer_and_computes_nothing(tmp_cache):
     with cache.mode("render", hint="with the same parameters (profile='smoke')"):
         with pytest.raises(cache.MissingArtifactError, match=r"notebooks/30_compat\.ipynb first with the same"):
@@ -116,6 +117,7 @@ def test_render_mode_names_the_producer_and_computes_nothing(tmp_cache):
         cache.set_mode("draw")
 
 
+@pytest.mark.slow
 def test_render_notebook_on_an_empty_cache_stops_at_once(tmp_cache, monkeypatch, capsys):
     """What notebooks 40-51 do first: evaluate_all / build_systems / trained modules / the cached studies."""
     for name in ("build_train_dataset", "load_model"):

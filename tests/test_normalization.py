@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from backfill_utils.compat import modules as K
-from backfill_utils.compat import fit as FIT
 from backfill_utils import config as C
 from backfill_utils import embed as E
-from backfill_utils.backfill import registry as MM
-from backfill_utils.retrieval import metrics as MT
 from backfill_utils import models as M
 from backfill_utils import train as TR
+from backfill_utils.backfill import registry as MM
+from backfill_utils.compat import fit as FIT
+from backfill_utils.compat import modules as K
 from backfill_utils.compat.recipes import FastFillRecipe, FCTRecipe
+from backfill_utils.retrieval import metrics as MT
 from backfill_utils.serve.index import OnlineBackfillIndex
 
 MODULES = [
@@ -77,6 +77,7 @@ def test_profile_key_is_checked_and_reaches_recipes_and_cache_keys():
         assert MM.get(name).default_recipe(raw).normalize is False
 
 
+@pytest.mark.slow
 def test_get_embeddings_key_differs_by_the_flag(tmp_cache, monkeypatch):
     keys = []
     monkeypatch.setattr(E, "cached_arrays", lambda kind, key, compute, what: keys.append(key))
@@ -86,6 +87,7 @@ def test_get_embeddings_key_differs_by_the_flag(tmp_cache, monkeypatch):
     assert keys[0] != keys[1] and keys[0]["model"] == TR.model_spec(cfg, "extended", "new")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("normalize", [True, False])
 def test_recipes_build_modules_with_their_normalisation(normalize):
     g = torch.Generator().manual_seed(0)

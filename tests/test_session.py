@@ -3,10 +3,10 @@ import matplotlib
 import pandas as pd
 import pytest
 
-from backfill_utils.studies import claims as CL
-from backfill_utils import config as C
 from backfill_utils import cache
+from backfill_utils import config as C
 from backfill_utils import session
+from backfill_utils.studies import claims as CL
 
 
 def test_parse_overrides_accepts_mappings_and_yaml_strings():

@@ -4,9 +4,9 @@ import pandas as pd
 import pytest
 
 from backfill_utils import config as C
+from backfill_utils import tables as TB
 from backfill_utils.backfill import registry as MM
 from backfill_utils.studies import claims as CL
-from backfill_utils import tables as TB
 
 
 def fake_summary(settings=("extended", "open")):

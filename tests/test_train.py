@@ -21,6 +21,7 @@ def _state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
     spec = TR.model_spec(tiny_profile(), "extended", "new")
     monkeypatch.setenv("BACKFILL_CACHE", str(tmp_path / "a"))
@@ -50,6 +51,7 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
     assert list(hist["epoch"]) == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_same_seed_same_weights_other_seed_differs(tmp_path, monkeypatch):
     cfg = tiny_profile(train={"epochs": 1, "batch_size": 16})
     spec = TR.model_spec(cfg, "extended", "old")
@@ -62,6 +64,7 @@ def test_same_seed_same_weights_other_seed_differs(tmp_path, monkeypatch):
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_finished_model_is_loaded_not_retrained(tmp_cache, monkeypatch):
     spec = TR.model_spec(tiny_profile(train={"epochs": 1, "batch_size": 16}), "extended", "old")
     first = _state(TR.train(spec, progress=False))
@@ -88,6 +91,7 @@ def test_specs_follow_the_protocol():
         TR.model_spec(cfg, "closed", "new")
 
 
+@pytest.mark.slow
 def test_bct_trains_through_the_frozen_old_classifier(tmp_cache):
     cfg = tiny_profile(train={"epochs": 1, "batch_size": 16})
     old = TR.train(TR.model_spec(cfg, "extended", "old"), progress=False)
@@ -98,6 +102,7 @@ def test_bct_trains_through_the_frozen_old_classifier(tmp_cache):
     assert isinstance(bct, M.EmbeddingNet)
 
 
+@pytest.mark.slow
 def test_two_process_ddp_training_on_cpu(tmp_path):
     spec = TR.model_spec(tiny_profile(train={"epochs": 2, "batch_size": 16}), "extended", "new")
     spec_file = tmp_path / "spec.json"

@@ -3,8 +3,8 @@ import hashlib
 
 import numpy as np
 
-from backfill_utils.data import api as D
 from backfill_utils import cache
+from backfill_utils.data import api as D
 
 # sha256 of a small sample of make_synthetic (both splits, images then int64 targets).
 # The same on numpy's baseline (SSE4.2), AVX2 and AVX-512 code paths (measured on an AMD EPYC

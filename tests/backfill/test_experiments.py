@@ -4,15 +4,15 @@ import numpy as np
 import pytest
 import torch
 
+from backfill_utils import tables as TB
 from backfill_utils.backfill import curves as BC
-from backfill_utils.compat import modules as K
 from backfill_utils.backfill import experiments as X
 from backfill_utils.backfill import registry as MM
+from backfill_utils.compat import modules as K
+from backfill_utils.compat.recipes import CMCLPsiRhoRecipe
 from backfill_utils.retrieval import metrics as MT
 from backfill_utils.studies import order_study as OS
 from backfill_utils.studies import query_cost as QC
-from backfill_utils import tables as TB
-from backfill_utils.compat.recipes import CMCLPsiRhoRecipe
 from conftest import tiny_profile
 
 
@@ -29,6 +29,7 @@ def tiny_run(tmp_path_factory):
     mp.undo()
 
 
+@pytest.mark.slow
 def test_every_method_has_a_full_curve(tiny_run):
     cfg, curves, summary, systems, refs = tiny_run
     assert list(summary["method"]) == MM.names() and "BiCT" in MM.names()
@@ -40,6 +41,7 @@ def test_every_method_has_a_full_curve(tiny_run):
     assert (summary[summary["method"] != "RM"]["query_passes"] == 1).all()
 
 
+@pytest.mark.slow
 def test_endpoints_are_the_pure_systems(tiny_run):
     cfg, curves, summary, systems, refs = tiny_run
     y = refs["labels"]
@@ -57,6 +59,7 @@ def test_endpoints_are_the_pure_systems(tiny_run):
     assert rm["mAP"].iloc[0] == pytest.approx(s.loc["old", "final_map"])
 
 
+@pytest.mark.slow
 def test_systems_use_the_declared_backbones_and_modules(tiny_run):
     cfg, curves, summary, systems, refs = tiny_run
     data = X.SettingData(cfg, "extended", progress=False)
@@ -72,6 +75,7 @@ def test_systems_use_the_declared_backbones_and_modules(tiny_run):
     assert (summary.set_index("method").loc[list(extra), "extra_params"] == list(extra.values())).all()
 
 
+@pytest.mark.slow
 def test_trained_modules_are_cached_and_rebuilt(tiny_run):
     cfg = tiny_run[0]
     for name in [n for n in MM.names() if MM.get(n).trainable]:
@@ -89,6 +93,7 @@ def test_trained_modules_are_cached_and_rebuilt(tiny_run):
         X.train_method(cfg, "extended", "RM")
 
 
+@pytest.mark.slow
 def test_recipe_and_seed_of_a_training_can_be_given(tiny_run):
     cfg = tiny_run[0]
     base = X.train_method(cfg, "extended", "Ours")
@@ -124,6 +129,7 @@ class _LinearReverse(torch.nn.Module):
         return torch.nn.functional.normalize(z @ self.weight, dim=1)
 
 
+@pytest.mark.slow
 def test_a_users_method_needs_one_registration(tiny_run, monkeypatch):
     cfg, curves, summary = tiny_run[:3]
     evaluated = []
@@ -144,6 +150,7 @@ def test_a_users_method_needs_one_registration(tiny_run, monkeypatch):
         MM.unregister("LS psi")
 
 
+@pytest.mark.slow
 def test_a_fit_is_held_to_its_declaration(tiny_run):
     cfg = tiny_run[0]
     cases = [(lambda data, r: data.embeddings("bct") and MM.Trained(), ("psi",), "not among the backbones"),
@@ -159,6 +166,7 @@ def test_a_fit_is_held_to_its_declaration(tiny_run):
             MM.unregister("bad")
 
 
+@pytest.mark.slow
 def test_order_study_and_query_cost(tiny_run):
     cfg, curves, summary = tiny_run[:3]
     oc, osum = OS.order_comparison(cfg, "extended", ["RM"])
@@ -188,6 +196,7 @@ def test_time_query_forward_is_positive():
         QC.time_query_forward([(net, [])], x[:0])
 
 
+@pytest.mark.slow
 def test_profile_data_and_own_embeddings_share_one_evaluation_loop(tiny_run, tmp_path):
     """SettingData and OwnData are both EmbeddingSources; the profile's embeddings exported as
     own files give, through evaluate_own, the very curves and summary numbers of evaluate_setting."""

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from backfill_utils.backfill import orders, systems as BS
-from backfill_utils.compat import modules as K
 from backfill_utils import config as C
 from backfill_utils.backfill import experiments as X
+from backfill_utils.backfill import orders, systems as BS
 from backfill_utils.backfill import registry as MM
+from backfill_utils.compat import modules as K
 from backfill_utils.compat.recipes import CMCLPsiRhoRecipe, FastFillRecipe, FCTRecipe, RevPsiRecipe
 
 PAPER = ["old", "new", "offline", "naive", "BCT", "FCT", "FastFill", "FCT-small", "FastFill-small", "BiCT", "RM", "RM+psi", "RM+psi+CMCL",

@@ -9,6 +9,8 @@ import pytest
 import torch
 from compat_problems import accuracy, center_classifier, single_thread, synthetic, unit  # noqa: F401
 
+from backfill_utils.compat.fit import fit_bict, fit_fastfill, fit_fct, fit_reverse
+from backfill_utils.compat.inputs import class_balanced_batches, draw_passes, gather, random_batches
 from backfill_utils.compat.modules import (
     FastFillSideProjection,
     FastFillTransform,
@@ -19,8 +21,6 @@ from backfill_utils.compat.modules import (
     apply,
     fastfill_order,
 )
-from backfill_utils.compat.inputs import class_balanced_batches, draw_passes, gather, random_batches
-from backfill_utils.compat.fit import fit_bict, fit_fastfill, fit_fct, fit_reverse
 from backfill_utils.compat.recipes import (
     BiCTRecipe,
     CMCLPsiRecipe,
@@ -94,6 +94,7 @@ def test_passes_pair_the_two_spaces_from_the_same_pass():
     assert torch.equal(o[:, 0] // 1000, torch.tensor(passes[idx], dtype=torch.float32))
 
 
+@pytest.mark.slow
 def test_training_with_augmented_passes(data):
     new, old, y, centers = data
     g = np.random.default_rng(5)
@@ -111,6 +112,7 @@ def test_training_with_augmented_passes(data):
 # --------------------------------------------------------------------------- #
 # psi and rho
 # --------------------------------------------------------------------------- #
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", [
     RevPsiRecipe(**FAST),
     CMCLPsiRecipe(**FAST),
@@ -135,6 +137,7 @@ def test_fit_reverse_reduces_loss(data, recipe):
     assert hist["lr"].iloc[-1] < 1e-3 * recipe.lr  # cosine schedule reached ~0
 
 
+@pytest.mark.slow
 def test_cmcl_calibrates_the_two_systems(data):
     """The property CMCL is for: backward-system positives closer than the negatives
     of both systems, more often than before training and than with L_rev alone."""
@@ -149,6 +152,7 @@ def test_cmcl_calibrates_the_two_systems(data):
     assert cmcl > rev_only + 0.05
 
 
+@pytest.mark.slow
 def test_training_is_deterministic(data):
     new, old, y, _ = data
     recipe = CMCLPsiRhoRecipe(epochs=3, batch_size=48, seed=7)
@@ -166,6 +170,7 @@ def test_training_is_deterministic(data):
     assert not torch.equal(c_psi.mlp[0].weight, a_psi.mlp[0].weight)
 
 
+@pytest.mark.slow
 def test_given_modules_are_trained_in_place(data):
     new, old, y, _ = data
     torch.manual_seed(1)
@@ -180,6 +185,7 @@ def test_given_modules_are_trained_in_place(data):
 # --------------------------------------------------------------------------- #
 # FCT, FastFill, BiCT
 # --------------------------------------------------------------------------- #
+@pytest.mark.slow
 def test_fit_fct(data):
     new, old, _, _ = data
     h, hist = fit_fct(FCTRecipe(**FAST, **SMALL), old, new, disable=True)
@@ -190,6 +196,7 @@ def test_fit_fct(data):
     assert err_h < 0.7 * err_mean  # better than predicting one direction
 
 
+@pytest.mark.slow
 def test_fastfill_classification_term_improves_accuracy(data):
     """Through the frozen classifier whose weights are the true class centres, h(old)
     is classified far better than at initialisation and than without the CE term."""
@@ -208,6 +215,7 @@ def test_fastfill_classification_term_improves_accuracy(data):
     assert hist["acc"].iloc[-1] > hist["acc"].iloc[0] + 0.4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", [FastFillRecipe(epochs=60, batch_size=48, lr=1e-2, **SMALL),
                                     FastFillRecipe(mu=0.0, epochs=60, batch_size=48, lr=1e-2, **SMALL)],
                          ids=["default", "no_ce"])
@@ -230,6 +238,7 @@ def test_fastfill_uncertainty_ranks_what_old_cannot_tell_apart(recipe):
     assert h[order[: h.sum()]].mean() > 0.8
 
 
+@pytest.mark.slow
 def test_fit_fct_authors_recipe(data):
     """The authors' recipe: side projection, warm-up then cosine (per step), BatchNorm
     statistics frozen from the middle epoch on, the mean squared error; on_epoch rows join
@@ -285,6 +294,7 @@ def test_recipe_warmup_must_leave_epochs():
         FCTRecipe(arch="conv")
 
 
+@pytest.mark.slow
 def test_fit_bict(data):
     """BiCT's h maps old embeddings into the BCT space: closer to the BCT embeddings and
     better classified by the frozen BCT classifier than at initialisation."""
@@ -304,6 +314,7 @@ def test_fit_bict(data):
     assert "ce" not in hist2 and hist2["loss"].iloc[-1] < hist2["loss"].iloc[0]
 
 
+@pytest.mark.slow
 def test_classifier_stays_frozen_and_untouched(data):
     new, old, y, centers = data
     clf = center_classifier(centers).requires_grad_(True).train()
@@ -317,6 +328,7 @@ def test_classifier_stays_frozen_and_untouched(data):
 # --------------------------------------------------------------------------- #
 # error paths
 # --------------------------------------------------------------------------- #
+@pytest.mark.slow
 def test_input_errors(data):
     new, old, y, centers = data
     clf = center_classifier(centers)

@@ -1,5 +1,5 @@
 """Tests of backfill_utils.compat.modules: the modules (width, depth), checkpoints, apply and
-FastFill's order. Training: tests/test_compat_train.py and tests/test_recipes.py."""
+FastFill's order. Training: tests/compat/test_fit.py and tests/compat/test_recipes.py."""
 
 import numpy as np
 import pytest
@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from compat_problems import single_thread, synthetic  # noqa: F401 (fixture)
 
+from backfill_utils.compat.fit import fit_fastfill, fit_reverse
 from backfill_utils.compat.modules import (
     COMPAT_VERSION,
     FastFillTransform,
@@ -19,7 +20,6 @@ from backfill_utils.compat.modules import (
     load_module,
     save_module,
 )
-from backfill_utils.compat.fit import fit_fastfill, fit_reverse
 from backfill_utils.compat.recipes import CMCLPsiRhoRecipe, FastFillRecipe
 
 
@@ -92,6 +92,7 @@ def test_module_shapes_and_unit_outputs(cls, args, d_in, d_out):
         apply(m, np.zeros((3, d_in + 1)))
 
 
+@pytest.mark.slow
 def test_config_round_trip_and_checkpoint(tmp_path, data):
     new, old, y = data
     psi, rho, _ = fit_reverse(CMCLPsiRhoRecipe(epochs=2, batch_size=48, depth=2), new, old, y,

@@ -95,6 +95,7 @@ def test_synthetic_knobs_change_images_and_are_validated():
         get_dataset("synthetic", "train", no_such_knob=1)
 
 
+@pytest.mark.slow
 def test_synthetic_classes_distinguishable_but_not_trivially():
     """Nearest class mean on raw pixels: far above chance (1%), far below 100%."""
     x, y = make_synthetic("train")

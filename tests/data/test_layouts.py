@@ -1,4 +1,4 @@
-"""Every on-disk layout, offline: tiny datasets written in each real format (tests/layouts.py),
+"""Every on-disk layout, offline: tiny datasets written in each real format (tests/data/layout_files.py),
 read back through get_dataset / dataset_info, checked against the writer's record and,
 where torchvision has a class for the layout, against torchvision's own reader."""
 from __future__ import annotations
@@ -16,7 +16,7 @@ from PIL import Image
 
 from backfill_utils.data import api as D
 from backfill_utils.data.api import DatasetError, EmptyClassFolderWarning, dataset_info, get_dataset
-from layouts import (make_image, save_image, write_cifar100, write_imagefolder, write_imagenet,
+from layout_files import (make_image, save_image, write_cifar100, write_imagefolder, write_imagenet,
                      write_places365, write_tinyimagenet)
 
 SPLITS = ("train", "test")

@@ -1,6 +1,6 @@
 """Every on-disk layout end to end, offline.
 
-For each layout written by ``tests/layouts.py`` -- Tiny-ImageNet, ImageNet and
+For each layout written by ``tests/data/layout_files.py`` -- Tiny-ImageNet, ImageNet and
 Places-365 as torchvision expects them, Places-365 and plain ImageFolder
 ``train/`` + ``val/`` (with images of different sizes, greyscale and CMYK files
 and an empty class folder) -- the data notebook runs under papermill with
@@ -10,7 +10,7 @@ curve run through the package's functions. For CIFAR-100's python archive the
 whole series runs through the runner (``backfill_utils.tools.run.run_series``) under
 the ``paper`` profile shrunk by ``overrides``. The ImageNet layout without
 ``meta.bin`` is the same reader as with it (only the class names differ) and is
-covered by tests/test_layouts.py.
+covered by tests/data/test_layouts.py.
 
 Everything is written to temporary folders (``BACKFILL_RESULTS``,
 ``BACKFILL_CACHE``); the repository's ``results/`` is checked to be untouched.
@@ -39,13 +39,15 @@ import pytest
 
 from backfill_utils import config as C
 from backfill_utils import embed as E
+from backfill_utils import train as TR
 from backfill_utils.backfill import experiments as X
 from backfill_utils.figures import illustrate as IL
 from backfill_utils.retrieval import metrics as MT
 from backfill_utils.tools import run as R
-from backfill_utils import train as TR
-from layouts import (class_colours, make_image, save_image, write_cifar100, write_imagefolder, write_imagenet,
+from layout_files import (class_colours, make_image, save_image, write_cifar100, write_imagefolder, write_imagenet,
                      write_places365, write_tinyimagenet)
+
+pytestmark = pytest.mark.slow  # every test here trains or runs end to end
 
 # The smallest datasets every notebook accepts: the open setting needs 5 classes (open_fraction
 # 0.2 leaves one test-only class), leave-one-out retrieval 2 test images per class.
@@ -211,7 +213,7 @@ def test_one_epoch_embeddings_and_a_backfilling_curve(layout, tmp_path_factory, 
     image decoded: greyscale, CMYK, any size) and its test split, and compute RM's backfilling
     curve, whose ends are old/old and new/new as the engine evaluates them directly. (Not
     against scikit-learn here: a backbone trained one epoch puts images a few 1e-7 apart,
-    an order decided by the arithmetic's last bits; tests/test_metrics.py checks the engine
+    an order decided by the arithmetic's last bits; tests/retrieval/test_metrics.py checks the engine
     against scikit-learn.)"""
     key, w = layout
     monkeypatch.setenv(C.CACHE_ENV, str(tmp_path_factory.mktemp(f"cache_{key}")))

@@ -3,9 +3,9 @@ training split, used by backbone training, train-split embeddings and the valida
 import numpy as np
 import pytest
 
-from backfill_utils.data import api as D
 from backfill_utils import embed as E
 from backfill_utils import train as TR
+from backfill_utils.data import api as D
 from backfill_utils.data.splits import training_part, validation_mask
 from conftest import tiny_profile
 
@@ -70,6 +70,7 @@ def test_backbones_never_see_the_validation_images():
         TR.model_dir(TR.model_spec(tiny_profile(val_fraction=0.5), "extended", "new"))
 
 
+@pytest.mark.slow
 def test_validation_embeddings_are_the_held_out_images(tmp_cache):
     cfg = tiny_profile(val_fraction=0.25, train={"epochs": 1, "batch_size": 16})
     val = E.get_embeddings(cfg, "extended", "new", "val", progress=False)

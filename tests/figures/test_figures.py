@@ -7,9 +7,9 @@ import pytest
 from matplotlib.animation import FuncAnimation
 from matplotlib.figure import Figure
 
-from backfill_utils.figures import animation as A
-from backfill_utils.backfill import systems as BS
 from backfill_utils.backfill import registry as MM
+from backfill_utils.backfill import systems as BS
+from backfill_utils.figures import animation as A
 from backfill_utils.figures import curve_figures as CF, style as ST
 from backfill_utils.figures import thumbnails as TH
 
@@ -137,6 +137,7 @@ def _system(order):
     return BS.BackfillSystem.mixed("s", np.eye(n), np.eye(n), np.eye(n), order=order)
 
 
+@pytest.mark.slow
 def test_animation_and_gif(tmp_path):
     from PIL import Image
 
@@ -182,6 +183,7 @@ def test_save_table_writes_csv_md_tex(tmp_path):
     assert "\\begin{tabular}" in tex and "Ours\\_x" in tex and "cap" in tex
 
 
+@pytest.mark.slow
 def test_inline_display_helpers_are_small_and_close_the_figure():
     import matplotlib.pyplot as plt
 

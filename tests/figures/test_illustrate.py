@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from backfill_utils.backfill import curves as BC, orders, systems as BS
-from backfill_utils.retrieval import distances as DS
 from backfill_utils.figures import illustrate as IL
+from backfill_utils.retrieval import distances as DS
 
 
 def _setup(kind: str, seed: int = 0, n: int = 60, n_cls: int = 6):

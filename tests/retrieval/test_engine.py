@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from backfill_utils.backfill import curves as BC, systems as BS
-from backfill_utils.tools import bench
 from backfill_utils.retrieval import counting, engine, phases
 from backfill_utils.retrieval import metrics as MT
-from test_backfill import brute_curve, int_emb
+from backfill_utils.tools import bench
+from test_systems_curves import brute_curve, int_emb
 from test_metrics import brute_force, int_embeddings
 
 METHODS = ["numba", "torch"] if counting.numba_available() else ["torch"]

@@ -4,7 +4,7 @@ On the smoke profile (extended setting, backbones trained 4 epochs; its own arti
 method's order to each backfill ratio, returns the ranking of the engine's system
 (``experiments.build_system``): the reference is brute force in float64 over the system's
 arrays (``backfill.BackfillSystem``: which items are backfilled at ``r`` is
-``system.backfilled(r)``), compared as in ``tests/test_serve.py`` (``check_topk``).
+``system.backfilled(r)``), compared as in ``tests/serve/test_index.py`` (``check_topk``).
 
 Tolerance: faiss's float32 distances (``test_serve``'s bound) plus the difference between
 the transformed vectors the index computes (``serve_parts.Transform``, the same arithmetic
@@ -19,15 +19,17 @@ import numpy as np
 import pytest
 import torch
 
-from backfill_utils.backfill import orders
 from backfill_utils import config as C
 from backfill_utils.backfill import experiments as X
+from backfill_utils.backfill import orders
 from backfill_utils.backfill import registry as MM
 from backfill_utils.retrieval import metrics as MT
+from backfill_utils.serve.from_method import index_arguments, index_from_method, served_method
 from backfill_utils.serve.index import OnlineBackfillIndex
 from backfill_utils.serve.index_file import Transform
-from backfill_utils.serve.from_method import index_arguments, index_from_method, served_method
-from test_serve import check_topk, gamma
+from test_index import check_topk, gamma
+
+pytestmark = pytest.mark.slow  # every test here trains or runs end to end
 
 SETTING = "extended"
 METHODS = ["RM", "Ours", "RM+psi", "FCT", "FastFill", "BCT", "BiCT"]

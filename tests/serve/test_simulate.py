@@ -8,6 +8,8 @@ import pytest
 from backfill_utils.retrieval import metrics as MT
 from backfill_utils.serve import simulate as SIM
 
+pytestmark = pytest.mark.slow  # every test here trains or runs end to end
+
 
 def brute_ap_at_k(hits, n_rel):
     out = []

@@ -105,6 +105,7 @@ def own_run(tmp_path_factory):
     mp.undo()
 
 
+@pytest.mark.slow
 def test_embedding_only_methods_are_trained_the_others_skipped(own_run):
     cfg, emb, (curves, summary, trained, skipped) = own_run
     main = MM.names("main")
@@ -118,6 +119,7 @@ def test_embedding_only_methods_are_trained_the_others_skipped(own_run):
         assert len(curves[curves.method == n]) == cfg["eval"]["num_ratios"], n
 
 
+@pytest.mark.slow
 def test_curves_end_at_the_engines_references(own_run):
     cfg, emb, (curves, summary, trained, skipped) = own_run
     y = emb.test_labels
@@ -131,6 +133,7 @@ def test_curves_end_at_the_engines_references(own_run):
     assert s.loc["RM", "query_passes"] == 2 and s.loc["Ours", "extra_params"] == trained["Ours"].n_params > 0
 
 
+@pytest.mark.slow
 def test_training_is_cached_by_content(own_run, monkeypatch):
     cfg, emb, (curves, summary, trained, skipped) = own_run
     monkeypatch.setattr(OM, "OwnData", lambda *a, **k: pytest.fail("trained again"))
@@ -143,6 +146,7 @@ def test_training_is_cached_by_content(own_run, monkeypatch):
         OM.train_own(emb, cfg, "BiCT")
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:relative gain:RuntimeWarning")  # tiny arrays: top-5 saturates at 100
 def test_worker_processes_train_the_same_modules(tmp_path, monkeypatch):
     """With 2 workers the modules are trained in worker processes (read from the files) and
@@ -169,6 +173,7 @@ def test_worker_processes_train_the_same_modules(tmp_path, monkeypatch):
     assert s1.equals(s2)
 
 
+@pytest.mark.slow
 def test_a_method_registered_elsewhere_joins_only_when_named(own_run):
     cfg, emb, (curves, summary, trained, skipped) = own_run
     MM.register(MM.Method("RM copy", dict(color="k", ls="-"), "a notebook's method", ("main",), two_pass=True))

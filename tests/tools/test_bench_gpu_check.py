@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from backfill_utils.tools import bench, gpu_check
 from backfill_utils import config as C
+from backfill_utils.tools import bench, gpu_check
 
 
 @pytest.fixture(autouse=True)
@@ -19,6 +19,7 @@ def _keep_torch_threads():
     torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_bench_tiny_run_writes_consistent_json(tmp_path, monkeypatch):
     out = tmp_path / "bench.json"
     res = bench.main(["--n", "240", "--classes", "8", "--large", "2000", "--torch-sample", "50",
@@ -57,6 +58,7 @@ def test_make_data_is_balanced_and_seeded():
     np.testing.assert_allclose(np.linalg.norm(a["new"], axis=1), 1, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_on_cpu_with_tiny_sizes(tmp_path, monkeypatch):
     monkeypatch.setenv(C.CACHE_ENV, str(tmp_path / "project_cache"))
     out = tmp_path / "gpu_check.json"

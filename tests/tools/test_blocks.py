@@ -1,8 +1,8 @@
 """The one writer of generated Markdown blocks (backfill_utils.tools.blocks) and the CPU-model helper."""
 import pytest
 
-from backfill_utils.tools import blocks
 from backfill_utils import config as C
+from backfill_utils.tools import blocks
 
 TEXT = "# Title\n\nprose before\n<!-- X:START -->\nold line\n<!-- X:END -->\nprose after, no newline at end"
 

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from backfill_utils import config as C
 from backfill_utils.tools import bench, blocks, report, scale_cost as SC
 from backfill_utils.tools import results_doc as RD
-from backfill_utils import config as C
 
 ROOT = C.REPO_ROOT
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

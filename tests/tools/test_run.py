@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from backfill_utils import config as C
-from backfill_utils.tools import results_doc as RD, run as R
 from backfill_utils import session
+from backfill_utils.tools import results_doc as RD, run as R
 
 
 def test_series_is_numbered_and_each_notebook_has_the_parameters():
@@ -24,12 +24,14 @@ def test_series_is_numbered_and_each_notebook_has_the_parameters():
         assert all(params[p]["default"] == "None" for p in set(params) - set(R.PARAMETERS)), b.name
 
 
+@pytest.mark.slow
 def test_unknown_parameter_is_an_error_before_anything_runs(tmp_path):
     with pytest.raises(ValueError, match="unknown parameter.*datset"):
         R.run_series("smoke", {"datset": "cifar100"}, out_dir=tmp_path)
     assert not list(tmp_path.iterdir()), "nothing may be executed or written"
 
 
+@pytest.mark.slow
 def test_misspelt_override_is_an_error_before_anything_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(R, "_execute", lambda *a, **k: pytest.fail("a notebook ran"))
     with pytest.raises(KeyError, match=r"'epoch'; known keys: \[.*'epochs'"):
@@ -48,6 +50,7 @@ def test_cli_reports_rejected_parameters(capsys, monkeypatch):
         assert msg in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_runs_go_to_their_own_folder(monkeypatch, tmp_path):
     monkeypatch.setattr(C, "RESULTS_DIR", tmp_path / "results")
     seen = []
@@ -61,6 +64,7 @@ def test_runs_go_to_their_own_folder(monkeypatch, tmp_path):
     assert {p.parts[:3] for p in files} == {("results", cfg["run_name"], "executed")}
 
 
+@pytest.mark.slow
 def test_kernels_get_the_runners_results_folder_and_checkout(monkeypatch, tmp_path):
     """A kernel inherits the runner's environment while it runs: the run's results folder
     and a PYTHONPATH led by the runner's checkout, so that a kernel of another checkout's
@@ -222,3 +226,13 @@ def test_makefile_pins_what_the_runner_pins():
     line = next(l for l in text.splitlines() if l.startswith("PINNED_ENV :="))
     pairs = dict(tok.split("=", 1) for tok in shlex.split(line.split(":=", 1)[1]))
     assert pairs == C.PINNED_ENV == R.PINNED_ENV
+
+
+def test_render_notebooks_run_side_by_side_compute_notebooks_alone():
+    books = R.list_notebooks()
+    groups = R.render_groups(books, 2)
+    assert [b for g in groups for b in g] == books
+    for g in groups:
+        assert len(g) == 1 or all(R.is_render(b) for b in g)
+    assert not R.is_render(C.NOTEBOOKS_DIR / "30_compat.ipynb") and R.is_render(C.NOTEBOOKS_DIR / "53_regimes.ipynb")
+    assert all(len(g) == 1 for g in R.render_groups(books, 1))
