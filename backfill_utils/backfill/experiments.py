@@ -45,7 +45,7 @@ __all__ = ["CURVES_VERSION", "EXPERIMENTS_VERSION", "EVAL_SPLITS", "ratios", "Se
            "method_curve", "evaluate_setting", "evaluate_all", "gallery_quality", "train_roles",
            "prefetch_embeddings", "cache_train_embeddings"]
 
-# Bump CURVES_VERSION when the engine (metrics.py, backfill.py) or the code below changes a
+# Bump CURVES_VERSION when the engine (retrieval/, backfill/curves.py) or the code below changes a
 # curve or a summary number; EXPERIMENTS_VERSION for the order study and the query cost.
 CURVES_VERSION = 1
 EXPERIMENTS_VERSION = 2  # 2: the query cost has the gallery-side columns

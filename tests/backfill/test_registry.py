@@ -1,4 +1,4 @@
-"""The method registry (methods.py) without training: registrations, groups, query sides,
+"""The method registry (backfill/registry.py) without training: registrations, groups, query sides,
 ablation components, recipes from the profile, the generic system builder."""
 import dataclasses
 
@@ -168,7 +168,7 @@ def _same(a: BS.BackfillSystem, b: BS.BackfillSystem) -> None:
 
 
 def test_generic_system_is_each_methods_system():
-    """make_system builds, from the slots, exactly the systems of backfill.py's table."""
+    """make_system builds, from the slots, exactly the systems of backfill/systems.py's table."""
     rng = np.random.default_rng(0)
     n, d = 40, 6
     old, new, bct = _unit(rng, n, d), _unit(rng, n, d), _unit(rng, n, d)

@@ -1,7 +1,7 @@
 """OnlineBackfillIndex: exactness against the engine's ranking, threads, persistence, errors.
 
 Reference rankings are brute force in float64 (``metrics.pairwise_distances``)
-over the mixed distance row of ``backfill.py`` (not-yet-backfilled items:
+over the mixed distance row of ``backfill/systems.py`` (not-yet-backfilled items:
 ``d(query_old, gallery_old)``, backfilled ones: ``d(query_new, gallery_new)``),
 ordered by (distance, gallery index); which items are backfilled at ratio ``r``
 comes from ``backfill.backfill_segments``.
