@@ -184,7 +184,7 @@ import json  # noqa: E402
 import zipfile  # noqa: E402
 
 from backfill_utils import compat as K  # noqa: E402
-from backfill_utils.serve import MAX_K, OnlineBackfillIndex  # noqa: E402
+from backfill_utils.serve import OnlineBackfillIndex  # noqa: E402
 
 
 def _small_index(n=10, d=4):
@@ -194,16 +194,30 @@ def _small_index(n=10, d=4):
     return index, x
 
 
-def test_an_unbounded_k_is_an_error_without_allocating():
+def test_k_beyond_the_index_is_capped_at_its_items_without_allocating_k_columns():
     index, x = _small_index()
-    for k in (2 ** 31, 2 ** 40):
-        with pytest.raises(ValueError, match=rf"k = {k} is larger than the index \(10 items\).*pass k <= {MAX_K}"):
-            index.search(x[:1], k)
-    for k in (0, -3, 2.5, "3"):
-        with pytest.raises((ValueError, TypeError), match="k must be"):
-            index.search(x[:1], k)
-    D, I = index.search(x[:1], 12)  # a small k beyond the gallery is padded as before
-    assert I.shape == (1, 12) and (I[0, 10:] == -1).all()
+    for k in (11, 2 ** 31, 2 ** 62):  # 2**31 columns of float32 + int64 would need 24 GB per query
+        D, I = index.search(x[:3], k)
+        assert D.shape == I.shape == (3, 10)
+        assert [sorted(row) for row in I.tolist()] == [list(range(10))] * 3
+    D, I = index.search(x[:1], np.int64(4))
+    assert I.shape == (1, 4) and I[0, 0] == 0
+    index.remove(np.arange(7))  # the cap follows the items left
+    assert index.search(x[:2], 2 ** 31)[1].shape == (2, 3)
+    index.remove(np.arange(7, 10))
+    D, I = index.search(x[:2], 2 ** 31)
+    assert D.shape == I.shape == (2, 0)
+
+
+@pytest.mark.parametrize("k, error, message", [
+    (0, ValueError, "k must be >= 1, got 0"), (-3, ValueError, "k must be >= 1, got -3"),
+    (2.0, TypeError, "k must be an integer, got 2.0"), (True, TypeError, "k must be an integer, got the bool"),
+    (np.bool_(True), TypeError, "k must be an integer, got the bool"), ("3", TypeError, "k must be an integer"),
+    (None, TypeError, "k must be an integer")])
+def test_k_that_is_not_a_positive_integer_is_an_error_naming_k(k, error, message):
+    index, x = _small_index()
+    with pytest.raises(error, match=message):
+        index.search(x[:1], k)
 
 
 def _rewrite(src, dst, members):
