@@ -366,3 +366,26 @@ def test_relative_gain_unchanged_where_the_new_model_is_better():
                            {"mAP": 20.0, "top1": 20.0, "top5": 20.0})
     assert s["rel_gain_map"] == pytest.approx(0.5)
     assert bf.gain_not_applicable(17.12, 38.62) == ""
+
+
+def test_a_crafted_count_inside_a_faiss_blob_is_refused_before_faiss_allocates(tmp_path):
+    import resource
+    import struct
+
+    index, x = _small_index()
+    path = index.save(tmp_path / "i.npz")
+    with np.load(path) as z:
+        blob = bytes(z["old.index"])
+    # a Flat index stores its codes as a count of 10 * 4 floats followed by the floats
+    at = blob.index(struct.pack("<Q", x.size) + x.tobytes()[:16])
+    crafted = bytearray(blob)
+    struct.pack_into("<Q", crafted, at, 1 << 28)  # claims 1 GiB of codes in a blob of a few hundred bytes
+    bad = tmp_path / "bad.npz"
+    _rewrite(path, bad, {"old.index.npy": (_npy_bytes(np.frombuffer(bytes(crafted), np.uint8)), zipfile.ZIP_STORED)})
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    with pytest.raises(ValueError, match=rf"{bad.name}: the old side's faiss index cannot be read within its "
+                                         rf"{len(blob)} bytes"):
+        OnlineBackfillIndex.load(bad)
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown < 128 << 10, f"the peak memory grew by {grown >> 10} MiB"
+    assert len(OnlineBackfillIndex.load(path)) == 10  # the genuine blob loads under the same bound
