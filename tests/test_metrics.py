@@ -253,6 +253,12 @@ def test_validation_errors():
         mt.evaluate_retrieval(g[0], [0], g, lab)
     with pytest.raises(ValueError, match="ks"):
         mt.evaluate_retrieval(g, lab, g, lab, ks=(0,))
+    with pytest.raises(TypeError, match="ks must be an integer, got 2.5"):  # not truncated to 2
+        mt.evaluate_retrieval(g, lab, g, lab, ks=(1, 2.5))
+    with pytest.raises(TypeError, match="ks must be an integer, got the bool"):
+        mt.evaluate_retrieval(g, lab, g, lab, ks=(True,))
+    with pytest.raises(TypeError, match="ks must be a non-empty list"):
+        mt.evaluate_retrieval(g, lab, g, lab, ks=5)
     with pytest.raises(ValueError, match="on_no_relevant"):
         mt.evaluate_retrieval(g, lab, g, lab, on_no_relevant="ignore")
     with pytest.raises(ValueError, match="chunk_size"):

@@ -65,6 +65,10 @@ def test_schedule_and_stream():
     assert S.LoadPlan.for_gallery(200).throughput == 10 and S.LoadPlan.for_gallery(50).queries_per_tick == 50
     with pytest.raises(ValueError, match="throughput and tick_s must be positive"):
         S.LoadPlan(throughput=0)
+    with pytest.raises(TypeError, match="k must be an integer, got 2.5"):
+        S.LoadPlan(throughput=1, k=2.5)
+    with pytest.raises(ValueError, match="queries_per_tick must be >= 1, got 0"):
+        S.LoadPlan(throughput=1, queries_per_tick=0)
 
 
 def test_simulation_quality_is_deterministic_and_latency_is_measured():

@@ -164,6 +164,40 @@ def test_sigterm_during_a_notebook_leaves_no_temporary_file(monkeypatch, tmp_pat
     assert signal.getsignal(signal.SIGTERM) is not None
 
 
+def test_sigterm_while_a_kernel_runs_stops_it_and_removes_its_connection_file(monkeypatch, tmp_path):
+    """A real kernel, started the way nbclient starts it, when SIGTERM arrives and nbclient's own
+    clean-up does not run (the runner's event loop is left where the signal found it)."""
+    import asyncio
+    import signal
+
+    import papermill
+    from jupyter_client import AsyncKernelManager
+
+    started = []
+
+    def fake(book, out, **kwargs):
+        km = kwargs.get("kernel_manager_class", AsyncKernelManager)(kernel_name="python3")
+        asyncio.run(km.start_kernel())
+        started.append(km)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        pytest.fail("SIGTERM was not handled")
+
+    monkeypatch.setattr(papermill, "execute_notebook", fake)
+    book = R.list_notebooks(["00"])[0]
+    try:
+        with pytest.raises(KeyboardInterrupt), R._terminate_as_interrupt():
+            R._execute(book, tmp_path / "executed" / book.name, {}, None)
+        (km,) = started
+        assert not Path(km.connection_file).exists(), f"{km.connection_file} was left behind"
+        assert km.provisioner.process.poll() is not None, "the kernel is still running"
+    finally:
+        for km in started:  # whatever happened above, no kernel outlives the test
+            if km.provisioner is not None and km.provisioner.process.poll() is None:
+                km.provisioner.process.kill()
+            Path(km.connection_file).unlink(missing_ok=True)
+
+
 def test_runner_prints_a_missing_input_without_traceback(monkeypatch, tmp_path):
     from papermill.exceptions import PapermillExecutionError
 
@@ -184,7 +218,7 @@ import json  # noqa: E402
 import zipfile  # noqa: E402
 
 from backfill_utils import compat as K  # noqa: E402
-from backfill_utils.serve import MAX_K, OnlineBackfillIndex  # noqa: E402
+from backfill_utils.serve import OnlineBackfillIndex  # noqa: E402
 
 
 def _small_index(n=10, d=4):
@@ -194,16 +228,30 @@ def _small_index(n=10, d=4):
     return index, x
 
 
-def test_an_unbounded_k_is_an_error_without_allocating():
+def test_k_beyond_the_index_is_capped_at_its_items_without_allocating_k_columns():
     index, x = _small_index()
-    for k in (2 ** 31, 2 ** 40):
-        with pytest.raises(ValueError, match=rf"k = {k} is larger than the index \(10 items\).*pass k <= {MAX_K}"):
-            index.search(x[:1], k)
-    for k in (0, -3, 2.5, "3"):
-        with pytest.raises((ValueError, TypeError), match="k must be"):
-            index.search(x[:1], k)
-    D, I = index.search(x[:1], 12)  # a small k beyond the gallery is padded as before
-    assert I.shape == (1, 12) and (I[0, 10:] == -1).all()
+    for k in (11, 2 ** 31, 2 ** 62):  # 2**31 columns of float32 + int64 would need 24 GB per query
+        D, I = index.search(x[:3], k)
+        assert D.shape == I.shape == (3, 10)
+        assert [sorted(row) for row in I.tolist()] == [list(range(10))] * 3
+    D, I = index.search(x[:1], np.int64(4))
+    assert I.shape == (1, 4) and I[0, 0] == 0
+    index.remove(np.arange(7))  # the cap follows the items left
+    assert index.search(x[:2], 2 ** 31)[1].shape == (2, 3)
+    index.remove(np.arange(7, 10))
+    D, I = index.search(x[:2], 2 ** 31)
+    assert D.shape == I.shape == (2, 0)
+
+
+@pytest.mark.parametrize("k, error, message", [
+    (0, ValueError, "k must be >= 1, got 0"), (-3, ValueError, "k must be >= 1, got -3"),
+    (2.0, TypeError, "k must be an integer, got 2.0"), (True, TypeError, "k must be an integer, got the bool"),
+    (np.bool_(True), TypeError, "k must be an integer, got the bool"), ("3", TypeError, "k must be an integer"),
+    (None, TypeError, "k must be an integer")])
+def test_k_that_is_not_a_positive_integer_is_an_error_naming_k(k, error, message):
+    index, x = _small_index()
+    with pytest.raises(error, match=message):
+        index.search(x[:1], k)
 
 
 def _rewrite(src, dst, members):
@@ -352,3 +400,26 @@ def test_relative_gain_unchanged_where_the_new_model_is_better():
                            {"mAP": 20.0, "top1": 20.0, "top5": 20.0})
     assert s["rel_gain_map"] == pytest.approx(0.5)
     assert bf.gain_not_applicable(17.12, 38.62) == ""
+
+
+def test_a_crafted_count_inside_a_faiss_blob_is_refused_before_faiss_allocates(tmp_path):
+    import resource
+    import struct
+
+    index, x = _small_index()
+    path = index.save(tmp_path / "i.npz")
+    with np.load(path) as z:
+        blob = bytes(z["old.index"])
+    # a Flat index stores its codes as a count of 10 * 4 floats followed by the floats
+    at = blob.index(struct.pack("<Q", x.size) + x.tobytes()[:16])
+    crafted = bytearray(blob)
+    struct.pack_into("<Q", crafted, at, 1 << 28)  # claims 1 GiB of codes in a blob of a few hundred bytes
+    bad = tmp_path / "bad.npz"
+    _rewrite(path, bad, {"old.index.npy": (_npy_bytes(np.frombuffer(bytes(crafted), np.uint8)), zipfile.ZIP_STORED)})
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    with pytest.raises(ValueError, match=rf"{bad.name}: the old side's faiss index cannot be read within its "
+                                         rf"{len(blob)} bytes"):
+        OnlineBackfillIndex.load(bad)
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown < 128 << 10, f"the peak memory grew by {grown >> 10} MiB"
+    assert len(OnlineBackfillIndex.load(path)) == 10  # the genuine blob loads under the same bound
