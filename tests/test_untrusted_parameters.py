@@ -110,6 +110,40 @@ def test_sigterm_during_a_notebook_leaves_no_temporary_file(monkeypatch, tmp_pat
     assert signal.getsignal(signal.SIGTERM) is not None
 
 
+def test_sigterm_while_a_kernel_runs_stops_it_and_removes_its_connection_file(monkeypatch, tmp_path):
+    """A real kernel, started the way nbclient starts it, when SIGTERM arrives and nbclient's own
+    clean-up does not run (the runner's event loop is left where the signal found it)."""
+    import asyncio
+    import signal
+
+    import papermill
+    from jupyter_client import AsyncKernelManager
+
+    started = []
+
+    def fake(book, out, **kwargs):
+        km = kwargs.get("kernel_manager_class", AsyncKernelManager)(kernel_name="python3")
+        asyncio.run(km.start_kernel())
+        started.append(km)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        pytest.fail("SIGTERM was not handled")
+
+    monkeypatch.setattr(papermill, "execute_notebook", fake)
+    book = R.list_notebooks(["00"])[0]
+    try:
+        with pytest.raises(KeyboardInterrupt), R._terminate_as_interrupt():
+            R._execute(book, tmp_path / "executed" / book.name, {}, None)
+        (km,) = started
+        assert not Path(km.connection_file).exists(), f"{km.connection_file} was left behind"
+        assert km.provisioner.process.poll() is not None, "the kernel is still running"
+    finally:
+        for km in started:  # whatever happened above, no kernel outlives the test
+            if km.provisioner is not None and km.provisioner.process.poll() is None:
+                km.provisioner.process.kill()
+            Path(km.connection_file).unlink(missing_ok=True)
+
+
 @pytest.mark.slow
 def test_runner_prints_a_missing_input_without_traceback(monkeypatch, tmp_path):
     from papermill.exceptions import PapermillExecutionError

@@ -50,6 +50,7 @@ chunk sizes on CPU and GPU) is described in :mod:`backfill_utils.retrieval.engin
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -125,9 +126,29 @@ def encode_labels(query_labels: np.ndarray, gallery_labels: np.ndarray) -> tuple
     return inv[: len(query_labels)], inv[len(query_labels):]
 
 
+def positive_int(x: Any, name: str) -> int:
+    """``x`` as an ``int`` if it is an integer >= 1 (a Python or numpy integer, or
+    anything with ``__index__``); a ``TypeError`` naming ``name`` for a bool, a float
+    or a string, a ``ValueError`` for zero or a negative number. The one rule for
+    every cut-off ``k`` (metrics, the serving index) and the index's dimensions."""
+    if isinstance(x, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an integer, got the bool {x!r}")
+    try:
+        v = operator.index(x)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {x!r}") from None
+    if v < 1:
+        raise ValueError(f"{name} must be >= 1, got {v}")
+    return int(v)
+
+
 def validate_ks(ks: Iterable[int]) -> tuple[int, ...]:
-    ks = tuple(int(k) for k in ks)
-    if not ks or any(k < 1 for k in ks):
+    """The cut-offs ``ks`` of top-k, each checked by :func:`positive_int`; a ``k``
+    beyond the gallery's size is allowed (top-k then counts the whole ranking)."""
+    if isinstance(ks, (str, bytes)) or not isinstance(ks, Iterable):
+        raise TypeError(f"ks must be a non-empty list of integers >= 1, got {ks!r}")
+    ks = tuple(positive_int(k, "ks") for k in ks)
+    if not ks:
         raise ValueError(f"ks must be a non-empty list of integers >= 1, got {ks}")
     return ks
 

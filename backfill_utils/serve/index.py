@@ -22,7 +22,8 @@ The metric is the project's: squared Euclidean distance (faiss ``METRIC_L2``,
 normalise anything: give embeddings as the models produce them (the project's
 are L2-normalised unless the profile key ``normalize_embeddings`` is false; the
 modules of :mod:`backfill_utils.compat.modules` then leave their outputs raw as well). Results follow faiss's convention: ``D`` float32 distances ascending,
-``I`` int64 ids, ``inf`` / ``-1`` where fewer than ``k`` items exist. Equal
+``I`` int64 ids, ``inf`` / ``-1`` where an approximate side found fewer results;
+``k`` beyond the number of items is capped at it (``min(k, len(index))`` columns). Equal
 distances are ordered by id (the engine orders them by gallery index); which of
 several items tied at the ``k``-th place *within one side* is returned is
 faiss's choice.
@@ -50,15 +51,14 @@ both sides or on neither; faiss releases the GIL while it searches.
 >>> index = OnlineBackfillIndex(2, 2)
 >>> index.add_old([10, 11, 12], np.array([[0, 0], [0, 2], [0, 1]], dtype="float32"))
 >>> index.backfill([11], np.array([[1, 0]], dtype="float32"))
->>> D, I = index.search(np.array([[0.5, 0]], dtype="float32"), k=4)
+>>> D, I = index.search(np.array([[0.5, 0]], dtype="float32"), k=4)  # k capped at the 3 items
 >>> D.tolist(), I.tolist()  # 10 and 11 tie at 0.25: the lower id first
-([[0.25, 0.25, 1.25, inf]], [[10, 11, 12, -1]])
+([[0.25, 0.25, 1.25]], [[10, 11, 12]])
 >>> len(index), round(index.backfilled_fraction, 3)
 (3, 0.333)
 """
 from __future__ import annotations
 
-import operator
 import os
 import threading
 from pathlib import Path
@@ -66,6 +66,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..retrieval.metrics import positive_int
 from .checks import as_ids, as_matrix, contains_sorted
 from .index_file import UNSET, load_index, save_index
 from .lock import RWLock
@@ -73,20 +74,7 @@ from .merge import merge_topk
 from .side import FaissSide
 from .transform import Transform
 
-__all__ = ["OnlineBackfillIndex", "MAX_K"]
-
-MAX_K = 4096  # k beyond the index's size is padded (faiss's convention) up to this many columns
-
-
-def _positive_int(x: Any, name: str) -> int:
-    try:
-        v = operator.index(x)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {x!r}") from None
-    if v < 1:
-        raise ValueError(f"{name} must be >= 1, got {v}")
-    return int(v)
-
+__all__ = ["OnlineBackfillIndex"]
 
 class OnlineBackfillIndex:
     """A faiss index of the mixed gallery (see the module docstring).
@@ -130,7 +118,7 @@ class OnlineBackfillIndex:
                  new_transform: Callable | None = None, gallery_transform: Callable | None = None,
                  factory: str = "Flat", search_params: dict | None = None, two_pass: bool = False,
                  batch_size: int = 4096) -> None:
-        self.d_old, self.d_new = _positive_int(d_old, "d_old"), _positive_int(d_new, "d_new")
+        self.d_old, self.d_new = positive_int(d_old, "d_old"), positive_int(d_new, "d_new")
         self.factory, self.two_pass = str(factory), bool(two_pass)
         if self.two_pass and (query_transform is not None or gallery_transform is not None):
             raise ValueError("two_pass=True (rank merge) searches the old side with the old model's query "
@@ -339,7 +327,7 @@ class OnlineBackfillIndex:
 
     # ------------------------------------------------------------------ search
     def search(self, query_new: Any, k: int, *, query_old: Any = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` of the mixed gallery: ``(D, I)``, each ``(n_queries, k)``.
+        """Top-``k`` of the mixed gallery: ``(D, I)``, each ``(n_queries, min(k, len(self)))``.
 
         ``query_new``: the queries' new-model embeddings (``d_new``).
         ``query_old``: the old model's embeddings of the same queries (rank
@@ -348,15 +336,16 @@ class OnlineBackfillIndex:
         have the old side's dimension). Both sides are searched under one read
         lock, so the result is that of one state of the index.
 
-        ``k``: a positive integer. Beyond the index's size the result is padded
-        with ``inf`` / ``-1`` (faiss's convention) up to :data:`MAX_K` columns; a
-        larger ``k`` than both is an error (it would only allocate padding).
+        ``k``: a positive integer (a bool, float or string is a ``TypeError``,
+        zero or less a ``ValueError``, each naming ``k``). A ``k`` larger than the
+        number of items in the index is capped at that number, counted under the
+        same read lock as the search: the result never has more columns than
+        items, so an empty index gives ``(n_queries, 0)`` arrays. Within those
+        columns ``inf`` / ``-1`` (faiss's convention) still mark results an
+        approximate side (IVF, HNSW) did not find.
         """
-        k = _positive_int(k, "k")
+        k = positive_int(k, "k")
         q = as_matrix(query_new, "query_new", self.d_new)
-        if k > MAX_K and k > len(self):
-            raise ValueError(f"k = {k} is larger than the index ({len(self)} items) and than {MAX_K}: the result "
-                             f"would be padded with {k - len(self)} empty columns; pass k <= {max(len(self), MAX_K)}")
         qo = None
         if query_old is not None:
             qo = as_matrix(query_old, "query_old", self._old.d)
@@ -369,6 +358,7 @@ class OnlineBackfillIndex:
         psi, rho = self._transforms["query"], self._transforms["new"]
         parts = []
         with self._lock.read():
+            k = min(k, len(self._old) + len(self._new))
             if len(self._old) and len(q):
                 if qo is None:
                     qo = psi(q) if psi is not None else q

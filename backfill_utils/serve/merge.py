@@ -13,7 +13,9 @@ def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], nq: int, k: int) -> t
     """Merge per-side ``(D, I)`` lists into the top ``k`` by ``(distance, id)``.
 
     Missing results (``I < 0``) sort last; the output is padded to ``k`` columns
-    with ``inf`` / ``-1`` (faiss's convention).
+    with ``inf`` / ``-1`` (faiss's convention). The caller caps ``k`` at the
+    number of items searched (:meth:`OnlineBackfillIndex.search`), so padding only
+    stands for results an approximate side did not return.
 
     >>> D, I = merge_topk([(np.array([[1., 3.]]), np.array([[7, 2]])),
     ...                    (np.array([[1., 2.]]), np.array([[5, -1]]))], 1, 3)

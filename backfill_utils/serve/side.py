@@ -29,6 +29,7 @@ milliseconds, and ``IndexIDMap2`` rebuilds a hash table on every removal.
 """
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import faiss
@@ -84,6 +85,34 @@ def check_search_params(params: dict | None, mode: str, factory: str) -> dict:
             raise ValueError(f"search parameter {key} must be a positive integer, got {value!r}")
         out[key] = int(value)
     return out
+
+
+_DESERIALIZING = threading.Lock()  # faiss's deserialization limits are process-wide settings
+
+
+def deserialize_bounded(blob: np.ndarray) -> Any:
+    """``faiss.deserialize_index(blob)`` that allocates no more than the blob can hold.
+
+    faiss sizes each array it reads from a count stored in the blob and allocates
+    (and zero-fills) it before finding out the blob is shorter, so a few hundred
+    crafted bytes can claim up to 1 TB per array. No array of a genuine index holds
+    more bytes than the blob that carries it, nor does a loop-driving count (lists,
+    levels) exceed its length: faiss's per-array byte limit and loop limit are set
+    to the blob's size for the call (under a lock, and restored after), so a crafted
+    count is a ``RuntimeError`` from faiss before it allocates. A faiss without those
+    settings reads the blob unbounded."""
+    blob = np.ascontiguousarray(blob, dtype=np.uint8).reshape(-1)
+    if not hasattr(faiss, "set_deserialization_vector_byte_limit"):
+        return faiss.deserialize_index(blob)
+    with _DESERIALIZING:
+        saved = faiss.get_deserialization_vector_byte_limit(), faiss.get_deserialization_loop_limit()
+        faiss.set_deserialization_vector_byte_limit(blob.nbytes + 1)  # faiss checks bytes < limit
+        faiss.set_deserialization_loop_limit(max(blob.nbytes, 1))
+        try:
+            return faiss.deserialize_index(blob)
+        finally:
+            faiss.set_deserialization_vector_byte_limit(saved[0])
+            faiss.set_deserialization_loop_limit(saved[1])
 
 
 def _bitmap_selector(mask: np.ndarray) -> tuple:
@@ -238,8 +267,14 @@ class FaissSide:
                 "live": self.live}
 
     def restore(self, state: dict[str, np.ndarray], where: str) -> None:
-        """Replace the index by a serialized one, checked against the saved ids."""
-        index = faiss.deserialize_index(np.ascontiguousarray(state["index"], dtype=np.uint8))
+        """Replace the index by a serialized one (read within its own size, see
+        :func:`deserialize_bounded`), checked against the saved ids."""
+        try:
+            index = deserialize_bounded(state["index"])
+        except RuntimeError as exc:
+            msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"{where}: the {self.name} side's faiss index cannot be read within its "
+                             f"{np.asarray(state['index']).nbytes} bytes (crafted or corrupt): {msg}") from None
         if _family(index) != self.mode or index.d != self.d:
             raise ValueError(f"{where}: the {self.name} side's faiss index is a {type(index).__name__} of "
                              f"dimension {index.d}, not the {self.mode} index of dimension {self.d} "

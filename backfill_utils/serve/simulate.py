@@ -37,6 +37,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from ..backfill import registry as MM
+from ..retrieval.metrics import positive_int
 
 __all__ = ["LoadPlan", "OfflineService", "ap_at_k", "query_stream", "backfill_schedule", "service",
            "simulate", "simulate_all", "LATENCY_NOTE", "load_figure"]
@@ -59,8 +60,10 @@ class LoadPlan:
     def __post_init__(self) -> None:
         if not (self.throughput > 0 and self.tick_s > 0 and math.isfinite(self.throughput * self.tick_s)):
             raise ValueError(f"throughput and tick_s must be positive, got {self.throughput}, {self.tick_s}")
-        if self.queries_per_tick < 1 or self.k < 1 or self.settle_ticks < 0:
-            raise ValueError("queries_per_tick and k must be >= 1, settle_ticks >= 0")
+        positive_int(self.queries_per_tick, "queries_per_tick")
+        positive_int(self.k, "k")
+        if self.settle_ticks < 0:
+            raise ValueError(f"settle_ticks must be >= 0, got {self.settle_ticks}")
 
     @classmethod
     def for_gallery(cls, n: int, *, throughput: float | None = None, queries_per_tick: int | None = None,

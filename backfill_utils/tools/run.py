@@ -140,7 +140,8 @@ def clean_outputs(nb) -> None:
 @contextlib.contextmanager
 def _terminate_as_interrupt():
     """Inside: SIGTERM raises ``KeyboardInterrupt`` like SIGINT, so the ``finally`` blocks that
-    remove temporary files run for both (main thread only; elsewhere a no-op)."""
+    remove temporary files (and stop the notebook's kernel) run for both (main thread only;
+    elsewhere a no-op)."""
     import signal
     import threading
 
@@ -165,15 +166,44 @@ def _missing_input(exc: Exception) -> str | None:
     return None
 
 
+def _tracked_kernel_manager(started: list):
+    """nbclient's kernel manager class, each instance appended to ``started``."""
+    from jupyter_client import AsyncKernelManager
+
+    class TrackedKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs) -> None:
+            super().__init__(**kwargs)
+            started.append(self)
+
+    return TrackedKernelManager
+
+
+def _stop_kernels(started: list) -> None:
+    """Stop the kernels in ``started`` that are still running and remove their connection
+    files: when SIGINT or SIGTERM interrupts a notebook, nbclient's own clean-up never runs
+    (the kernel would outlive the cell and its ``/tmp/tmp*.json`` connection file stay behind).
+    After a normal end or a failing cell nbclient has done both, and this does nothing."""
+    for km in started:
+        process = getattr(getattr(km, "provisioner", None), "process", None)
+        if process is not None and process.poll() is None:
+            process.kill()
+            with contextlib.suppress(Exception):
+                process.wait(10)
+        with contextlib.suppress(Exception):
+            km.cleanup_connection_file()
+
+
 def _execute(book: Path, target: Path, params: dict, kernel: str | None) -> None:
     import nbformat
     import papermill as pm
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(io.temporary_name(f"{book.stem}.ipynb"))
+    kernels: list = []
     try:
         nb = pm.execute_notebook(str(book), str(tmp), parameters=params, cwd=str(C.NOTEBOOKS_DIR),
-                                 kernel_name=kernel, progress_bar=False, log_output=False)
+                                 kernel_name=kernel, progress_bar=False, log_output=False,
+                                 kernel_manager_class=_tracked_kernel_manager(kernels))
     except Exception as exc:
         if tmp.exists():
             failed = nbformat.read(tmp, as_version=4)
@@ -185,6 +215,7 @@ def _execute(book: Path, target: Path, params: dict, kernel: str | None) -> None
         print(f"FAILED: {book.name}; executed copy with the error: {target}", file=sys.stderr)
         raise
     finally:
+        _stop_kernels(kernels)
         tmp.unlink(missing_ok=True)
     clean_outputs(nb)
     io.atomic_write(target, lambda p: nbformat.write(nb, str(p)))

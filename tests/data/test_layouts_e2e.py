@@ -68,6 +68,7 @@ FRESH_KERNELS = os.environ.get("BACKFILL_E2E_FRESH_KERNELS", "") not in ("", "0"
 
 
 _PRELUDE = """get_ipython().run_line_magic("reset", "-f")
+__spec__ = None  # %reset removes it; spawned worker processes ($BACKFILL_WORKERS > 1) read it
 import os as _os, matplotlib.pyplot as _plt
 _plt.close("all")
 _os.environ.update({env!r})

@@ -253,6 +253,12 @@ def test_validation_errors():
         MT.evaluate_retrieval(g[0], [0], g, lab)
     with pytest.raises(ValueError, match="ks"):
         MT.evaluate_retrieval(g, lab, g, lab, ks=(0,))
+    with pytest.raises(TypeError, match="ks must be an integer, got 2.5"):  # not truncated to 2
+        MT.evaluate_retrieval(g, lab, g, lab, ks=(1, 2.5))
+    with pytest.raises(TypeError, match="ks must be an integer, got the bool"):
+        MT.evaluate_retrieval(g, lab, g, lab, ks=(True,))
+    with pytest.raises(TypeError, match="ks must be a non-empty list"):
+        MT.evaluate_retrieval(g, lab, g, lab, ks=5)
     with pytest.raises(ValueError, match="on_no_relevant"):
         MT.evaluate_retrieval(g, lab, g, lab, on_no_relevant="ignore")
     with pytest.raises(ValueError, match="chunk_size"):

@@ -67,6 +67,10 @@ def test_schedule_and_stream():
     assert SIM.LoadPlan.for_gallery(200).throughput == 10 and SIM.LoadPlan.for_gallery(50).queries_per_tick == 50
     with pytest.raises(ValueError, match="throughput and tick_s must be positive"):
         SIM.LoadPlan(throughput=0)
+    with pytest.raises(TypeError, match="k must be an integer, got 2.5"):
+        SIM.LoadPlan(throughput=1, k=2.5)
+    with pytest.raises(ValueError, match="queries_per_tick must be >= 1, got 0"):
+        SIM.LoadPlan(throughput=1, queries_per_tick=0)
 
 
 def test_simulation_quality_is_deterministic_and_latency_is_measured():

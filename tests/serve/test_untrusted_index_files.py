@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from backfill_utils.compat import modules as K
-from backfill_utils.serve.index import MAX_K, OnlineBackfillIndex
+from backfill_utils.serve.index import OnlineBackfillIndex
 
 
 def _small_index(n=10, d=4):
@@ -17,16 +17,30 @@ def _small_index(n=10, d=4):
     return index, x
 
 
-def test_an_unbounded_k_is_an_error_without_allocating():
+def test_k_beyond_the_index_is_capped_at_its_items_without_allocating_k_columns():
     index, x = _small_index()
-    for k in (2 ** 31, 2 ** 40):
-        with pytest.raises(ValueError, match=rf"k = {k} is larger than the index \(10 items\).*pass k <= {MAX_K}"):
-            index.search(x[:1], k)
-    for k in (0, -3, 2.5, "3"):
-        with pytest.raises((ValueError, TypeError), match="k must be"):
-            index.search(x[:1], k)
-    D, I = index.search(x[:1], 12)  # a small k beyond the gallery is padded as before
-    assert I.shape == (1, 12) and (I[0, 10:] == -1).all()
+    for k in (11, 2 ** 31, 2 ** 62):  # 2**31 columns of float32 + int64 would need 24 GB per query
+        D, I = index.search(x[:3], k)
+        assert D.shape == I.shape == (3, 10)
+        assert [sorted(row) for row in I.tolist()] == [list(range(10))] * 3
+    D, I = index.search(x[:1], np.int64(4))
+    assert I.shape == (1, 4) and I[0, 0] == 0
+    index.remove(np.arange(7))  # the cap follows the items left
+    assert index.search(x[:2], 2 ** 31)[1].shape == (2, 3)
+    index.remove(np.arange(7, 10))
+    D, I = index.search(x[:2], 2 ** 31)
+    assert D.shape == I.shape == (2, 0)
+
+
+@pytest.mark.parametrize("k, error, message", [
+    (0, ValueError, "k must be >= 1, got 0"), (-3, ValueError, "k must be >= 1, got -3"),
+    (2.0, TypeError, "k must be an integer, got 2.0"), (True, TypeError, "k must be an integer, got the bool"),
+    (np.bool_(True), TypeError, "k must be an integer, got the bool"), ("3", TypeError, "k must be an integer"),
+    (None, TypeError, "k must be an integer")])
+def test_k_that_is_not_a_positive_integer_is_an_error_naming_k(k, error, message):
+    index, x = _small_index()
+    with pytest.raises(error, match=message):
+        index.search(x[:1], k)
 
 
 def _rewrite(src, dst, members):
@@ -107,3 +121,27 @@ def test_load_of_a_plain_npy_or_a_malformed_header_is_a_value_error(tmp_path):
     _rewrite(path, tmp_path / "c.npz", {"old.ids.npy": (claims.getvalue() + b"\0" * 80, zipfile.ZIP_STORED)})
     with pytest.raises(ValueError, match=r"member old.ids is not a readable .npy array: the header claims"):
         OnlineBackfillIndex.load(tmp_path / "c.npz")
+
+
+def test_a_crafted_count_inside_a_faiss_blob_is_refused_before_faiss_allocates(tmp_path):
+    import resource
+    import struct
+
+    index, x = _small_index()
+    path = index.save(tmp_path / "i.npz")
+    with np.load(path) as z:
+        blob = bytes(z["old.index"])
+    # a Flat index stores its codes as a count of 10 * 4 floats followed by the floats
+    at = blob.index(struct.pack("<Q", x.size) + x.tobytes()[:16])
+    crafted = bytearray(blob)
+    struct.pack_into("<Q", crafted, at, 1 << 28)  # claims 1 GiB of codes in a blob of a few hundred bytes
+    bad = tmp_path / "bad.npz"
+    _rewrite(path, bad, {"old.index.npy": (_npy_bytes(np.frombuffer(bytes(crafted), np.uint8)), zipfile.ZIP_STORED)})
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    with pytest.raises(ValueError, match=rf"{bad.name}: the old side's faiss index cannot be read within its "
+                                         rf"{len(blob)} bytes"):
+        OnlineBackfillIndex.load(bad)
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown < 128 << 10, f"the peak memory grew by {grown >> 10} MiB"
+    assert len(OnlineBackfillIndex.load(path)) == 10  # the genuine blob loads under the same bound
+
