@@ -62,7 +62,22 @@ def compact_table1(results: Path | None = None, setting: str = README_SETTING) -
     for _, r in rows.iterrows():
         lines.append(f"| {r['method']} | {_pm(r['AUC_mAP'], r.get('AUC_mAP_sd', nan), '.2f')} | "
                      f"{_pm(r.get('gain_mAP_%', nan), r.get('gain_mAP_%_sd', nan), '.1f')} |")
+    total = series_seconds(results)
+    if total is not None:
+        lines += ["", f"The notebook series of this run took {total:.0f} s ({total / 60:.1f} minutes; per notebook: "
+                      "`results/executed/runtimes.md`)."]
     return "\n".join(lines) + "\n"
+
+
+def series_seconds(results: Path) -> float | None:
+    """The wall time of the notebook series of the run in ``results`` (the ``TOTAL`` row of
+    ``executed/runtimes.csv``), or None when it has not run."""
+    path = Path(results) / "executed" / "runtimes.csv"
+    if not path.is_file():
+        return None
+    t = pd.read_csv(path)
+    total = t.loc[t["notebook"] == "TOTAL", "seconds"]
+    return float(total.iloc[0]) if len(total) else None
 
 
 def full_results(results: Path | None = None) -> str:

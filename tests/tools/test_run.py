@@ -212,6 +212,12 @@ def test_update_readme_fills_only_the_marked_blocks(tmp_path):
     assert text.startswith("intro\n<!-- RESULTS:START -->\nTable 1, extended setting")
     assert text.endswith("\n<!-- RESULTS:END -->\noutro\n") and "old\n" not in text
     assert "| Ours | 33.81 +- 0.05 | 77.6 |" in text and text.count("| Ours |") == 1  # one setting
+    assert "notebook series" not in text  # no runtimes.csv: no runtime line
+    (res / "executed").mkdir()
+    pd.DataFrame({"notebook": ["00_data.ipynb", "TOTAL"], "seconds": [10.4, 1033.0]}).to_csv(
+        res / "executed" / "runtimes.csv", index=False)
+    RD.update_readme(res, root)
+    assert "The notebook series of this run took 1033 s (17.2 minutes;" in readme.read_text()
     assert doc.read_text() == ("# all\n<!-- RESULTS_FULL:START -->\n**" + RD.RESULTS_TABLES[0][0]
                                + "** (`results/tables/table1.md`)\n\n| a |\n|---|\n| 1 |\n<!-- RESULTS_FULL:END -->\n")
     doc.write_text("no markers")
