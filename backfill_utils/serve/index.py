@@ -71,7 +71,7 @@ from .checks import as_ids, as_matrix, contains_sorted
 from .index_file import UNSET, load_index, save_index
 from .lock import RWLock
 from .merge import merge_topk
-from .side import FaissSide
+from .side import FaissSide, split_search_params
 from .transform import Transform
 
 __all__ = ["OnlineBackfillIndex"]
@@ -98,8 +98,9 @@ class OnlineBackfillIndex:
         default), ``"IVF<nlist>,Flat"`` (trained on the first batch added to a
         side, or by :meth:`train`), ``"HNSW<M>"``, ...
     search_params
-        ``{"nprobe": n}`` (IVF) or ``{"efSearch": n}`` (HNSW); faiss defaults
-        otherwise.
+        ``{"nprobe": n}`` (IVF) or ``{"efSearch": n}`` (HNSW) for both sides, or
+        per side: ``{"old": {"nprobe": 2}, "new": {"nprobe": 8}}``; faiss defaults
+        otherwise. :meth:`tune_search` chooses them per side for a target recall.
     two_pass
         Rank merge: every search must give ``query_old`` (the old model's query
         embedding); no query or gallery transform.
@@ -137,8 +138,9 @@ class OnlineBackfillIndex:
                 f"the old side holds vectors of dimension {d_old_side} but {what}: the query searched on the "
                 "old side must have the old side's dimension (give a query_transform psi: new -> old, a "
                 "gallery_transform h: old -> new, or two_pass=True for rank merge)")
-        self._old = FaissSide(d_old_side, self.factory, "old", search_params)
-        self._new = FaissSide(n.d_out if n else self.d_new, self.factory, "new", search_params)
+        params_old, params_new = split_search_params(search_params)
+        self._old = FaissSide(d_old_side, self.factory, "old", params_old)
+        self._new = FaissSide(n.d_out if n else self.d_new, self.factory, "new", params_new)
         self._lock = RWLock()  # searches share it; visible state changes hold it alone
         self._mutate = threading.Lock()  # one writer at a time (see the mutations section)
 
@@ -313,11 +315,26 @@ class OnlineBackfillIndex:
                 for side, index in trained:
                     side.install(index)
 
-    def set_search_params(self, **params: int) -> None:
-        """Change ``nprobe`` (IVF) or ``efSearch`` (HNSW) of both sides."""
-        with self._mutate, self._lock.write():
-            for side in (self._old, self._new):
-                side.set_search_params(params)
+    def set_search_params(self, *, old: dict | None = None, new: dict | None = None, **params: int) -> None:
+        """Change ``nprobe`` (IVF) or ``efSearch`` (HNSW): ``params`` of both sides, ``old=`` /
+        ``new=`` dicts of one side (they override ``params`` there), e.g.
+        ``set_search_params(old={"nprobe": 2}, new={"nprobe": 8})``. Parameters not named keep
+        their values. Both sides are checked before either changes."""
+        params_old, params_new = split_search_params({**params, "old": old, "new": new})
+        with self._mutate:
+            self._set_search_params(params_old, params_new)
+
+    def _set_search_params(self, params_old: dict, params_new: dict) -> None:
+        """Check both, then set both under the write lock; ``_mutate`` held."""
+        checked = self._old.checked_search_params(params_old), self._new.checked_search_params(params_new)
+        with self._lock.write():
+            self._old.search_params, self._new.search_params = checked
+
+    @property
+    def search_params(self) -> dict[str, dict[str, int]]:
+        """The search parameters of each side: ``{"old": {...}, "new": {...}}`` (a copy)."""
+        with self._lock.read():
+            return {"old": dict(self._old.search_params), "new": dict(self._new.search_params)}
 
     def compact(self) -> None:
         """Rebuild HNSW graphs without their removed items, copy shrunk Flat / IVF sides (done by

@@ -180,7 +180,10 @@ def save_index(index, path: str | os.PathLike, *, skip_transforms: bool = False)
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "backfill_utils": __version__,
                 "faiss": faiss.__version__, "d_old": index.d_old, "d_new": index.d_new,
                 "factory": index.factory, "two_pass": index.two_pass, "transforms": transforms,
-                "search_params": index._old.search_params,
+                # one dict when both sides agree (what files before per-side parameters hold)
+                "search_params": (index._old.search_params
+                                  if index._old.search_params == index._new.search_params
+                                  else {"old": index._old.search_params, "new": index._new.search_params}),
                 "sides": {n: {"d": s.d, "mode": s.mode, "n": len(s), "n_dead": s.n_dead}
                           for n, s in (("old", index._old), ("new", index._new))}}
     for name, st in sides.items():

@@ -37,7 +37,7 @@ import numpy as np
 
 from .checks import contains_sorted, delete_sorted, insert_sorted
 
-__all__ = ["FaissSide", "check_search_params"]
+__all__ = ["FaissSide", "check_search_params", "split_search_params"]
 
 _PARAM_KINDS = {"nprobe": "ivf", "efSearch": "hnsw"}
 
@@ -74,6 +74,8 @@ def check_search_params(params: dict | None, mode: str, factory: str) -> dict:
     >>> check_search_params({"nprobe": 8}, "ivf", "IVF64,Flat")
     {'nprobe': 8}
     """
+    if params is not None and not isinstance(params, dict):
+        raise ValueError(f"search parameters must be a dict such as {{'nprobe': 8}}, got {params!r}")
     out = {}
     for key, value in dict(params or {}).items():
         if key not in _PARAM_KINDS:
@@ -81,10 +83,37 @@ def check_search_params(params: dict | None, mode: str, factory: str) -> dict:
         if _PARAM_KINDS[key] != mode:
             raise ValueError(f"search parameter {key!r} applies to {_PARAM_KINDS[key].upper()} indexes, "
                              f"not to factory {factory!r}")
-        if int(value) != value or int(value) < 1:
+        ok = not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, float, np.integer, np.floating))
+        if not ok or not np.isfinite(value) or int(value) != value or int(value) < 1:
             raise ValueError(f"search parameter {key} must be a positive integer, got {value!r}")
         out[key] = int(value)
     return out
+
+
+def split_search_params(params: dict | None) -> tuple[dict, dict]:
+    """``(old, new)`` search parameters from the flat form (both sides) or the per-side form.
+
+    The flat form ``{"nprobe": 8}`` applies to both sides; ``{"old": {...}, "new": {...}}``
+    gives each side its own (a side left out keeps faiss's defaults). Flat keys beside
+    ``old`` / ``new`` apply to both sides, and the per-side entries override them. Only the
+    shape is checked here; :func:`check_search_params` checks names and values.
+
+    >>> split_search_params({"nprobe": 4, "new": {"nprobe": 8}})
+    ({'nprobe': 4}, {'nprobe': 8})
+    """
+    if params is None:
+        return {}, {}
+    if not isinstance(params, dict):
+        raise ValueError(f"search_params must be a dict (flat {{'nprobe': 8}} or per side "
+                         f"{{'old': {{...}}, 'new': {{...}}}}), got {params!r}")
+    flat = {key: value for key, value in params.items() if key not in ("old", "new")}
+    sides = []
+    for name in ("old", "new"):
+        own = params.get(name)
+        if own is not None and not isinstance(own, dict):
+            raise ValueError(f"search_params[{name!r}] must be a dict such as {{'nprobe': 8}}, got {own!r}")
+        sides.append({**flat, **(own or {})})
+    return sides[0], sides[1]
 
 
 _DESERIALIZING = threading.Lock()  # faiss's deserialization limits are process-wide settings
@@ -241,19 +270,28 @@ class FaissSide:
             self.labels, self.live, self._selector = self.labels[self.live], np.ones(len(self.ids), bool), None
         self.index, self._peak = index, len(self.ids)
 
+    def checked_search_params(self, params: dict) -> dict:
+        """This side's parameters updated by ``params``, checked (the side is not changed)."""
+        return check_search_params({**self.search_params, **params}, self.mode, self.factory)
+
     def set_search_params(self, params: dict) -> None:
-        self.search_params = check_search_params({**self.search_params, **params}, self.mode, self.factory)
+        self.search_params = self.checked_search_params(params)
 
     # -- search (caller holds the read lock) ----------------------------------
-    def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """Top-``min(k, len(self))`` of the live items as ``(D, ids)``, or ``None`` if empty."""
+    def search(self, x: np.ndarray, k: int, search_params: dict | None = None
+               ) -> tuple[np.ndarray, np.ndarray] | None:
+        """Top-``min(k, len(self))`` of the live items as ``(D, ids)``, or ``None`` if empty.
+
+        ``search_params``: checked parameters used for this search instead of the side's own
+        (the side is not changed)."""
         if len(self.ids) == 0:
             return None
         kk = min(int(k), len(self.ids))
+        own = self.search_params if search_params is None else search_params
         if self.mode == "ivf":
-            return self.index.search(x, kk, params=faiss.SearchParametersIVF(**self.search_params))
+            return self.index.search(x, kk, params=faiss.SearchParametersIVF(**own))
         if self.mode == "hnsw":
-            params = faiss.SearchParametersHNSW(**self.search_params)
+            params = faiss.SearchParametersHNSW(**own)
             if self._selector is not None:
                 params.sel = self._selector[1]
             D, P = self.index.search(x, kk, params=params)
