@@ -13,7 +13,7 @@ Backfilling in Large-Scale Retrieval" (WACV 2025), laid out the way the data flo
     backfill/   orders, systems, curves, the method registry (+ builtin), evaluate, experiments
     studies/    seeds, claims, tuning, sensitivity, regimes, order study, query cost, own models,
                 convergence, outside figures
-    serve/      the faiss index over the mixed gallery (index, side, lock, checks, transform,
+    serve/      the faiss index over the mixed gallery (index, side, lock, checks, transform, tune,
                 merge, index_file), from_method, simulate
     figures/    style, curve figures, study plots, illustrate, thumbnails, animation; tables
     tools/      command lines: run, make_tune, make_regimes, report, results_doc, blocks, bench,
