@@ -363,27 +363,37 @@ class OnlineBackfillIndex:
         approximate side (IVF, HNSW) did not find.
         """
         k = positive_int(k, "k")
-        q = as_matrix(query_new, "query_new", self.d_new)
-        qo = None
-        if query_old is not None:
-            qo = as_matrix(query_old, "query_old", self._old.d)
-            if len(qo) != len(q):
-                raise ValueError(f"query_old has {len(qo)} rows but query_new has {len(q)}; "
-                                 "both embed the same queries")
-        elif self.two_pass:
-            raise ValueError("this index serves rank merge (two_pass=True): pass query_old=, the old model's "
-                             "embeddings of the queries")
-        psi, rho = self._transforms["query"], self._transforms["new"]
-        parts = []
+        q, qo = self._check_queries(query_new, query_old)
         with self._lock.read():
             k = min(k, len(self._old) + len(self._new))
-            if len(self._old) and len(q):
-                if qo is None:
-                    qo = psi(q) if psi is not None else q
-                parts.append(self._old.search(qo, k))
-            if len(self._new) and len(q):
-                parts.append(self._new.search(rho(q) if rho is not None else q, k))
+            parts = [side.search(x, k) for side, x in self._side_queries(q, qo).items()] if len(q) else []
         return merge_topk(parts, len(q), k)
+
+    def _check_queries(self, query_new: Any, query_old: Any, new_name: str = "query_new",
+                       old_name: str = "query_old") -> tuple[np.ndarray, np.ndarray | None]:
+        """The queries of :meth:`search` (and :meth:`tune_search`) checked: ``(q, qo)``."""
+        q = as_matrix(query_new, new_name, self.d_new)
+        qo = None
+        if query_old is not None:
+            qo = as_matrix(query_old, old_name, self._old.d)
+            if len(qo) != len(q):
+                raise ValueError(f"{old_name} has {len(qo)} rows but {new_name} has {len(q)}; "
+                                 "both embed the same queries")
+        elif self.two_pass:
+            raise ValueError(f"this index serves rank merge (two_pass=True): pass {old_name}=, the old model's "
+                             "embeddings of the queries")
+        return q, qo
+
+    def _side_queries(self, q: np.ndarray, qo: np.ndarray | None) -> dict[FaissSide, np.ndarray]:
+        """What each non-empty side is searched with (under the read lock): the old-model
+        queries ``qo`` or ``psi(q)`` on the old side, ``rho(q)`` on the new side."""
+        psi, rho = self._transforms["query"], self._transforms["new"]
+        out = {}
+        if len(self._old):
+            out[self._old] = qo if qo is not None else (psi(q) if psi is not None else q)
+        if len(self._new):
+            out[self._new] = rho(q) if rho is not None else q
+        return out
 
     # ------------------------------------------------------------------ tuning
     def tune_search(self, queries_new: Any, target: float = 0.95, k: int = 10, *, queries_old: Any = None,

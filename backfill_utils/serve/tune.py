@@ -14,7 +14,6 @@ import faiss
 import numpy as np
 
 from ..retrieval.metrics import positive_int
-from .checks import as_matrix
 from .merge import merge_topk
 
 __all__ = ["tune_search"]
@@ -57,29 +56,16 @@ def tune_search(index, queries_new: Any, target: float = 0.95, k: int = 10, *, q
                 f"exact (the reference); factory {index.factory!r} builds a faiss "
                 f"{type(side.index).__name__} (Flat is exact already; HNSW and compressed codes have no "
                 "exact reference inside the index: tune them against your own ground truth)")
-    q = as_matrix(queries_new, "queries_new", index.d_new)
+    q, qo = index._check_queries(queries_new, queries_old, "queries_new", "queries_old")
     if len(q) == 0:
         raise ValueError("tune_search needs at least one validation query")
-    qo = None
-    if queries_old is not None:
-        qo = as_matrix(queries_old, "queries_old", index._old.d)
-        if len(qo) != len(q):
-            raise ValueError(f"queries_old has {len(qo)} rows but queries_new has {len(q)}; "
-                             "both embed the same queries")
-    elif index.two_pass:
-        raise ValueError("this index serves rank merge (two_pass=True): pass queries_old=")
-    psi, rho = index._transforms["query"], index._transforms["new"]
     with index._mutate:
         with index._lock.read():
             sides = [side for side in (index._old, index._new) if len(side)]
             if not sides:
                 raise ValueError("tune_search: the index is empty")
             k = min(k, len(index._old) + len(index._new))
-            xq = {}
-            if len(index._old):
-                xq[index._old] = qo if qo is not None else (psi(q) if psi is not None else q)
-            if len(index._new):
-                xq[index._new] = rho(q) if rho is not None else q
+            xq = index._side_queries(q, qo)
             # every side's top-k for each grid value, and the exhaustive (exact) reference
             found = {side: {p: side.search(xq[side], k, {"nprobe": p})
                             for p in values if p <= side.index.nlist} for side in sides}
