@@ -6,7 +6,10 @@ import pytest
 
 from backfill_utils.serve.index import OnlineBackfillIndex
 
-D, N, NLIST, K, TARGET = 16, 4000, 32, 10, 0.95
+# the target sits about 0.01 from the recall of every pair that decides the tests here (8/8: 0.947,
+# 8/16 and 16/8: 0.970, 16/16: 0.993 on this data), so a slightly different k-means on another CPU
+# does not move a pair across it
+D, N, NLIST, K, TARGET = 16, 4000, 32, 10, 0.96
 
 
 def gallery(seed=0):
