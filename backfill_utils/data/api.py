@@ -43,7 +43,7 @@ from .registry import (
     canonical_split, check_name, resolve_root)
 from .splits import (
     PARTS, ClassSubset, class_splits, describe_splits, subset_by_classes, training_part, validation_mask)
-from .synthetic import SYNTHETIC_VERSION, make_synthetic, split_options, synthetic_defaults
+from .synthetic import SYNTHETIC_VERSION, make_synthetic, make_synthetic_draw, split_options, synthetic_defaults
 from .transforms import TensorAugment, nominal_stats, test_transform, train_transform
 
 __all__ = [
@@ -51,6 +51,7 @@ __all__ = [
     "EmptyClassFolderWarning",
     "SYNTHETIC_VERSION",
     "make_synthetic",
+    "make_synthetic_draw",
     "synthetic_defaults",
     "ArrayDataset",
     "SyntheticDataset",

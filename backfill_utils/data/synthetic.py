@@ -30,6 +30,7 @@ do not); numpy is the only dependency.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from dataclasses import dataclass
 import functools
 import inspect
@@ -42,22 +43,22 @@ from .registry import DatasetError, canonical_split
 from .synthetic_objects import (
     TEXTURES, class_identities, hsv_to_rgb, identity_colours, object_params, render_object, texture)
 
-__all__ = ["SYNTHETIC_VERSION", "make_synthetic", "synthetic_defaults", "split_options"]
+__all__ = ["SYNTHETIC_VERSION", "make_synthetic", "make_synthetic_draw", "synthetic_defaults", "split_options"]
 
 SYNTHETIC_VERSION = 1
 """Version of the generator's output: part of cache keys; bumped only when the bytes change."""
 
 _SPLIT_CODES = {"train": 1, "test": 2}
+_DRAW_CODE = 1000  # split code of make_synthetic_draw's stream d: 1000 + d (never a split's own)
+_DRAW: ContextVar[int | None] = ContextVar("synthetic_draw", default=None)
 _CHUNK = 512  # images rendered at once; the noise stream is seeded per chunk
 _THREADS = min(4, os.cpu_count() or 1)  # chunks rendered in parallel (same bytes for any value)
 _DEFAULT_PER_CLASS = {"train": 100, "test": 50}
 
 
-# --------------------------------------------------------------------------------------
-# Random draws: every per-image number of a split, drawn up front in one fixed order
-# (the number of draws depends only on n and the number of distractors, never on knob
-# values, so a knob changes what it controls and nothing else)
-# --------------------------------------------------------------------------------------
+# ---- Random draws: every per-image number of a split, drawn up front in one fixed order (the
+# ---- number of draws depends only on n and the distractors, never on knob values, so a knob
+# ---- changes what it controls and nothing else)
 
 
 def _draw_object(rng, n: int, k: dict) -> dict:
@@ -136,10 +137,12 @@ class _Scenes:
     code: int  # split code of the seed sequences
 
 
-def _draw_scenes(split: str, seed: int, num_classes: int, per_class: int, image_size: int, k: dict) -> _Scenes:
-    """Labels and every random draw of a split; class identities from the seed alone."""
+def _draw_scenes(split: str, seed: int, num_classes: int, per_class: int, image_size: int, k: dict,
+                 draw: int | None = None) -> _Scenes:
+    """Labels and every random draw of a split (of stream ``draw`` when given); class
+    identities from the seed alone."""
     ident = class_identities(seed, num_classes, k["num_colours"])
-    code = _SPLIT_CODES[split]
+    code = _SPLIT_CODES[split] if draw is None else _DRAW_CODE + draw
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(code,)))
     n = num_classes * per_class
     targets = rng.permutation(np.repeat(np.arange(num_classes, dtype=np.int64), per_class))
@@ -159,9 +162,7 @@ def _draw_scenes(split: str, seed: int, num_classes: int, per_class: int, image_
                    seed, code)
 
 
-# --------------------------------------------------------------------------------------
-# Rendering: images are float32 (m, 3, S, S) in [0, 1] until _to_uint8
-# --------------------------------------------------------------------------------------
+# ---- Rendering: images are float32 (m, 3, S, S) in [0, 1] until _to_uint8 ----
 
 
 def _float32(d: dict) -> dict:
@@ -288,9 +289,9 @@ def _render_chunk(sc: _Scenes, images: np.ndarray, ci: int) -> None:
     images[idx] = _to_uint8(sc, img, idx, ci)
 
 
-def _generate(split, seed, num_classes, per_class, image_size, k) -> tuple[np.ndarray, np.ndarray]:
+def _generate(split, seed, num_classes, per_class, image_size, k, draw=None) -> tuple[np.ndarray, np.ndarray]:
     """``(images, targets)`` of a split, freshly rendered (``k``: the knobs, checked)."""
-    sc = _draw_scenes(split, seed, num_classes, per_class, image_size, k)
+    sc = _draw_scenes(split, seed, num_classes, per_class, image_size, k, draw)
     n = len(sc.targets)
     images = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
     # Chunks are independent (every random draw is made up front or seeded per chunk), so
@@ -306,9 +307,7 @@ def _generate(split, seed, num_classes, per_class, image_size, k) -> tuple[np.nd
     return images, sc.targets
 
 
-# --------------------------------------------------------------------------------------
-# The public generator
-# --------------------------------------------------------------------------------------
+# ---- The public generator ----
 
 _SIZE_MINIMA = dict(num_classes=1, per_class=1, image_size=8, clutter=0, num_colours=2)
 _UNIT_KNOBS = ("saturation_jitter", "brightness_jitter", "contrast_jitter", "occlusion")
@@ -393,12 +392,27 @@ def make_synthetic(
              contrast_jitter=contrast_jitter, background=background, clutter_size=clutter_size,
              occlusion=occlusion, noise=noise, identity_jitter=identity_jitter))
     return _make_synthetic_cached(split, int(seed), int(num_classes), int(per_class),
-                                  int(image_size), tuple(sorted(knobs.items())))
+                                  int(image_size), tuple(sorted(knobs.items())), _DRAW.get())
+
+
+def make_synthetic_draw(draw: int, split: str = "test", **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """More images of the same classes: :func:`make_synthetic` ``(split, **kwargs)`` with every
+    per-image draw (order, nuisances, noise) from stream ``draw`` (an integer >= 0) instead of
+    the split's own. Identities depend on ``seed`` alone, so the classes are the split's;
+    each stream gives new images, the same for the same arguments (memoised like it).
+    """
+    if isinstance(draw, bool) or not isinstance(draw, (int, np.integer)) or draw < 0:
+        raise ValueError(f"make_synthetic_draw: draw must be an integer >= 0, got {draw!r}")
+    token = _DRAW.set(int(draw))
+    try:
+        return make_synthetic(split, **kwargs)
+    finally:
+        _DRAW.reset(token)
 
 
 @functools.lru_cache(maxsize=8)
-def _make_synthetic_cached(split, seed, num_classes, per_class, image_size, knobs):
-    images, targets = _generate(split, seed, num_classes, per_class, image_size, dict(knobs))
+def _make_synthetic_cached(split, seed, num_classes, per_class, image_size, knobs, draw=None):
+    images, targets = _generate(split, seed, num_classes, per_class, image_size, dict(knobs), draw)
     images.setflags(write=False)
     targets.setflags(write=False)
     return images, targets
