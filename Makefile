@@ -63,14 +63,14 @@ lab: install
 	$(if $(PIN),env $(PINNED_ENV)) $(VENV)/bin/jupyter lab notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 # the exact engine (about 15 minutes on 2 cores; results/bench/bench.json), then the faiss index
-# over the mixed gallery at 100k and 1M items against one faiss index (about 35 minutes;
-# results/bench/serve.json)
+# over the mixed gallery at 100k and 1M items against one faiss index (results/bench/serve.json
+# and the block of docs/serving.md; the first run also embeds the 1M-item gallery)
 bench: install
 	$(PY) -m backfill_utils.tools.bench
-	$(PY) -m backfill_utils.tools.bench_serve
+	$(PY) -m backfill_utils.tools.bench_serve --docs
 
 bench-serve: install
-	$(PY) -m backfill_utils.tools.bench_serve
+	$(PY) -m backfill_utils.tools.bench_serve --docs
 
 # A few minutes on a machine with an NVIDIA GPU: the paper recipe's training throughput on
 # synthetic CIFAR-size data, and the engine on CUDA against the CPU (exit 1 if not identical).

@@ -74,9 +74,11 @@ from ..compat.recipes import RevPsiRecipe
 from ..serve.index import OnlineBackfillIndex
 from . import bench_gallery as G
 from .bench import make_data
-from .bench_serve_summary import environment, fidelity_table, git_state, goals, summarize
+from . import blocks
+from .bench_serve_summary import environment, fidelity_table, git_state, goals, render_markdown, summarize
 
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "results" / "bench" / "serve.json"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "serving.md"
 TOP_K = 10
 SPEED_COLUMNS = ["N", "factory", "ratio", "qps_b1_merged", "qps_b1_single", "p50_ms_merged", "p50_ms_single",
                  "p99_ms_merged", "p99_ms_single", "qps_b256_merged", "qps_b256_single", "time_ratio_b1",
@@ -379,6 +381,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--docs", action="store_true", help="also write the results into docs/serving.md")
     p.add_argument("--_worker", dest="worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -413,7 +416,7 @@ def main(argv=None) -> dict:
     fidelity = [row for res in per_size for row in res.pop("fidelity", [])]
     table = summarize(rows)
     result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                         if k not in ("worker", "size", "no_progress")},
+                         if k not in ("worker", "size", "no_progress", "docs")},
               "environment": {**environment(args.threads, args.torch_threads), "git": git, "started": started,
                               "load_average_before": load_before, "load_average_after": os.getloadavg(),
                               "wall_seconds": time.perf_counter() - t_start},
@@ -437,6 +440,9 @@ def main(argv=None) -> dict:
     print(json.dumps(result["goals"], indent=2, default=float))
     io.atomic_write_json(args.out, result, default=float)
     print(f"\nwrote {args.out}")
+    if args.docs:
+        blocks.write_block(DOC, "SERVE", lambda: render_markdown(result))
+        print(f"wrote the SERVE block of {DOC}")
     return result
 
 

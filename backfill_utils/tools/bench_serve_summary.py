@@ -123,3 +123,60 @@ def goals(table: pd.DataFrame, rows: list[dict], target_size: int = 1_000_000) -
         entry["met"] = all(p["largest_shortfall"] is not None and p["largest_shortfall"] <= 0.02
                            for p in entry["per_ratio"])
     return out
+
+
+def _sweep_table(rows: list[dict], size: int, family: str) -> pd.DataFrame:
+    """Recall@10 by swept value at ``size``: the single index and the merged one (the same
+    value on both sides) at each ratio."""
+    merged = [r for r in rows if r["size"] == size and r["family"] == family and r["kind"] == "merged"]
+    if not merged or not merged[0].get("sweep"):
+        return pd.DataFrame()
+    key = next(k for k in merged[0]["sweep"][0] if k not in ("merged", "single"))
+    table = pd.DataFrame({f"merged r={r['ratio']:g}": {e[key]: e["merged"]["recall_at_10"] for e in r["sweep"]}
+                          for r in merged})
+    table.insert(0, "single", pd.Series({e[key]: e["single"]["recall_at_10"] for e in merged[0]["sweep"]}))
+    table.index = table.index.astype(int)
+    table.index.name = key
+    return table
+
+
+def render_markdown(result: dict) -> str:
+    """The benchmark's results as the Markdown of the documentation's generated block."""
+    env, cfg, rows = result["environment"], result["config"], result["rows"]
+    table = pd.DataFrame(result["table"])
+    lines = [f"Measured by `python -m backfill_utils.tools.bench_serve` (`--data {cfg['data']}`) on {env['cpu']} "
+             f"({env['cpu_count']} CPUs), faiss {env['faiss']} with {env['faiss_threads']} threads, torch "
+             f"{env['torch']} with {env['torch_threads']}; load average {env['load_average_before'][0]:.1f} at the "
+             f"start, {env['load_average_after'][0]:.1f} at the end; {env['wall_seconds'] / 60:.0f} minutes, code "
+             f"{env['git']}.", ""]
+    if result.get("fidelity"):
+        fid = fidelity_table(result["fidelity"]).reset_index()
+        lines += ["IVF recall@10 by `nprobe`, one index, the real test split against the benchmark gallery at "
+                  "equal items per list (125):", "", fid.to_markdown(index=False, floatfmt=".3f"), ""]
+    cols = {"factory": "factory", "ratio": "r", "params": "merged: params", "recall_at_10_merged": "R@10",
+            "params_single": "single: params", "recall_at_10_single": "R@10 ", "qps_b1_merged": "q/s b1 M",
+            "qps_b1_single": "q/s b1 S", "qps_b256_merged": "q/s b256 M", "qps_b256_single": "q/s b256 S",
+            "time_ratio_b1": "M/S b1", "time_ratio_b256": "M/S b256", "speedup_b1": "x exact b1",
+            "speedup_b256": "x exact b256"}
+    lines += ["M: the merged index over the mixed gallery (psi and rho included), S: one index of the same "
+              "type over every new embedding; R@10: recall@10 on the test queries against exact search (M "
+              "against exact merged search, S against one exact index); q/s at batch 1 and 256; M/S: median "
+              "time ratio; x exact: M's throughput over the exact merged search's (Flat M at that size and "
+              "ratio). IVF parameters are tuned on the validation queries (`tune_search`), per side for M.", ""]
+    for size, t in table.groupby("size"):
+        lines += [f"**{size:,} items**", "", t[list(cols)].rename(columns=cols).to_markdown(
+            index=False, floatfmt=".3g"), ""]
+    size = result["goals"]["target_size"]
+    for family in ("IVF", "HNSW"):
+        sweep = _sweep_table(rows, size, family)
+        if len(sweep):
+            lines += [f"{family} at {size:,} items, one value on both sides (recall@10):", "",
+                      sweep.reset_index().to_markdown(index=False, floatfmt=".3f"), ""]
+    g = result["goals"]
+    lines.append("Goals: exact merged <= 1.1x one exact index: " + ", ".join(
+        f"{int(s):,}: {v['time_ratio_max']:.2f}x ({'met' if v['met'] else 'not met'})" for s, v in g["exact"].items())
+        + "; approximate recall@10 >= 0.95 at >= 10x exact merged, every ratio: " + ", ".join(
+        f"{f}: {'met' if v['met'] else 'not met'}" for f, v in g["approximate"].items())
+        + "; merged within 0.02 of single at equal parameter: " + ", ".join(
+        f"{f}: {'met' if v['met'] else 'not met'}" for f, v in g["merged_vs_single"].items()) + ".")
+    return "\n".join(lines)
