@@ -36,13 +36,16 @@ def _state_key(module: nn.Module) -> list:
     settings, and for each parameter and buffer its identity, version counter (in-place
     changes, ``load_state_dict``) and data pointer (``.data`` assignment)."""
     key = [module.normalize_input, module.normalize_output]
+    add = key.append
     mlp = module._modules["mlp"]
     for mod in (module, mlp, *mlp._modules.values()):
         d = mod.__dict__
-        key += (id(mod), mod.training, len(d), len(mod._forward_hooks) + len(mod._forward_pre_hooks),
-                d.get("eps"), d.get("track_running_stats"))
-        for t in (*mod._parameters.values(), *mod._buffers.values()):
-            key += (None,) if t is None else (id(t), t._version, t.data_ptr())
+        add((id(mod), d["training"], len(d), len(d["_forward_hooks"]) + len(d["_forward_pre_hooks"]),
+             d.get("eps"), d.get("track_running_stats")))
+        for t in d["_parameters"].values():
+            add(t if t is None else (id(t), t._version, t.data_ptr()))
+        for t in d["_buffers"].values():
+            add(t if t is None else (id(t), t._version, t.data_ptr()))
     return key
 
 
@@ -69,8 +72,8 @@ def _fold_layers(mods: list) -> list | None:
         relu = i + 1 < len(mods)
         if relu:
             bn, act = mods[i + 1], mods[i + 2]
-            if (type(bn) is not nn.BatchNorm1d or type(act) is not nn.ReLU or not bn.track_running_stats
-                    or bn.running_mean is None or bn.running_var is None):
+            if (type(bn) is not nn.BatchNorm1d or type(act) is not nn.ReLU or bn.training
+                    or not bn.track_running_stats or bn.running_mean is None or bn.running_var is None):
                 return None
             scale = arr(bn.weight, 1.0, n) / np.sqrt(arr(bn.running_var, 1.0, n) + bn.eps)
             w = w * scale[:, None]
@@ -95,7 +98,7 @@ def _fold(module: nn.Module) -> tuple | None:
         return None
     mods = list(mlp._modules.values())
     for mod in (module, mlp, *mods):
-        if (mod.training or mod._forward_hooks or mod._forward_pre_hooks
+        if (mod._forward_hooks or mod._forward_pre_hooks
                 or any(name in mod.__dict__ for name in ("forward", "_prep", "_finish"))):
             return None
     tensors = [*module.parameters(), *module.buffers()]
