@@ -158,7 +158,7 @@ class Transform:
     ``Linear``, BatchNorm with running statistics, no forward hooks, runs as numpy
     float32 matrix products, batches of ``batch_size`` rows, with each BatchNorm
     (eval mode: running statistics) folded into the Linear before it. Its output
-    differs from torch's by rounding only (about 1e-7 on unit vectors). The folded
+    differs from torch's by float32 rounding only (a few 1e-7 on unit-length outputs). The folded
     arrays are rebuilt whenever a parameter or buffer of the module changed (in place,
     by ``load_state_dict``, or replaced), or its layers, flags or modes did; if the
     module no longer has the supported form it runs in torch from then on. ``fast``
