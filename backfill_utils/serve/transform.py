@@ -165,6 +165,11 @@ class Transform:
     says whether the numpy path is in use; set it to False to run in torch.
     """
 
+    #: The numpy path serves batches up to this many rows, where torch's per-call cost
+    #: dominates; larger batches run in torch, whose own threads (``torch.set_num_threads``)
+    #: are not contended by numpy's BLAS threads.
+    FAST_MAX_ROWS = 64
+
     def __init__(self, fn: Callable, name: str, d_in: int, batch_size: int = 4096, fast: bool = True) -> None:
         if not callable(fn):
             raise TypeError(f"{name} must be a torch module or a callable on numpy arrays, got {type(fn).__name__}")
@@ -229,7 +234,7 @@ class Transform:
         module = self.fn
         if module.training:
             module.eval()
-        if self.fast and x.dtype == np.float32 and x.ndim == 2:
+        if self.fast and len(x) <= self.FAST_MAX_ROWS and x.dtype == np.float32 and x.ndim == 2:
             out = self._run_fast(x)
             if out is not None:
                 return out

@@ -59,6 +59,7 @@ def _pair(module: nn.Module, batch_size: int = 4096) -> tuple[Transform, Transfo
 @pytest.mark.parametrize("norm_in", [True, False])
 @pytest.mark.parametrize("norm_out", [True, False])
 def test_numpy_path_equals_torch(cls, dims, depth, norm_in, norm_out, monkeypatch):
+    monkeypatch.setattr(Transform, "FAST_MAX_ROWS", 10**9)  # every batch size in numpy
     module = _randomised(cls(*dims, depth=depth, normalize_input=norm_in, normalize_output=norm_out))
     module.train()  # Transform serves in eval mode: BatchNorm's running statistics
     fast, slow = _pair(module)
@@ -76,7 +77,8 @@ def test_numpy_path_equals_torch(cls, dims, depth, norm_in, norm_out, monkeypatc
     assert fast.fast
 
 
-def test_numpy_path_in_batches_and_on_views():
+def test_numpy_path_in_batches_and_on_views(monkeypatch):
+    monkeypatch.setattr(Transform, "FAST_MAX_ROWS", 10**9)
     module = _randomised(K.ReverseTransform(24, 16, depth=2))
     x = _inputs(1001, 24)
     fast, slow = _pair(module, batch_size=100)
@@ -194,3 +196,16 @@ def test_wrong_dimension_is_named_by_the_module():
     t = Transform(module, "psi", 24)
     with pytest.raises(ValueError, match=r"expects \(n, 24\)"):
         t._run(_inputs(2, 20))
+
+
+def test_large_batches_run_in_torch(monkeypatch):
+    module = _randomised(K.LearnableEmbedding(24))
+    fast, slow = _pair(module)
+    calls = []
+    forward = K.LearnableEmbedding.forward
+    monkeypatch.setattr(K.LearnableEmbedding, "forward", lambda self, z: calls.append(len(z)) or forward(self, z))
+    small, large = _inputs(Transform.FAST_MAX_ROWS, 24), _inputs(Transform.FAST_MAX_ROWS + 1, 24)
+    _close(fast(small), slow(small))
+    assert calls == [Transform.FAST_MAX_ROWS]  # only the torch reference ran torch
+    _close(fast(large), slow(large))
+    assert calls[1:] == [Transform.FAST_MAX_ROWS + 1] * 2
