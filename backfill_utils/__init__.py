@@ -17,7 +17,7 @@ Backfilling in Large-Scale Retrieval" (WACV 2025), laid out the way the data flo
                 merge, index_file), from_method, simulate
     figures/    style, curve figures, study plots, illustrate, thumbnails, animation; tables
     tools/      command lines: run, make_tune, make_regimes, report, results_doc, blocks, bench,
-                bench_serve, gpu_check, scale_cost
+                bench_serve, bench_gallery, gpu_check, scale_cost
 
 See README.md and docs/.
 """
