@@ -50,7 +50,6 @@ and ``results/bench/serve.json`` written atomically.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import os
@@ -75,6 +74,7 @@ from ..serve.index import OnlineBackfillIndex
 from . import bench_gallery as G
 from .bench import make_data
 from . import blocks
+from .bench_timing import interleaved, recall_at, status_mb
 from .bench_serve_summary import environment, fidelity_table, git_state, goals, render_markdown, summarize
 
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "results" / "bench" / "serve.json"
@@ -85,27 +85,6 @@ SPEED_COLUMNS = ["N", "factory", "ratio", "qps_b1_merged", "qps_b1_single", "p50
                  "time_ratio_b256", "index_ratio_b1", "index_ratio_b256", "speedup_b1", "speedup_b256"]
 MEMORY_COLUMNS = ["N", "factory", "ratio", "params", "recall_at_10_merged", "recall_at_10_single",
                   "index_mb_merged", "index_mb_single", "index_rss_mb_merged", "index_rss_mb_single"]
-
-
-def _status_mb(field: str) -> float:
-    """``VmRSS`` / ``VmHWM`` of this process in MiB (Linux), else ``nan``.
-
-    Before reading ``VmRSS`` freed heap memory is handed back to the system
-    (glibc ``malloc_trim``), so that growth measures what an index holds.
-    """
-    if field == "VmRSS":
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return float("nan")
 
 
 def nlist_for(n: int) -> int:
@@ -143,33 +122,15 @@ def _search_single(index, params: dict) -> Callable:
     return lambda q, k: index.search(q, k)
 
 
-def interleaved(fns: dict[str, Callable], inputs: list, min_n: int, max_seconds: float) -> dict[str, list]:
-    """Time each function on each input, alternating their order; stop after
-    ``max_seconds`` once ``min_n`` inputs are done. Three untimed warm-up calls."""
-    for fn in fns.values():
-        for x in inputs[:3]:
-            fn(x)
-    times: dict[str, list] = {name: [] for name in fns}
-    names, start = list(fns), time.perf_counter()
-    for i, x in enumerate(inputs):
-        if i >= min_n and time.perf_counter() - start > max_seconds:
-            break
-        for name in names if i % 2 == 0 else names[::-1]:
-            t0 = time.perf_counter()
-            fns[name](x)
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
-def recall_at(I: np.ndarray, I_exact: np.ndarray) -> float:
-    """Mean over queries of ``|top-k  intersect  exact top-k| / k``."""
-    return float(np.mean([len(set(a) & set(b)) / I.shape[1] for a, b in zip(I.tolist(), I_exact.tolist())]))
-
-
 def _measure(fns: dict[str, Callable], q: np.ndarray, args) -> dict[str, dict]:
-    """Batch-1 latency and batch-256 throughput of each search function (interleaved)."""
-    b1 = interleaved({n: (lambda x, f=f: f(x, TOP_K)) for n, f in fns.items()},
-                     [q[i:i + 1] for i in range(args.max_queries)], args.min_queries, args.max_seconds)
+    """Batch-1 latency (faiss on ``--threads-b1`` threads) and batch-256 throughput (on
+    ``--threads``) of each search function (interleaved)."""
+    faiss.omp_set_num_threads(args.threads_b1)
+    try:
+        b1 = interleaved({n: (lambda x, f=f: f(x, TOP_K)) for n, f in fns.items()},
+                         [q[i:i + 1] for i in range(args.max_queries)], args.min_queries, args.max_seconds)
+    finally:
+        faiss.omp_set_num_threads(args.threads)
     bs = args.batch_size
     bb = interleaved({n: (lambda x, f=f: f(x, TOP_K)) for n, f in fns.items()},
                      [q[i:i + bs] for i in range(0, args.max_batches * bs, bs)], args.min_batches, args.max_seconds)
@@ -237,15 +198,15 @@ def _run_family(family: str, data: dict, psi, rho, truth: dict, args, progress: 
     order = orders.random_order(n, seed=args.seed)
     q_rec = data["q_new"][:args.recall_queries]
     rows: list[dict] = []
-    rss0, t0 = _status_mb("VmRSS"), time.perf_counter()
+    rss0, t0 = status_mb("VmRSS"), time.perf_counter()
     single = _single_index(factory, data["new"], data["new"][:args.train_size], args, progress)
-    single_build = {"build_s": time.perf_counter() - t0, "index_rss_mb": _status_mb("VmRSS") - rss0,
+    single_build = {"build_s": time.perf_counter() - t0, "index_rss_mb": status_mb("VmRSS") - rss0,
                     "index_mb": faiss.serialize_index(single).nbytes / 2**20}
     params_single, tuned_single = dict(params), None
     if family == "IVF":
         params_single, tuned_single = _tune_single(single, data["q_val"], sweep, args.target)
     search_single = _search_single(single, params_single)
-    rss0, t0 = _status_mb("VmRSS"), time.perf_counter()
+    rss0, t0 = status_mb("VmRSS"), time.perf_counter()
     merged = _build_merged(data, factory, params, psi, rho, args, progress)
     merged_build = {"build_s": time.perf_counter() - t0}
     done = 0
@@ -256,7 +217,7 @@ def _run_family(family: str, data: dict, psi, rho, truth: dict, args, progress: 
             batch = order[s:min(s + args.chunk, m)]
             merged.backfill(batch, data["new"][batch])
         backfill_s, done = time.perf_counter() - t0, m
-        merged_build["index_rss_mb"] = _status_mb("VmRSS") - rss0
+        merged_build["index_rss_mb"] = status_mb("VmRSS") - rss0
         merged_build["index_mb"] = sum(faiss.serialize_index(side.index).nbytes  # both sides, tombstones included
                                        for side in (merged._old, merged._new)) / 2**20
         tuned = None
@@ -341,7 +302,7 @@ def _worker(args: argparse.Namespace) -> dict:
     rows = []
     for family in args.factories:
         rows += _run_family(family, data, psi, rho, truth, args, progress)
-    return {"size": n, "rows": rows, "peak_rss_mb": _status_mb("VmHWM"), **extra, "load_after": os.getloadavg()}
+    return {"size": n, "rows": rows, "peak_rss_mb": status_mb("VmHWM"), **extra, "load_after": os.getloadavg()}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -361,6 +322,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--val-queries", type=int, default=2000, help="validation queries of the tuning")
     p.add_argument("--recall-queries", type=int, default=2000, help="test queries of every recall")
     p.add_argument("--threads", type=int, default=2, help="faiss (OpenMP) threads")
+    p.add_argument("--threads-b1", type=int, default=1, help="faiss threads of the batch-1 timings")
     p.add_argument("--torch-threads", type=int, default=1, help="torch threads (psi, rho, psi's training)")
     p.add_argument("--nprobe", type=int, default=8, help="IVF nprobe before the first tuning")
     p.add_argument("--nprobe-sweep", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32, 64, 128],

@@ -145,7 +145,8 @@ def render_markdown(result: dict) -> str:
     env, cfg, rows = result["environment"], result["config"], result["rows"]
     table = pd.DataFrame(result["table"])
     lines = [f"Measured by `python -m backfill_utils.tools.bench_serve` (`--data {cfg['data']}`) on {env['cpu']} "
-             f"({env['cpu_count']} CPUs), faiss {env['faiss']} with {env['faiss_threads']} threads, torch "
+             f"({env['cpu_count']} CPUs), faiss {env['faiss']} with {env['faiss_threads']} threads "
+             f"(batch 1: {cfg.get('threads_b1', env['faiss_threads'])}), torch "
              f"{env['torch']} with {env['torch_threads']}; load average {env['load_average_before'][0]:.1f} at the "
              f"start, {env['load_average_after'][0]:.1f} at the end; {env['wall_seconds'] / 60:.0f} minutes, code "
              f"{env['git']}.", ""]
