@@ -344,6 +344,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--docs", action="store_true", help="also write the results into docs/serving.md")
+    p.add_argument("--render-only", action="store_true", help="only write docs/serving.md's block from --out")
     p.add_argument("--_worker", dest="worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -356,6 +357,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.render_only:
+        result = json.loads(args.out.read_text())
+        blocks.write_block(DOC, "SERVE", lambda: render_markdown(result))
+        print(f"wrote the SERVE block of {DOC} from {args.out}")
+        return result
     faiss.omp_set_num_threads(args.threads)
     torch.set_num_threads(args.torch_threads)
     if args.worker:
@@ -378,7 +384,7 @@ def main(argv=None) -> dict:
     fidelity = [row for res in per_size for row in res.pop("fidelity", [])]
     table = summarize(rows)
     result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                         if k not in ("worker", "size", "no_progress", "docs")},
+                         if k not in ("worker", "size", "no_progress", "docs", "render_only")},
               "environment": {**environment(args.threads, args.torch_threads), "git": git, "started": started,
                               "load_average_before": load_before, "load_average_after": os.getloadavg(),
                               "wall_seconds": time.perf_counter() - t_start},

@@ -135,7 +135,7 @@ def _sweep_table(rows: list[dict], size: int, family: str) -> pd.DataFrame:
     table = pd.DataFrame({f"merged r={r['ratio']:g}": {e[key]: e["merged"]["recall_at_10"] for e in r["sweep"]}
                           for r in merged})
     table.insert(0, "single", pd.Series({e[key]: e["single"]["recall_at_10"] for e in merged[0]["sweep"]}))
-    table.index = table.index.astype(int)
+    table.index = table.index.map(lambda v: str(int(v)))
     table.index.name = key
     return table
 
@@ -154,8 +154,8 @@ def render_markdown(result: dict) -> str:
         fid = fidelity_table(result["fidelity"]).reset_index()
         lines += ["IVF recall@10 by `nprobe`, one index, the real test split against the benchmark gallery at "
                   "equal items per list (125):", "", fid.to_markdown(index=False, floatfmt=".3f"), ""]
-    cols = {"factory": "factory", "ratio": "r", "params": "merged: params", "recall_at_10_merged": "R@10",
-            "params_single": "single: params", "recall_at_10_single": "R@10 ", "qps_b1_merged": "q/s b1 M",
+    cols = {"factory": "factory", "ratio": "r", "params": "M params", "recall_at_10_merged": "M R@10",
+            "params_single": "S params", "recall_at_10_single": "S R@10", "qps_b1_merged": "q/s b1 M",
             "qps_b1_single": "q/s b1 S", "qps_b256_merged": "q/s b256 M", "qps_b256_single": "q/s b256 S",
             "time_ratio_b1": "M/S b1", "time_ratio_b256": "M/S b256", "speedup_b1": "x exact b1",
             "speedup_b256": "x exact b256"}
