@@ -63,8 +63,9 @@ lab: install
 	$(if $(PIN),env $(PINNED_ENV)) $(VENV)/bin/jupyter lab notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 # the exact engine (about 15 minutes on 2 cores; results/bench/bench.json), then the faiss index
-# over the mixed gallery at 100k and 1M items against one faiss index (results/bench/serve.json
-# and the block of docs/serving.md; the first run also embeds the 1M-item gallery)
+# over the mixed gallery at 100k and 1M items against one faiss index (about 20 minutes, and about
+# 7 more the first time, to embed the 1M-item gallery; results/bench/serve.json and the block of
+# docs/serving.md; it needs the default profile's trained models, which make reproduce trains)
 bench: install
 	$(PY) -m backfill_utils.tools.bench
 	$(PY) -m backfill_utils.tools.bench_serve --docs
