@@ -30,3 +30,14 @@ def tiny_profile(**overrides):
     )
     base.update(overrides)
     return C.load_profile("smoke", **base)
+
+
+@pytest.fixture(scope="module")
+def smoke_extended(tmp_path_factory):
+    """The smoke profile's extended setting (backbones trained 4 epochs, compatibility
+    modules 2) in an artifact cache of the test module's own."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv(C.CACHE_ENV, str(tmp_path_factory.mktemp("cache")))
+    mp.setenv("BACKFILL_THREADS", "1")
+    yield C.load_profile("smoke", settings=["extended"], train={"epochs": 4}, compat={"epochs": 2})
+    mp.undo()

@@ -36,13 +36,8 @@ METHODS = ["RM", "Ours", "RM+psi", "FCT", "FastFill", "BCT", "BiCT"]
 
 
 @pytest.fixture(scope="module")
-def tiny_cfg(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("BACKFILL_CACHE", str(tmp_path_factory.mktemp("cache")))
-    mp.setenv("BACKFILL_THREADS", "1")
-    cfg = C.load_profile("smoke", settings=[SETTING], train={"epochs": 4}, compat={"epochs": 2})
-    yield cfg
-    mp.undo()
+def tiny_cfg(smoke_extended):
+    return smoke_extended
 
 
 def _as_np(t):

@@ -10,7 +10,10 @@ from backfill_utils.tools import bench_gallery as G
 from backfill_utils.tools.bench_serve_summary import _params, fidelity_table
 
 SETTING = "extended"
-TUNE_TARGET = 0.95  # smoke models: the shared nprobe 2 gives 0.90, 4 gives 0.99 (measured)
+# smoke models (measured): one shared nprobe of 2 gives recall@10 0.94, 4 gives 0.99; the weak old
+# model's items barely enter the merged top-10, so the tuned pair probes one old list and, whichever
+# of 2 or 4 the new side needs, scans at most 0.75x the vectors of the shared value
+TUNE_TARGET = 0.95
 
 
 def _clustered(n, d=16, centres=20, seed=0):
@@ -64,19 +67,9 @@ def test_errors_name_the_input():
                      n_queries=5)
 
 
-@pytest.fixture(scope="module")
-def smoke_cfg(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("BACKFILL_CACHE", str(tmp_path_factory.mktemp("cache")))
-    mp.setenv("BACKFILL_THREADS", "1")
-    cfg = C.load_profile("smoke", settings=[SETTING], train={"epochs": 2}, compat={"epochs": 1})
-    yield cfg
-    mp.undo()
-
-
 @pytest.mark.slow
-def test_galleries_extend_each_other_and_queries_are_new_images(smoke_cfg):
-    cfg = smoke_cfg
+def test_galleries_extend_each_other_and_queries_are_new_images(smoke_extended):
+    cfg = smoke_extended
     small = G.gallery_embeddings(cfg, SETTING, 30, per_class=2, progress=False)
     large = G.gallery_embeddings(cfg, SETTING, 70, per_class=2, progress=False)
     for key in ("old", "new", "labels"):
@@ -99,23 +92,23 @@ def test_galleries_extend_each_other_and_queries_are_new_images(smoke_cfg):
 
 
 @pytest.mark.slow
-def test_model_inputs_serve_psi_and_rho_and_refuse_two_pass_methods(smoke_cfg):
-    inp = G.model_inputs(smoke_cfg, SETTING, "Ours", 40, 10, 10, progress=False)
+def test_model_inputs_serve_psi_and_rho_and_refuse_two_pass_methods(smoke_extended):
+    inp = G.model_inputs(smoke_extended, SETTING, "Ours", 40, 10, 10, progress=False)
     assert inp["old"].shape[0] == 40 and inp["q_new"].shape[0] == 10 and inp["q_val"].shape[0] == 10
     assert inp["query_transform"] is not None and inp["new_transform"] is not None
     with pytest.raises(ValueError, match="two passes"):
-        G.model_inputs(smoke_cfg, SETTING, "RM", 40, 10, 10, progress=False)
+        G.model_inputs(smoke_extended, SETTING, "RM", 40, 10, 10, progress=False)
 
 
 @pytest.mark.slow
-def test_on_trained_models_embeddings_per_side_nprobe_scans_less_than_one_nprobe(smoke_cfg):
+def test_on_trained_models_embeddings_per_side_nprobe_scans_less_than_one_nprobe(smoke_extended):
     """The smoke profile's trained models over rendered images, half backfilled, IVF per
     side: the nprobe pair tune_search picks reaches the target while scanning fewer vectors
     than the smallest nprobe shared by both sides that reaches it (both read from the same
     table of measured recalls, so the comparison is exact)."""
     from backfill_utils.serve.index import OnlineBackfillIndex
 
-    inp = G.model_inputs(smoke_cfg, SETTING, "Ours", 4000, 10, 1000, progress=False)
+    inp = G.model_inputs(smoke_extended, SETTING, "Ours", 4000, 10, 1000, progress=False)
     n = len(inp["old"])
     index = OnlineBackfillIndex(inp["old"].shape[1], inp["new"].shape[1], query_transform=inp["query_transform"],
                                 new_transform=inp["new_transform"], factory="IVF32,Flat")
