@@ -156,7 +156,8 @@ class Transform:
     :class:`~backfill_utils.compat.modules.LearnableEmbedding`, with float32 parameters
     on the CPU, an ``mlp`` of ``Linear -> BatchNorm1d -> ReLU`` blocks and a last
     ``Linear``, BatchNorm with running statistics, no forward hooks, runs as numpy
-    float32 matrix products, batches of ``batch_size`` rows, with each BatchNorm
+    float32 matrix products on inputs of up to :attr:`FAST_MAX_ROWS` rows (in batches of
+    ``batch_size`` rows; larger inputs run in torch), with each BatchNorm
     (eval mode: running statistics) folded into the Linear before it. Its output
     differs from torch's by float32 rounding only (a few 1e-7 on unit-length outputs). The folded
     arrays are rebuilt whenever a parameter or buffer of the module changed (in place,

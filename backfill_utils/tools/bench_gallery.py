@@ -19,6 +19,9 @@ generated embeddings (:func:`backfill_utils.tools.bench.make_data`) remain.
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import faiss
 import numpy as np
 import torch
@@ -41,8 +44,25 @@ def _check(cfg: dict, per_class: int) -> None:
             f"benchmark galleries of trained models' embeddings are rendered images of the synthetic dataset; "
             f"the profile's dataset is {cfg['dataset']!r}. Use the default profile, or the generated "
             "embeddings (--data generated)")
-    if isinstance(per_class, bool) or not isinstance(per_class, (int, np.integer)) or per_class < 1:
-        raise ValueError(f"per_class must be an integer >= 1, got {per_class!r}")
+    _count(per_class, "per_class")
+
+
+def _count(n, name: str) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {n!r}")
+    return int(n)
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """Inside: torch on ``threads`` threads (``None``: unchanged); the earlier number after."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def chunk_embeddings(cfg: dict, setting: str, draw: int, *, per_class: int = 100,
@@ -87,22 +107,16 @@ def gallery_embeddings(cfg: dict, setting: str, n: int, *, per_class: int = 100,
     :func:`chunk_embeddings` (``n`` rounded up to whole chunks, then cut);
     ``threads``: torch threads while embedding (default: unchanged)."""
     _check(cfg, per_class)
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    n = _count(n, "n")
     per_chunk = len(TR.setting_classes(cfg, setting)["test_classes"]) * per_class
-    n_chunks = -(-int(n) // per_chunk)
+    n_chunks = -(-n // per_chunk)
     if n_chunks - 1 > MAX_DRAW:
         raise ValueError(f"n={n} needs {n_chunks} chunks of {per_chunk}; at most {MAX_DRAW + 1} (raise per_class)")
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(int(threads))
-    try:
+    with _torch_threads(threads):
         chunks = [chunk_embeddings(cfg, setting, d, per_class=per_class, progress=False)
                   for d in tqdm(range(n_chunks), desc=f"gallery embeddings ({n_chunks} x {per_chunk})",
                                 disable=not progress)]
-    finally:
-        torch.set_num_threads(before)
-    return _stack(chunks, int(n))
+    return _stack(chunks, n)
 
 
 def query_embeddings(cfg: dict, setting: str, which: str, n: int, *, progress: bool = True,
@@ -111,18 +125,14 @@ def query_embeddings(cfg: dict, setting: str, which: str, n: int, *, progress: b
     :func:`gallery_embeddings`' items; at most one chunk per class of 10,000 images."""
     if which not in QUERY_DRAWS:
         raise ValueError(f"which must be one of {sorted(QUERY_DRAWS)}, got {which!r}")
+    n = _count(n, "n")
     n_classes = len(TR.setting_classes(cfg, setting)["test_classes"])
-    per_class = max(1, -(-int(n) // n_classes))
+    per_class = -(-n // n_classes)
     if per_class > 10_000:
         raise ValueError(f"at most {10_000 * n_classes} {which} queries, got n={n}")
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(int(threads))
-    try:
+    with _torch_threads(threads):
         chunk = chunk_embeddings(cfg, setting, QUERY_DRAWS[which], per_class=per_class, progress=progress)
-    finally:
-        torch.set_num_threads(before)
-    return _stack([chunk], int(n))
+    return _stack([chunk], n)
 
 
 def ivf_recall(gallery: np.ndarray, queries: np.ndarray, nlist: int, nprobes, *, k: int = 10,

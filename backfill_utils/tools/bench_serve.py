@@ -72,10 +72,10 @@ from ..compat.fit import fit_reverse
 from ..compat.recipes import RevPsiRecipe
 from ..serve.index import OnlineBackfillIndex
 from . import bench_gallery as G
-from .bench import make_data
 from . import blocks
-from .bench_timing import interleaved, recall_at, status_mb
+from .bench import make_data
 from .bench_serve_summary import environment, fidelity_table, git_state, goals, render_markdown, summarize
+from .bench_timing import interleaved, recall_at, status_mb
 
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "results" / "bench" / "serve.json"
 DOC = Path(__file__).resolve().parents[2] / "docs" / "serving.md"
@@ -99,6 +99,9 @@ def factory_spec(family: str, n: int, args: argparse.Namespace) -> tuple[str, di
     if family == "IVF":
         nlist = nlist_for(n)
         sweep = sorted({v for v in args.nprobe_sweep if v <= nlist})
+        if not sweep:
+            raise ValueError(f"--nprobe-sweep {args.nprobe_sweep} has no value <= nlist {nlist} of {n:,} items; "
+                             "give smaller values")
         return f"IVF{nlist},Flat", {"nprobe": min(args.nprobe, nlist)}, "nprobe", sweep
     if family == "HNSW":
         return f"HNSW{args.hnsw_m}", {"efSearch": args.ef_search}, "efSearch", args.ef_sweep
@@ -234,8 +237,8 @@ def _run_family(family: str, data: dict, psi, rho, truth: dict, args, progress: 
         exact_s = truth.setdefault(("single", ratio), search_single(q_rec, TOP_K)[1] if family == "Flat" else None)
         sweep_rows = _sweep(merged, single, params, sweep_key, sweep, q_rec, exact_m, exact_s)
         for kind, fn, exact in (("merged", merged.search, exact_m), ("single", search_single, exact_s)):
-            used = ({side: p for side, p in merged.search_params.items() if (merged.n_new if side == "new" else
-                                                                             merged.n_old)}
+            sizes = {"old": merged.n_old, "new": merged.n_new}
+            used = ({side: p for side, p in merged.search_params.items() if sizes[side]}  # non-empty sides
                     if kind == "merged" else {"old": params_single, "new": params_single})
             rows.append({"size": n, "family": family, "factory": factory, "params": used, "ratio": float(ratio),
                          "kind": kind, **res[kind], **(single_build if kind == "single" else merged_build),
@@ -348,6 +351,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--_worker", dest="worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.render_only and not args.out.is_file():
+        p.error(f"--render-only reads {args.out}, which does not exist; run the benchmark first")
+    if any(v < 1 for v in args.nprobe_sweep + args.ef_sweep):
+        p.error("--nprobe-sweep and --ef-sweep take positive integers")
     if args.factories[0] != "Flat":
         p.error("--factories must start with Flat: its results are the exact truth for recall")
     if list(args.ratios) != sorted(args.ratios):

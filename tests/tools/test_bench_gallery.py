@@ -62,6 +62,8 @@ def test_errors_name_the_input():
         G.gallery_embeddings(cfg, SETTING, 0)
     with pytest.raises(ValueError, match="which must be one of"):
         G.query_embeddings(cfg, SETTING, "train", 10)
+    with pytest.raises(ValueError, match="n must be an integer >= 1"):
+        G.query_embeddings(cfg, SETTING, "val", 0)
     with pytest.raises(ValueError, match="more than n_queries"):
         G.ivf_curves({"old": np.zeros((5, 4), np.float32), "new": np.zeros((5, 4), np.float32)}, {}, None,
                      n_queries=5)
@@ -120,3 +122,17 @@ def test_on_trained_models_embeddings_per_side_nprobe_scans_less_than_one_nprobe
     equal = [row for row in res["table"] if row["old"] == row["new"] and row["recall"] >= TUNE_TARGET]
     assert res["recall"] >= TUNE_TARGET and equal
     assert res["cost"] <= 0.8 * min(row["cost"] for row in equal)
+
+
+def test_bench_serve_arguments_are_checked_before_anything_runs(tmp_path, capsys):
+    from backfill_utils.tools import bench_serve
+
+    with pytest.raises(SystemExit):
+        bench_serve.parse_args(["--render-only", "--out", str(tmp_path / "absent.json")])
+    assert "absent.json, which does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_serve.parse_args(["--nprobe-sweep", "0", "8"])
+    assert "positive integers" in capsys.readouterr().err
+    args = bench_serve.parse_args(["--nprobe-sweep", "4096"])
+    with pytest.raises(ValueError, match="no value <= nlist 128"):
+        bench_serve.factory_spec("IVF", 1500, args)
